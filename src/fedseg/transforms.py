@@ -1,0 +1,132 @@
+"""MONAI preprocessing for training, validation and inference, and the preprocessed cache on disk.
+
+The deterministic part (load, RAS orientation, resampling to the profile's spacing, HU window to [0, 1],
+label map into the 8 channels with the owned-channel mask) runs once per case and is cached by MONAI's
+PersistentDataset; the random part (patches, intensity shift) runs on every sample. So training never
+decodes and resamples a NIfTI twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Hashable, Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+from monai import transforms as mt
+from monai.data import PersistentDataset
+
+from fedseg.datasets import case_files
+from fedseg.labels import owned_mask, to_multihot
+
+IMAGE, LABEL, FOREGROUND = "image", "label", "foreground"
+#: Bump when the deterministic pipeline changes, so old caches are not reused.
+PIPELINE_VERSION = 1
+
+
+class MultiHotd(mt.MapTransform):
+    """Maps a dataset's integer label map into the 8-channel multi-hot target (`fedseg.labels`).
+
+    Written here because the scheme is the study's own; it also adds a one-channel union of the
+    dataset's foreground, which the foreground-biased patch sampler draws its centres from.
+    """
+
+    def __init__(self, keys: str = LABEL, dataset_key: str = "dataset"):
+        super().__init__(keys)
+        self.dataset_key = dataset_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            label = d[key]
+            array = label.numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
+            target = to_multihot(np.rint(array[0]).astype(np.int16), d[self.dataset_key])
+            d[key] = torch.from_numpy(target)
+            d[FOREGROUND] = torch.from_numpy(target[1:].any(axis=0, keepdims=True).astype(np.uint8))
+        return d
+
+
+def case_records(data_root: str | Path, manifest: pd.DataFrame) -> list[dict[str, Any]]:
+    """One MONAI data dict per manifest row: file paths, dataset, case id, split, owned-channel mask."""
+    records = []
+    for _, row in manifest.iterrows():
+        image, label = case_files(data_root, row)
+        records.append({IMAGE: str(image), LABEL: str(label), "dataset": row["dataset"],
+                        "case_id": row["case_id"], "split": row["split"],
+                        "owned": owned_mask(row["dataset"]).astype(np.uint8)})
+    return records
+
+
+def preprocess(cfg: dict[str, Any]) -> mt.Compose:
+    """The deterministic part: everything done once per case and cached."""
+    pre = cfg["preprocess"]
+    low, high = pre["hu_window"]
+    return mt.Compose([
+        mt.LoadImaged(keys=[IMAGE, LABEL], ensure_channel_first=True, image_only=True),
+        mt.Orientationd(keys=[IMAGE, LABEL], axcodes="RAS", labels=None),
+        mt.Spacingd(keys=[IMAGE, LABEL], pixdim=pre["spacing"], mode=("bilinear", "nearest")),
+        mt.ScaleIntensityRanged(keys=IMAGE, a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True),
+        MultiHotd(keys=LABEL),
+        mt.EnsureTyped(keys=[IMAGE], dtype=torch.float32, track_meta=False),
+        mt.EnsureTyped(keys=[LABEL, FOREGROUND], dtype=torch.uint8, track_meta=False),
+    ])
+
+
+def augment(cfg: dict[str, Any]) -> mt.Compose:
+    """The random part of training: patches (random or foreground-biased) then the intensity shift."""
+    pre = cfg["preprocess"]
+    patch, count = pre["patch_size"], pre["patches_per_volume"]
+    keys = [IMAGE, LABEL]
+    if pre["patch_sampling"] == "random":
+        crop = mt.RandSpatialCropSamplesd(keys=keys, roi_size=patch, num_samples=count, random_size=False)
+    elif pre["patch_sampling"] == "posneg":
+        crop = mt.RandCropByPosNegLabeld(keys=keys, label_key=FOREGROUND, spatial_size=patch, pos=1, neg=1,
+                                         num_samples=count)
+    else:
+        raise ValueError(f"preprocess.patch_sampling={pre['patch_sampling']!r}: use 'random' or 'posneg'.")
+    shift = pre["intensity_shift"]
+    return mt.Compose([
+        mt.SpatialPadd(keys=[*keys, FOREGROUND], spatial_size=patch),
+        crop,
+        mt.DeleteItemsd(keys=FOREGROUND),
+        mt.RandShiftIntensityd(keys=IMAGE, offsets=shift["offset"], prob=shift["prob"]),
+    ])
+
+
+def cache_dir(cfg: dict[str, Any]) -> Path:
+    """The on-disk cache of one data root under one preprocessing: a new setting never reuses it."""
+    pre = cfg["preprocess"]
+    key = json.dumps({"data_root": str(cfg["data_root"]), "spacing": pre["spacing"],
+                      "hu_window": pre["hu_window"], "version": PIPELINE_VERSION}, sort_keys=True)
+    base = Path(os.environ.get("FEDSEG_CACHE", Path(cfg["data_root"]).parent / "cache"))
+    return base / f"{Path(cfg['data_root']).name}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+
+def training_dataset(cfg: dict[str, Any], records: list[dict[str, Any]]) -> PersistentDataset:
+    """Random training patches read from the preprocessed cache (filled on first use)."""
+    return PersistentDataset(records, mt.Compose([preprocess(cfg), augment(cfg)]), cache_dir=cache_dir(cfg))
+
+
+def evaluation_dataset(cfg: dict[str, Any], records: list[dict[str, Any]]) -> PersistentDataset:
+    """Whole preprocessed volumes (validation, and testing at the profile's spacing), from the cache."""
+    return PersistentDataset(records, preprocess(cfg), cache_dir=cache_dir(cfg))
+
+
+def build_cache(cfg: dict[str, Any], records: list[dict[str, Any]], progress: bool = True) -> dict[str, Any]:
+    """Preprocess every case once into the cache; returns what was done (cases, seconds, size)."""
+    import time
+
+    from tqdm.auto import tqdm
+
+    dataset = evaluation_dataset(cfg, records)
+    start = time.perf_counter()
+    for index in tqdm(range(len(dataset)), desc="preprocess → cache", disable=not progress):
+        dataset[index]
+    files = list(cache_dir(cfg).glob("*.pt"))
+    return {"cases": len(records), "seconds": round(time.perf_counter() - start, 2),
+            "cache_dir": str(cache_dir(cfg)), "cache_mb": round(sum(f.stat().st_size for f in files) / 2**20, 1)}
+

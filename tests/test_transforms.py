@@ -1,0 +1,121 @@
+"""Preprocessing on small hand-made volumes: orientation, resampling, label channels, owned masks."""
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from fedseg.labels import CHANNEL_INDEX, CHANNELS, owned_mask, to_multihot
+from fedseg.transforms import IMAGE, LABEL, augment, preprocess
+
+
+def config(spacing=(2.0, 2.0, 2.0), sampling="random"):
+    return {"preprocess": {"spacing": list(spacing), "hu_window": [-500, 500], "patch_size": [8, 8, 8],
+                           "patch_sampling": sampling, "patches_per_volume": 2,
+                           "intensity_shift": {"prob": 0.8, "offset": 0.1}}}
+
+
+def write(path, array, affine):
+    nib.save(nib.Nifti1Image(array, affine), str(path))
+    return str(path)
+
+
+def blob_volume(shape=(20, 16, 12)):
+    """An asymmetric volume: a bright block in one corner marks where 'right, anterior, superior' is."""
+    image = np.full(shape, -1000, np.int16)
+    label = np.zeros(shape, np.uint8)
+    image[2:6, 3:7, 4:8] = 200  # voxel indices low in every axis
+    label[2:6, 3:7, 4:8] = 1
+    label[3:5, 4:6, 5:7] = 2
+    return image, label
+
+
+def run(cfg, image_path, label_path, dataset="liver"):
+    return preprocess(cfg)({IMAGE: image_path, LABEL: label_path, "dataset": dataset})
+
+
+def test_lps_volume_comes_out_in_ras_with_the_same_physical_content(tmp_path):
+    image, label = blob_volume()
+    ras_affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    # The same physical scene stored LPS: x and y axes flipped, the array flipped to match.
+    lps_affine = np.diag([-2.0, -2.0, 2.0, 1.0])
+    lps_affine[:3, 3] = [2.0 * (image.shape[0] - 1), 2.0 * (image.shape[1] - 1), 0.0]
+    flip = (slice(None, None, -1), slice(None, None, -1), slice(None))
+    assert np.allclose(lps_affine @ [image.shape[0] - 1, image.shape[1] - 1, 0, 1], ras_affine @ [0, 0, 0, 1])
+    cfg = config()
+    a = run(cfg, write(tmp_path / "ras.nii.gz", image, ras_affine), write(tmp_path / "ras_l.nii.gz", label, ras_affine))
+    b = run(cfg, write(tmp_path / "lps.nii.gz", image[flip], lps_affine),
+            write(tmp_path / "lps_l.nii.gz", label[flip], lps_affine))
+    assert torch.equal(a[IMAGE], b[IMAGE])
+    assert torch.equal(a[LABEL], b[LABEL])
+    # and the block is where it physically was: low RAS indices, i.e. not where the flipped array had it
+    liver = a[LABEL][CHANNEL_INDEX["liver"]]
+    coords = np.argwhere(liver.numpy())
+    assert coords[:, 0].max() < image.shape[0] // 2 and coords[:, 1].max() < image.shape[1] // 2
+
+
+@pytest.mark.parametrize("source,target", [((1.0, 1.0, 3.0), 2.0), ((0.8, 0.8, 5.0), 4.0)])
+def test_resampling_keeps_physical_extent(tmp_path, source, target):
+    shape = (40, 30, 8)
+    image = np.zeros(shape, np.int16)
+    affine = np.diag([*source, 1.0])
+    path = write(tmp_path / "img.nii.gz", image, affine)
+    lab = write(tmp_path / "lab.nii.gz", np.zeros(shape, np.uint8), affine)
+    out = run(config(spacing=(target,) * 3), path, lab)
+    extent_in = np.array(shape) * np.array(source)
+    extent_out = np.array(out[IMAGE].shape[1:]) * target
+    assert np.all(np.abs(extent_out - extent_in) <= target), (extent_in, extent_out)
+
+
+def test_hu_window_maps_to_unit_range(tmp_path):
+    image = np.array([-1000, -500, 0, 500, 1500], np.int16).reshape(5, 1, 1).repeat(2, 1).repeat(2, 2)
+    affine = np.eye(4)
+    out = run(config(spacing=(1, 1, 1)), write(tmp_path / "i.nii.gz", image, affine),
+              write(tmp_path / "l.nii.gz", np.zeros(image.shape, np.uint8), affine))
+    assert torch.allclose(out[IMAGE][0, :, 0, 0], torch.tensor([0.0, 0.0, 0.5, 1.0, 1.0]))
+
+
+@pytest.mark.parametrize("dataset,value,channels", [
+    ("liver", 1, {"liver"}), ("liver", 2, {"liver", "liver_tumor"}),
+    ("pancreas", 2, {"pancreas", "pancreas_tumor"}), ("kits19", 1, {"kidney"}),
+    ("kits19", 2, {"kidney", "kidney_tumor"}), ("spleen", 1, {"spleen"}),
+    ("btcv", 3, {"kidney"}), ("btcv", 6, {"liver"}), ("btcv", 11, {"pancreas"}), ("btcv", 7, set()),
+])
+def test_label_value_lands_in_the_right_channels(dataset, value, channels):
+    label = np.zeros((3, 3, 3), np.uint8)
+    label[1, 1, 1] = value
+    target = to_multihot(label, dataset)
+    on = {CHANNELS[c] for c in range(1, len(CHANNELS)) if target[c, 1, 1, 1]}
+    assert on == channels
+    assert target[0, 1, 1, 1] == 0 and target[0, 0, 0, 0] == 1
+    assert target[1:, 0, 0, 0].sum() == 0
+
+
+def test_label_value_outside_the_map_is_an_error():
+    with pytest.raises(ValueError, match="outside the spleen label map"):
+        to_multihot(np.full((2, 2, 2), 2, np.uint8), "spleen")
+
+
+@pytest.mark.parametrize("dataset,owned", [
+    ("liver", {"liver", "liver_tumor"}), ("pancreas", {"pancreas", "pancreas_tumor"}),
+    ("kits19", {"kidney", "kidney_tumor"}), ("spleen", {"spleen"}),
+    ("btcv", {"liver", "spleen", "pancreas", "kidney"}),
+])
+def test_owned_channel_mask(dataset, owned):
+    mask = owned_mask(dataset)
+    assert mask.shape == (8,) and not mask[0]
+    assert {CHANNELS[i] for i in np.flatnonzero(mask)} == owned
+
+
+@pytest.mark.parametrize("sampling", ["random", "posneg"])
+def test_training_patches_have_the_patch_size_and_eight_channels(tmp_path, sampling):
+    image, label = blob_volume()
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    cfg = config(sampling=sampling)
+    case = run(cfg, write(tmp_path / "i.nii.gz", image, affine), write(tmp_path / "l.nii.gz", label, affine))
+    patches = augment(cfg)(case)
+    assert len(patches) == 2
+    for patch in patches:
+        assert tuple(patch[IMAGE].shape) == (1, 8, 8, 8)
+        assert tuple(patch[LABEL].shape) == (8, 8, 8, 8)
+        assert "foreground" not in patch

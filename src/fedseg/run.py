@@ -1,0 +1,280 @@
+"""Profiles, run folders and the papermill chain; `python -m fedseg` is its command line.
+
+A run executes the numbered notebooks in order into `results/<run-name>/`, passing each the same
+`profile`, `run_dir`, `data_root` and `seed`. Notebooks talk to each other only through files in that
+folder. `run.json` records what ran, with what, and what it cost, and is rewritten after every notebook
+so an interrupted run keeps its record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from importlib import metadata, resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PROFILE_NAMES = ("smoke", "laptop", "paper")
+#: The chain, in order. Later issues append 02..05 here as their notebooks land.
+CHAIN: tuple[str, ...] = ("01_data_prep",)
+VERSIONED_PACKAGES = (
+    "fedseg", "torch", "monai", "flwr", "numpy", "nibabel", "pandas", "papermill", "matplotlib", "ray",
+)
+
+
+class ChainError(RuntimeError):
+    """A notebook of the chain failed; the message names the notebook, the cell and the kept output."""
+
+
+def repo_root() -> Path:
+    """The checkout this package is installed from (src layout), or the working directory."""
+    here = Path(__file__).resolve().parents[2]
+    return here if (here / "pyproject.toml").exists() else Path.cwd()
+
+
+def notebooks_dir() -> Path:
+    return repo_root() / "notebooks"
+
+
+def load_profile(name_or_path: str | Path) -> dict[str, Any]:
+    """A profile by name (smoke, laptop, paper) or from a YAML file path."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.exists():
+            raise FileNotFoundError(f"Profile file {path} does not exist: pass one of {PROFILE_NAMES} or a YAML path.")
+        text = path.read_text()
+    elif str(name_or_path) in PROFILE_NAMES:
+        text = resources.files("fedseg.profiles").joinpath(f"{name_or_path}.yaml").read_text()
+    else:
+        raise ValueError(f"Unknown profile {name_or_path!r}: use one of {', '.join(PROFILE_NAMES)} or a YAML path.")
+    return yaml.safe_load(text)
+
+
+def synthetic_data_root(profile: dict[str, Any], seed: int, base: str | Path | None = None) -> Path:
+    """Where the synthetic data of a profile and seed lives: one folder per distinct generator setting."""
+    phantom = profile["data"]["phantom"]
+    key = hashlib.sha256(json.dumps({"phantom": phantom, "seed": seed}, sort_keys=True).encode()).hexdigest()[:8]
+    base = Path(base) if base else Path(os.environ.get("FEDSEG_DATA", repo_root() / "data"))
+    return base / "synthetic" / f"{profile['name']}-seed{seed}-{key}"
+
+
+def resolve(profile: str, seed: int | None = None, data_root: str | Path | None = None) -> dict[str, Any]:
+    """The profile with `seed` and `data_root` filled in: the configuration every notebook works from."""
+    cfg = copy.deepcopy(load_profile(profile))
+    cfg["seed"] = int(cfg.get("seed", 0) if seed is None else seed)
+    if data_root is not None:
+        cfg["data_root"] = str(Path(data_root).resolve())
+        cfg["data"]["source"] = "synthetic" if (Path(data_root) / "phantom.json").exists() else "real"
+    elif cfg["data"]["source"] == "synthetic":
+        cfg["data_root"] = str(synthetic_data_root(cfg, cfg["seed"]).resolve())
+    else:
+        raise ValueError(
+            f"Profile {profile!r} reads real data: pass data_root=/path/to/datasets "
+            "(e.g. `-p data_root=/data/fedseg`), or use the laptop profile for the synthetic data."
+        )
+    return cfg
+
+
+def notebook_setup(profile: str, run_dir: str | Path | None, data_root: str | Path | None,
+                   seed: int | None) -> dict[str, Any]:
+    """What each notebook's second cell calls: resolves its parameters and makes its run folder.
+
+    Run alone in JupyterLab (run_dir None), a notebook works in `results/lab-<profile>`, which later
+    notebooks opened the same way find again.
+    """
+    cfg = resolve(profile, seed, data_root)
+    run_dir = Path(run_dir) if run_dir else repo_root() / "results" / f"lab-{cfg['name']}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "figures").mkdir(exist_ok=True)
+    cfg["run_dir"] = str(run_dir.resolve())
+    return cfg
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def git_commit() -> dict[str, Any]:
+    """The checkout's commit and whether it had uncommitted changes (a run is only as reproducible)."""
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], cwd=repo_root(), capture_output=True, text=True, timeout=20)
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    commit = git("rev-parse", "HEAD")
+    return {"commit": commit or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+class PeakMemory:
+    """Samples the resident memory of a process tree (the notebook's kernel and its children)."""
+
+    def __init__(self, interval: float = 0.25):
+        import psutil
+
+        self._psutil = psutil
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._root = psutil.Process()
+
+    def _tree_rss(self) -> int:
+        total = 0
+        for proc in [self._root, *self._root.children(recursive=True)]:
+            try:
+                total += proc.memory_info().rss
+            except (self._psutil.NoSuchProcess, self._psutil.AccessDenied):
+                pass
+        return total
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._tree_rss())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "PeakMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _write_json(path: Path, record: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def new_run_dir(results: Path, run_name: str | None, profile: str, overwrite: bool, only: str | None) -> Path:
+    """The run folder; an earlier run's folder is never overwritten unless asked."""
+    name = run_name or f"{profile}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    run_dir = results / name
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if overwrite:
+            shutil.rmtree(run_dir)
+        elif not only:
+            raise FileExistsError(
+                f"Run folder {run_dir} already holds a run: choose another --run-name, rerun one notebook "
+                "into it with --only NAME, or pass --overwrite to replace it."
+            )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def run_chain(profile: str = "laptop", *, run_name: str | None = None, params: dict[str, Any] | None = None,
+              only: str | None = None, overwrite: bool = False, results: str | Path | None = None,
+              notebooks: tuple[str, ...] = CHAIN, log_output: bool = False) -> Path:
+    """Execute the chain (or one notebook) with papermill into a run folder; returns that folder."""
+    import papermill as pm
+
+    params = dict(params or {})
+    seed = params.pop("seed", None)
+    data_root = params.pop("data_root", None)
+    cfg = resolve(profile, seed, data_root)
+    names = notebooks
+    if only:
+        stem = Path(only).stem
+        matches = [n for n in notebooks if n == stem or n.split("_", 1)[-1] == stem or n.startswith(stem + "_")]
+        if len(matches) != 1:
+            raise ValueError(f"--only {only!r} names no single notebook of the chain: use one of {', '.join(notebooks)}.")
+        names = tuple(matches)
+    results = Path(results) if results else repo_root() / "results"
+    run_dir = new_run_dir(results, run_name, cfg["name"], overwrite, only).resolve()
+    record_path = run_dir / "run.json"
+    record = json.loads(record_path.read_text()) if record_path.exists() else {"notebooks": {}}
+    record.update({
+        "profile": cfg["name"], "profile_config": cfg, "seed": cfg["seed"], "data_root": cfg["data_root"],
+        "parameters": params, "versions": package_versions(), "git": git_commit(),
+        "host": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "status": "running", "started": _now(), "ended": None,
+    })
+    _write_json(record_path, record)
+    for name in names:
+        source = notebooks_dir() / f"{name}.ipynb"
+        output = run_dir / f"{name}.ipynb"
+        nb_params = {"profile": profile, "run_dir": str(run_dir), "data_root": cfg["data_root"],
+                     "seed": cfg["seed"], **params}
+        entry = {"status": "running", "started": _now(), "parameters": nb_params}
+        record["notebooks"][name] = entry
+        _write_json(record_path, record)
+        t0 = time.perf_counter()
+        error = None
+        with PeakMemory() as memory:
+            try:
+                pm.execute_notebook(str(source), str(output), parameters=nb_params, cwd=str(run_dir),
+                                    kernel_name="python3", progress_bar=sys.stderr.isatty(),
+                                    log_output=log_output, report_mode=False)
+            except pm.PapermillExecutionError as exc:
+                error = (f"Notebook {name} failed in cell {exc.cell_index} (execution count {exc.exec_count}): "
+                         f"{exc.ename}: {exc.evalue}. The executed notebook is kept at {output}.")
+            except Exception as exc:  # kernel died, missing notebook, ...: still recorded, then re-raised
+                error = f"Notebook {name} could not run: {type(exc).__name__}: {exc}. Output (if any): {output}."
+        entry.update({"wall_s": round(time.perf_counter() - t0, 2), "peak_rss_mb": round(memory.peak / 2**20, 1),
+                      "ended": _now(), "status": "failed" if error else "ok"})
+        if error:
+            entry["error"] = error
+            record.update({"status": "failed", "ended": _now()})
+            _write_json(record_path, record)
+            raise ChainError(error)
+        _write_json(record_path, record)
+    record.update({"status": "ok", "ended": _now()})
+    record["wall_s"] = round(sum(e.get("wall_s", 0) for e in record["notebooks"].values()), 2)
+    record["peak_rss_mb"] = max((e.get("peak_rss_mb", 0) for e in record["notebooks"].values()), default=0)
+    _write_json(record_path, record)
+    return run_dir
+
+
+def _parse_param(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"-p {text!r}: write parameters as key=value, e.g. -p seed=1.")
+    key, value = text.split("=", 1)
+    return key.strip(), yaml.safe_load(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fedseg", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="execute the notebook chain with papermill into results/<run-name>/")
+    run.add_argument("--profile", default="laptop", help="smoke, laptop (default), paper, or a YAML path")
+    run.add_argument("-p", "--param", action="append", type=_parse_param, default=[], metavar="KEY=VALUE",
+                     help="notebook parameter (repeatable), e.g. -p seed=1 -p data_root=/data")
+    run.add_argument("--only", help="run one notebook of the chain (e.g. 01_data_prep or data_prep)")
+    run.add_argument("--run-name", help="folder name under results/ (default: <profile>-<timestamp>)")
+    run.add_argument("--results", help="results folder (default: results/ in the checkout)")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing run folder of that name")
+    run.add_argument("--log-output", action="store_true", help="stream the notebooks' output to the terminal")
+    args = parser.parse_args(argv)
+    try:
+        run_dir = run_chain(args.profile, run_name=args.run_name, params=dict(args.param), only=args.only,
+                            overwrite=args.overwrite, results=args.results, log_output=args.log_output)
+    except (ChainError, FileExistsError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    record = json.loads((run_dir / "run.json").read_text())
+    print(f"run {run_dir} finished in {record['wall_s']} s (peak memory {record['peak_rss_mb']} MB)")
+    for name, entry in record["notebooks"].items():
+        print(f"  {name:28s} {entry['status']:6s} {entry['wall_s']:8.1f} s {entry['peak_rss_mb']:9.1f} MB")
+    return 0

@@ -1,0 +1,95 @@
+"""The chain's machinery: profiles, run folders, parameters, and how a failing notebook is reported."""
+
+import json
+
+import nbformat
+import pytest
+
+from fedseg import run
+
+
+@pytest.mark.parametrize("name", run.PROFILE_NAMES)
+def test_profiles_load_with_every_preprocessing_knob(name):
+    profile = run.load_profile(name)
+    assert profile["name"] == name
+    for key in ("spacing", "hu_window", "intensity_shift", "patch_size", "patch_sampling", "patches_per_volume"):
+        assert key in profile["preprocess"], key
+    assert profile["preprocess"]["hu_window"] == [-500, 500]
+    assert profile["preprocess"]["intensity_shift"] == {"prob": 0.8, "offset": 0.1}
+
+
+def test_paper_profile_has_the_papers_settings():
+    paper = run.load_profile("paper")
+    assert paper["preprocess"]["spacing"] == [1.0, 1.0, 1.0]
+    assert paper["preprocess"]["patch_size"] == [96, 96, 96]
+    assert paper["data"]["source"] == "real"
+
+
+def test_unknown_profile_is_a_clear_error():
+    with pytest.raises(ValueError, match="Unknown profile 'laptp'"):
+        run.load_profile("laptp")
+
+
+def test_paper_profile_without_data_root_says_how_to_fix():
+    with pytest.raises(ValueError, match="data_root"):
+        run.resolve("paper")
+
+
+def test_synthetic_data_root_depends_on_seed_and_generator_settings(tmp_path):
+    laptop = run.load_profile("laptop")
+    a = run.synthetic_data_root(laptop, 0, tmp_path)
+    assert a == run.synthetic_data_root(laptop, 0, tmp_path)
+    assert a != run.synthetic_data_root(laptop, 1, tmp_path)
+    laptop["data"]["phantom"]["case_scale"] = 0.2
+    assert a != run.synthetic_data_root(laptop, 0, tmp_path)
+
+
+def test_an_earlier_run_is_never_overwritten_unless_asked(tmp_path):
+    first = run.new_run_dir(tmp_path, "r1", "smoke", overwrite=False, only=None)
+    (first / "run.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        run.new_run_dir(tmp_path, "r1", "smoke", overwrite=False, only=None)
+    assert (first / "run.json").exists()
+    again = run.new_run_dir(tmp_path, "r1", "smoke", overwrite=True, only=None)
+    assert again == first and not (first / "run.json").exists()
+
+
+def test_param_values_are_parsed_as_yaml():
+    assert run._parse_param("seed=3") == ("seed", 3)
+    assert run._parse_param("data_root=/data/x") == ("data_root", "/data/x")
+    assert run._parse_param("interactive=false") == ("interactive", False)
+
+
+def _notebook(path, sources):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(s) for s in sources]
+    nb.cells[0].metadata["tags"] = ["parameters"]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+
+
+def test_a_failing_notebook_stops_the_chain_naming_notebook_and_cell(tmp_path, monkeypatch):
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    _notebook(notebooks / "01_good.ipynb", ["profile = None\nrun_dir = None\ndata_root = None\nseed = None",
+                                            "open('good.txt', 'w').write(str(seed))"])
+    _notebook(notebooks / "02_bad.ipynb", ["profile = None\nrun_dir = None\ndata_root = None\nseed = None",
+                                           "x = 1", "raise RuntimeError('deliberate failure')"])
+    _notebook(notebooks / "03_never.ipynb", ["profile = None\nrun_dir = None\ndata_root = None\nseed = None"])
+    monkeypatch.setattr(run, "notebooks_dir", lambda: notebooks)
+    with pytest.raises(run.ChainError) as failure:
+        run.run_chain("smoke", run_name="r", results=tmp_path / "results", params={"seed": 7},
+                      notebooks=("01_good", "02_bad", "03_never"))
+    message = str(failure.value)
+    assert "02_bad" in message and "cell" in message and "deliberate failure" in message
+    run_dir = tmp_path / "results" / "r"
+    assert (run_dir / "good.txt").read_text() == "7"  # parameters reached the notebook, cwd is the run folder
+    assert (run_dir / "02_bad.ipynb").exists()  # the executed notebook is kept for inspection
+    assert not (run_dir / "03_never.ipynb").exists()
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "failed"
+    assert record["notebooks"]["01_good"]["status"] == "ok"
+    assert record["notebooks"]["01_good"]["peak_rss_mb"] > 10
+    assert record["notebooks"]["02_bad"]["status"] == "failed"
+    assert "03_never" not in record["notebooks"]
+    assert record["versions"]["torch"].startswith("2.13")

@@ -119,3 +119,22 @@ def test_training_patches_have_the_patch_size_and_eight_channels(tmp_path, sampl
         assert tuple(patch[IMAGE].shape) == (1, 8, 8, 8)
         assert tuple(patch[LABEL].shape) == (8, 8, 8, 8)
         assert "foreground" not in patch
+
+
+def test_training_reads_the_cache_and_never_decodes_nifti_again(tmp_path, monkeypatch):
+    from fedseg.transforms import build_cache, training_dataset
+
+    image, label = blob_volume()
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    records = [{IMAGE: write(tmp_path / "i.nii.gz", image, affine), LABEL: write(tmp_path / "l.nii.gz", label, affine),
+                "dataset": "liver", "case_id": "liver_0", "owned": owned_mask("liver").astype(np.uint8)}]
+    monkeypatch.setenv("FEDSEG_CACHE", str(tmp_path / "cache"))
+    cfg = {**config(sampling="posneg"), "data_root": str(tmp_path / "root")}
+    built = build_cache(cfg, records, progress=False)
+    assert built["cases"] == 1 and len(list((tmp_path / "cache").rglob("*.pt"))) == 1
+    (tmp_path / "i.nii.gz").unlink()  # a second decode of the NIfTI would now fail
+    (tmp_path / "l.nii.gz").unlink()
+    patches = training_dataset(cfg, records)[0]
+    assert len(patches) == 2 and tuple(patches[0][LABEL].shape) == (8, 8, 8, 8)
+    assert torch.equal(patches[0]["owned"] if isinstance(patches[0]["owned"], torch.Tensor)
+                       else torch.as_tensor(patches[0]["owned"]), torch.as_tensor(owned_mask("liver").astype(np.uint8)))

@@ -108,7 +108,10 @@ def cache_dir(cfg: dict[str, Any]) -> Path:
 
 def training_dataset(cfg: dict[str, Any], records: list[dict[str, Any]]) -> PersistentDataset:
     """Random training patches read from the preprocessed cache (filled on first use)."""
-    return PersistentDataset(records, mt.Compose([preprocess(cfg), augment(cfg)]), cache_dir=cache_dir(cfg))
+    # Flattened: PersistentDataset caches the transforms before the first random one, and a nested
+    # Compose counts as random, which would leave nothing cached.
+    pipeline = mt.Compose([preprocess(cfg), augment(cfg)]).flatten()
+    return PersistentDataset(records, pipeline, cache_dir=cache_dir(cfg))
 
 
 def evaluation_dataset(cfg: dict[str, Any], records: list[dict[str, Any]]) -> PersistentDataset:

@@ -1,0 +1,238 @@
+"""The one training loop of the study: standalone (SL), central aggregation and every FL client call it.
+
+Iteration-based (a number of local steps, not epochs). The batch of step s depends only on (seed, s),
+so a run resumed from its last checkpoint draws exactly the batches an uninterrupted run would have and
+ends with the same weights. Validation runs sliding-window inference on whole preprocessed volumes,
+thresholds sigmoid outputs at 0.5 and scores Dice per channel the validation case's dataset owns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from monai.data import PersistentDataset
+from monai.inferers import sliding_window_inference
+from monai.metrics import DiceMetric
+from monai.utils import set_determinism
+
+from fedseg.labels import CHANNELS
+from fedseg.losses import build_loss
+from fedseg.transforms import IMAGE, LABEL, augment, evaluation_dataset
+
+
+def select_device(preferred: str | None = None) -> torch.device:
+    """CUDA when present (or as asked), else CPU; never a hard-coded `cuda:0`."""
+    if preferred:
+        return torch.device(preferred)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds Python, numpy and torch (MONAI's helper) so a run can be repeated."""
+    set_determinism(seed=seed)
+
+
+class PatchBatches(torch.utils.data.Dataset):
+    """Item s is the training batch of step s: cases and patch positions drawn from (seed, s) alone.
+
+    Reads whole preprocessed volumes from the cache and applies the random part of the pipeline
+    (patches, intensity shift) with a generator seeded per step, so resuming at step s is exact.
+    """
+
+    def __init__(self, cfg: dict[str, Any], records: list[dict[str, Any]], seed: int, cases_per_step: int):
+        if not records:
+            raise ValueError("No training cases: check the manifest's train split for this client.")
+        self.volumes = evaluation_dataset(cfg, records)
+        self.augment = augment(cfg)
+        self.seed, self.cases_per_step = seed, cases_per_step
+
+    def __len__(self) -> int:
+        return 2**31 - 1
+
+    def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, step])
+        picks = rng.choice(len(self.volumes), size=self.cases_per_step, replace=len(self.volumes) < self.cases_per_step)
+        patches = []
+        for index in picks:
+            self.augment.set_random_state(seed=int(rng.integers(2**31 - 1)))
+            patches.extend(self.augment(self.volumes[int(index)]))
+        return {
+            IMAGE: torch.stack([torch.as_tensor(p[IMAGE]) for p in patches]),
+            LABEL: torch.stack([torch.as_tensor(p[LABEL]) for p in patches]),
+            "owned": torch.stack([torch.as_tensor(np.asarray(p["owned"])) for p in patches]).bool(),
+        }
+
+
+def make_optimizer(model: torch.nn.Module, train: dict[str, Any]) -> torch.optim.Optimizer:
+    """Adam or AdamW from the profile's `train` section."""
+    kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+    if train["optimizer"] not in kinds:
+        raise ValueError(f"train.optimizer={train['optimizer']!r}: use one of {', '.join(kinds)}.")
+    return kinds[train["optimizer"]](model.parameters(), lr=train["lr"], weight_decay=train.get("weight_decay", 0.0))
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, train: dict[str, Any], steps: int):
+    """Constant or cosine-annealed learning rate over `steps`."""
+    if train.get("schedule", "constant") == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def predictor(model: torch.nn.Module, task: str | None) -> Callable:
+    """The callable sliding-window inference runs: the model, or one task block of a SegViz network."""
+    return functools.partial(model, task=task) if task else model
+
+
+@torch.no_grad()
+def validate(model: torch.nn.Module, volumes: PersistentDataset, records: list[dict[str, Any]], cfg: dict[str, Any],
+             device: torch.device, task: str | None = None) -> pd.DataFrame:
+    """Dice per case and owned channel (sigmoid > 0.5), from sliding-window inference on whole volumes.
+
+    Returns long-form rows: dataset, case_id, channel, dice (NaN where the case has none of that channel).
+    """
+    model.eval()
+    train = cfg["train"]
+    metric = DiceMetric(include_background=True, reduction="none", ignore_empty=True)
+    rows = []
+    for index, record in enumerate(records):
+        case = volumes[index]
+        image = torch.as_tensor(case[IMAGE])[None].to(device)
+        with autocast(device, train):
+            logits = sliding_window_inference(image, cfg["preprocess"]["patch_size"], train["sw_batch_size"],
+                                              predictor(model, task), overlap=train["sw_overlap"])
+        prediction = (torch.sigmoid(logits.float()) > 0.5).cpu()
+        target = torch.as_tensor(case[LABEL])[None]
+        dice = metric(prediction, target)[0]
+        for channel in np.flatnonzero(np.asarray(record["owned"])):
+            rows.append({"dataset": record["dataset"], "case_id": record["case_id"],
+                         "channel": CHANNELS[channel], "dice": float(dice[channel])})
+    model.train()
+    return pd.DataFrame(rows, columns=["dataset", "case_id", "channel", "dice"])
+
+
+def channel_means(scores: pd.DataFrame) -> pd.Series:
+    """Mean Dice per channel over the cases that have it (NaN cases, i.e. channel absent, left out)."""
+    return scores.groupby("channel", sort=False)["dice"].mean()
+
+
+def autocast(device: torch.device, train: dict[str, Any]):
+    """Mixed precision on GPU when the profile allows it; full precision on CPU."""
+    if device.type == "cuda" and train.get("amp", True):
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def _save(obj: Any, path: Path) -> None:
+    """Atomic torch.save: a checkpoint is either the old one or the complete new one, never half."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _memory_hint(cfg: dict[str, Any], error: BaseException) -> RuntimeError:
+    pre, train = cfg["preprocess"], cfg["train"]
+    return RuntimeError(
+        f"Out of memory in training ({type(error).__name__}): lower preprocess.patch_size (now {pre['patch_size']}), "
+        f"train.cases_per_step (now {train['cases_per_step']}) or preprocess.patches_per_volume "
+        f"(now {pre['patches_per_volume']}), e.g. with -p or a profile copy; train.sw_batch_size "
+        f"(now {train['sw_batch_size']}) if it happened in validation."
+    )
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error) or "out of memory" in str(error)
+
+
+def train_model(cfg: dict[str, Any], model: torch.nn.Module, train_records: list[dict[str, Any]],
+                val_records: list[dict[str, Any]], out_dir: str | Path, *, steps: int | None = None,
+                loss: str | None = None, task: str | None = None, seed: int | None = None, resume: bool = True,
+                stop_after: int | None = None, progress: bool = True, desc: str = "train",
+                device: torch.device | None = None) -> dict[str, Any]:
+    """Train `model` for `steps` local steps with validation, best-checkpoint tracking and resume.
+
+    Writes `out_dir/last.pt` (everything needed to resume) every `train.checkpoint_every` steps and at the
+    end, `out_dir/best.pt` (weights of the best validation mean Dice over owned channels) and
+    `out_dir/history.csv`. With `resume`, an existing `last.pt` is continued. `stop_after` ends the call
+    after that many steps of this call (as an interruption would), for tests and time-boxed runs.
+    Returns a summary: steps done, best step and metric, seconds, and the history table.
+    """
+    from tqdm.auto import tqdm
+
+    train = cfg["train"]
+    steps = int(steps if steps is not None else train["steps"])
+    seed = int(cfg["seed"] if seed is None else seed)
+    device = device or select_device()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    loss_fn = build_loss(loss or train["loss"])
+    model.to(device).train()
+    optimizer = make_optimizer(model, train)
+    schedule = make_schedule(optimizer, train, steps)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and train.get("amp", True))
+    state = {"step": 0, "best_metric": -1.0, "best_step": 0, "history": []}
+    last = out_dir / "last.pt"
+    if resume and last.exists():
+        saved = torch.load(last, map_location=device, weights_only=False)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        schedule.load_state_dict(saved["schedule"])
+        scaler.load_state_dict(saved["scaler"])
+        state = saved["state"]
+    else:
+        seed_everything(seed)
+    batches = PatchBatches(cfg, train_records, seed, train["cases_per_step"])
+    volumes = evaluation_dataset(cfg, val_records)
+    start, end = state["step"], steps if stop_after is None else min(steps, state["step"] + stop_after)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(batches, range(start, end)), batch_size=None,
+        num_workers=cfg["preprocess"].get("num_workers", 0), persistent_workers=False,
+    )
+    began = time.perf_counter()
+    window: list[float] = []
+    bar = tqdm(loader, total=end - start, initial=0, desc=desc, disable=not progress, leave=False)
+    try:
+        for batch in bar:
+            step = state["step"] + 1
+            image, target = batch[IMAGE].to(device), batch[LABEL].to(device)
+            optimizer.zero_grad(set_to_none=True)
+            with autocast(device, train):
+                logits = model(image, task=task) if task else model(image)
+            value = loss_fn(logits.float(), target, batch["owned"].to(device))
+            scaler.scale(value).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            schedule.step()
+            state["step"] = step
+            window.append(float(value.detach()))
+            if step % train["val_every"] == 0 or step == steps:
+                scores = validate(model, volumes, val_records, cfg, device, task)
+                means = channel_means(scores)
+                metric = float(means.mean())
+                entry = {"step": step, "loss": float(np.mean(window)), "val_mean_dice": metric,
+                         "lr": schedule.get_last_lr()[0], **{f"dice_{c}": v for c, v in means.items()}}
+                state["history"].append(entry)
+                window = []
+                if metric > state["best_metric"]:
+                    state.update(best_metric=metric, best_step=step)
+                    _save({"model": model.state_dict(), "step": step, "val_mean_dice": metric}, out_dir / "best.pt")
+                bar.set_postfix(loss=f"{entry['loss']:.3f}", dice=f"{metric:.3f}")
+            if step % train["checkpoint_every"] == 0 or step == end:
+                _save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                       "schedule": schedule.state_dict(), "scaler": scaler.state_dict(), "state": state}, last)
+    except (torch.OutOfMemoryError, RuntimeError) as error:
+        if _is_out_of_memory(error):
+            raise _memory_hint(cfg, error) from error
+        raise
+    history = pd.DataFrame(state["history"])
+    history.to_csv(out_dir / "history.csv", index=False)
+    return {"steps": state["step"], "finished": state["step"] >= steps, "best_step": state["best_step"],
+            "best_val_mean_dice": state["best_metric"], "seconds": round(time.perf_counter() - began, 2),
+            "history": history}

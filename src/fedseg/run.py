@@ -215,7 +215,8 @@ def run_chain(profile: str = "laptop", *, run_name: str | None = None, params: d
     for name in names:
         source = notebooks_dir() / f"{name}.ipynb"
         output = run_dir / f"{name}.ipynb"
-        nb_params = {"profile": profile, "run_dir": str(run_dir), "data_root": cfg["data_root"],
+        # data_root stays None unless given: each notebook then resolves the same synthetic root itself
+        nb_params = {"profile": profile, "run_dir": str(run_dir), "data_root": data_root,
                      "seed": cfg["seed"], **params}
         entry = {"status": "running", "started": _now(), "parameters": nb_params}
         record["notebooks"][name] = entry

@@ -18,10 +18,11 @@ import numpy as np
 import pandas as pd
 import torch
 from monai import transforms as mt
-from monai.data import PersistentDataset
+from monai.data import Dataset, PersistentDataset
 
 from fedseg.datasets import case_files
 from fedseg.labels import owned_mask, to_multihot
+from fedseg.run import repo_root
 
 IMAGE, LABEL, FOREGROUND = "image", "label", "foreground"
 #: Bump when the deterministic pipeline changes, so old caches are not reused.
@@ -102,16 +103,17 @@ def cache_dir(cfg: dict[str, Any]) -> Path:
     pre = cfg["preprocess"]
     key = json.dumps({"data_root": str(cfg["data_root"]), "spacing": pre["spacing"],
                       "hu_window": pre["hu_window"], "version": PIPELINE_VERSION}, sort_keys=True)
-    base = Path(os.environ.get("FEDSEG_CACHE", Path(cfg["data_root"]).parent / "cache"))
+    base = Path(os.environ.get("FEDSEG_CACHE") or Path(os.environ.get("FEDSEG_DATA", repo_root() / "data")) / "cache")
     return base / f"{Path(cfg['data_root']).name}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
-def training_dataset(cfg: dict[str, Any], records: list[dict[str, Any]]) -> PersistentDataset:
-    """Random training patches read from the preprocessed cache (filled on first use)."""
-    # Flattened: PersistentDataset caches the transforms before the first random one, and a nested
-    # Compose counts as random, which would leave nothing cached.
-    pipeline = mt.Compose([preprocess(cfg), augment(cfg)]).flatten()
-    return PersistentDataset(records, pipeline, cache_dir=cache_dir(cfg))
+def training_dataset(cfg: dict[str, Any], records: list[dict[str, Any]]) -> Dataset:
+    """Random training patches: whole volumes read from the preprocessed cache, then `augment`.
+
+    The cache holds exactly `preprocess`; the random part is applied on top of it (a combined pipeline
+    would make PersistentDataset cache a different prefix under the same file names).
+    """
+    return Dataset(evaluation_dataset(cfg, records), augment(cfg))
 
 
 def evaluation_dataset(cfg: dict[str, Any], records: list[dict[str, Any]]) -> PersistentDataset:

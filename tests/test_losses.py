@@ -121,7 +121,25 @@ def test_dice_ce_weights_combine_the_two_terms():
 
 
 def test_unknown_loss_or_setting_names_the_choices():
-    with pytest.raises(ValueError, match="literal_dice, masked_dice, dice_ce"):
+    with pytest.raises(ValueError, match="literal_dice, literal_dice_ce, masked_dice, dice_ce"):
         build_loss("focal")
     with pytest.raises(ValueError, match="ce_weight"):
         build_loss("masked_dice", ce_weight=1.0)
+
+
+def test_literal_dice_ce_really_teaches_absent_on_unlabelled_channels():
+    """Unlike soft Dice, the cross-entropy of the literal compound loss pushes an unlabelled channel down."""
+    from fedseg.losses import build_loss
+
+    torch.manual_seed(0)
+    pred = torch.zeros(2, 8, 8, 8, 8, requires_grad=True)
+    target = torch.zeros(2, 8, 8, 8, 8, dtype=torch.uint8)
+    target[:, 1, 2:6, 2:6, 2:6] = 1  # liver labelled; spleen (3) unlabelled
+    owned = torch.tensor([[False, True, True, False, False, False, False, False]] * 2)
+    for name, expect_grad in (("literal_dice_ce", True), ("dice_ce", False)):
+        pred.grad = None
+        build_loss(name)(pred, target, owned).backward()
+        spleen = pred.grad[:, 3]
+        assert (spleen.abs().min() > 1e-6) if expect_grad else torch.all(spleen == 0), name
+        if expect_grad:
+            assert torch.all(spleen > 0)  # gradient descent lowers the spleen logits: "absent"

@@ -8,6 +8,7 @@ and channel; which (sample, channel) pairs count is decided here.
 - `literal_dice_loss`: seed 000's Eq. 2 read literally; unlabelled channels are taught "empty".
 - `masked_dice_loss`: marginal loss; unlabelled channels get no loss and exactly zero gradient.
 - `dice_ce_loss`: seed 003's Dice + cross-entropy, both on owned channels only; unlabelled channels as above.
+- `literal_dice_ce_loss`: Dice + cross-entropy on all foreground channels, unlabelled ones as negatives.
 """
 
 from __future__ import annotations
@@ -36,6 +37,21 @@ def dice_per_channel(pred: torch.Tensor, target: torch.Tensor, smooth_nr: float 
     return dice(pred, target.to(pred.dtype)).reshape(pred.shape[:2])
 
 
+def batch_dice_per_channel(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                           smooth_nr: float = SMOOTH_NR, smooth_dr: float = SMOOTH_DR) -> torch.Tensor:
+    """MONAI soft Dice loss per channel pooled over the samples that own it ("batch Dice"), shape (C,).
+
+    A patch without the organ then still teaches through the pooled sums instead of giving a flat
+    loss of ~1 (per-sample Dice of an empty target has almost no gradient). Unowned pairs are replaced
+    by zeros with `torch.where`, so they add nothing and get exactly zero gradient.
+    """
+    keep = mask.reshape(*mask.shape, *([1] * (pred.ndim - 2)))
+    probability = torch.where(keep, torch.sigmoid(pred), torch.zeros_like(pred))
+    truth = torch.where(keep, target.to(pred.dtype), torch.zeros_like(pred))
+    dice = DiceLoss(sigmoid=False, batch=True, reduction="none", smooth_nr=smooth_nr, smooth_dr=smooth_dr)
+    return dice(probability, truth).reshape(-1)
+
+
 def owned_pairs(owned: torch.Tensor | np.ndarray, pred: torch.Tensor) -> torch.Tensor:
     """`owned` as a (B, C) bool tensor on pred's device; a single (C,) mask applies to every sample."""
     mask = torch.as_tensor(owned, device=pred.device).bool()
@@ -55,28 +71,41 @@ def masked_mean(per_pair: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def literal_dice_loss(pred: torch.Tensor, target: torch.Tensor, owned: torch.Tensor | None = None,
-                      smooth_nr: float = SMOOTH_NR, smooth_dr: float = SMOOTH_DR) -> torch.Tensor:
+                      smooth_nr: float = SMOOTH_NR, smooth_dr: float = SMOOTH_DR, batch: bool = False) -> torch.Tensor:
     """Eq. 2 of seed 000: mean soft Dice loss over channels 1..7 and samples; `owned` is ignored.
 
     Unlabelled channels: their target is 0, so they are taught "organ absent" (the paper's conflict).
     Eq. 2 writes 1/C (C=8) before a sum over 7 channels; its text says "average Dice of all output
     channels except the background", which is the mean taken here (the two differ by a factor 8/7).
+    With `batch`, each channel's Dice pools the whole batch (see `batch_dice_per_channel`).
     """
+    if batch:
+        everything = torch.ones(pred.shape[:2], dtype=torch.bool, device=pred.device)
+        return batch_dice_per_channel(pred, target, everything, smooth_nr, smooth_dr)[1:].mean()
     return dice_per_channel(pred, target, smooth_nr, smooth_dr)[:, 1:].mean()
 
 
 def masked_dice_loss(pred: torch.Tensor, target: torch.Tensor, owned: torch.Tensor | np.ndarray,
-                     smooth_nr: float = SMOOTH_NR, smooth_dr: float = SMOOTH_DR) -> torch.Tensor:
+                     smooth_nr: float = SMOOTH_NR, smooth_dr: float = SMOOTH_DR, batch: bool = False) -> torch.Tensor:
     """Marginal soft Dice loss: mean over the owned (sample, channel) pairs only.
 
     Unlabelled channels: no loss and exactly zero gradient (background is never owned, so never trained).
+    With `batch`, each owned channel's Dice pools the samples that own it.
     """
-    return masked_mean(dice_per_channel(pred, target, smooth_nr, smooth_dr), owned_pairs(owned, pred))
+    mask = owned_pairs(owned, pred)
+    if batch:
+        return _owned_channel_mean(batch_dice_per_channel(pred, target, mask, smooth_nr, smooth_dr), mask)
+    return masked_mean(dice_per_channel(pred, target, smooth_nr, smooth_dr), mask)
+
+
+def _owned_channel_mean(per_channel: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of (C,) values over the channels some sample owns; 0 if none is."""
+    return masked_mean(per_channel[None], mask.any(dim=0)[None])
 
 
 def dice_ce_loss(pred: torch.Tensor, target: torch.Tensor, owned: torch.Tensor | np.ndarray,
                  dice_weight: float = 1.0, ce_weight: float = 1.0, smooth_nr: float = SMOOTH_NR,
-                 smooth_dr: float = SMOOTH_DR) -> torch.Tensor:
+                 smooth_dr: float = SMOOTH_DR, batch: bool = False) -> torch.Tensor:
     """Seed 003's compound loss: dice_weight * masked Dice + ce_weight * binary cross-entropy.
 
     Unlabelled channels: excluded from both terms (zero gradient); the BCE is the voxel mean per owned pair.
@@ -84,12 +113,25 @@ def dice_ce_loss(pred: torch.Tensor, target: torch.Tensor, owned: torch.Tensor |
     mask = owned_pairs(owned, pred)
     bce = F.binary_cross_entropy_with_logits(pred, target.to(pred.dtype), reduction="none")
     bce = bce.reshape(*pred.shape[:2], -1).mean(dim=2)
-    dice = dice_per_channel(pred, target, smooth_nr, smooth_dr)
-    return dice_weight * masked_mean(dice, mask) + ce_weight * masked_mean(bce, mask)
+    dice = masked_dice_loss(pred, target, mask, smooth_nr, smooth_dr, batch)
+    return dice_weight * dice + ce_weight * masked_mean(bce, mask)
+
+
+def literal_dice_ce_loss(pred: torch.Tensor, target: torch.Tensor, owned: torch.Tensor | None = None,
+                         dice_weight: float = 1.0, ce_weight: float = 1.0, smooth_nr: float = SMOOTH_NR,
+                         smooth_dr: float = SMOOTH_DR, batch: bool = False) -> torch.Tensor:
+    """Dice + binary cross-entropy over all foreground channels, unlabelled ones taken as empty.
+
+    The literal reading (Eq. 2's "unlabelled = negative") with seed 003's compound loss: unlike soft Dice,
+    whose gradient on an empty target is almost zero, the cross-entropy really teaches "absent" there.
+    """
+    bce = F.binary_cross_entropy_with_logits(pred[:, 1:], target[:, 1:].to(pred.dtype))
+    return dice_weight * literal_dice_loss(pred, target, None, smooth_nr, smooth_dr, batch) + ce_weight * bce
 
 
 LOSSES: dict[str, Callable[..., torch.Tensor]] = {
     "literal_dice": literal_dice_loss,
+    "literal_dice_ce": literal_dice_ce_loss,
     "masked_dice": masked_dice_loss,
     "dice_ce": dice_ce_loss,
 }

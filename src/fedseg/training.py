@@ -172,7 +172,7 @@ def train_model(cfg: dict[str, Any], model: torch.nn.Module, train_records: list
     device = device or select_device()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    loss_fn = build_loss(loss or train["loss"])
+    loss_fn = build_loss(loss or train["loss"], **train.get("loss_options", {}))
     model.to(device).train()
     optimizer = make_optimizer(model, train)
     schedule = make_schedule(optimizer, train, steps)

@@ -151,3 +151,50 @@ def first_training_volumes(cfg: dict[str, Any], records: list[dict[str, Any]]) -
         case = dataset[index]
         volumes[record["dataset"]] = (np.asarray(case[IMAGE][0]), np.asarray(case[LABEL]), record["case_id"])
     return volumes
+
+
+#: Seed 000, Table 2 (Dice %, test splits): per channel, and the paper's own "Avg." column, which does not
+#: follow from its channels under any obvious definition (STUDY.md); kept as printed.
+TABLE2_CHANNELS = ("liver", "liver_tumor", "pancreas", "pancreas_tumor", "kidney", "kidney_tumor", "spleen")
+PAPER_TABLE2 = {
+    "SL": (67.4, 13.3, 64.2, 19.6, 93.1, 30.2, 48.7, 63.5),
+    "FL global model (server)": (0.0, 0.0, 66.9, 30.4, 90.6, 39.3, 0.0, 44.6),
+    "FL local model (client)": (84.4, 33.8, 74.3, 38.4, 94.9, 63.7, 72.9, 86.7),
+}
+AVERAGE_NOTE = ("Avg. (this run) = unweighted mean of the 7 channel columns. The paper's Avg. (63.5, 44.6, 86.7) "
+                "is printed as published; it is not the mean of its channels (48.1, 32.5, 66.1).")
+
+
+def table2(rows: dict[str, pd.Series]) -> pd.DataFrame:
+    """Table 2 layout: Dice % per channel for each named row (a Series channel -> mean Dice in [0, 1]),
+    with the mean over the 7 channels; the paper's rows follow, marked "(paper)"."""
+    out = {}
+    for name, means in rows.items():
+        values = [100 * float(means.get(c, float("nan"))) for c in TABLE2_CHANNELS]
+        out[f"{name} (this run)"] = [*values, float(np.nanmean(values))]
+    for name, values in PAPER_TABLE2.items():
+        out[f"{name} (paper)"] = list(values)
+    columns = [c.replace("_", " ") for c in TABLE2_CHANNELS] + ["Avg."]
+    return pd.DataFrame.from_dict(out, orient="index", columns=columns).round(1)
+
+
+def learning_curves(histories: dict[str, pd.DataFrame]) -> plt.Figure:
+    """Training loss and validation mean Dice (owned channels) against step, one line per model."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for name, history in histories.items():
+        if len(history):
+            left.plot(history["step"], history["loss"], marker="o", ms=3, label=name)
+            right.plot(history["step"], history["val_mean_dice"], marker="o", ms=3, label=name)
+    left.set(xlabel="step", ylabel="training loss (mean since last validation)", title="loss")
+    right.set(xlabel="step", ylabel="validation Dice, mean of owned channels", title="validation", ylim=(0, 1))
+    right.legend(fontsize=8, loc="lower right")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def cross_task_matrix(summary: pd.DataFrame) -> pd.DataFrame:
+    """Mean test Dice (%) of every model (rows) on every dataset's channels (columns)."""
+    table = summary.pivot_table(index="model", columns=["dataset", "channel"], values="mean", sort=False)
+    return (100 * table).round(1)

@@ -236,3 +236,20 @@ def train_model(cfg: dict[str, Any], model: torch.nn.Module, train_records: list
     return {"steps": state["step"], "finished": state["step"] >= steps, "best_step": state["best_step"],
             "best_val_mean_dice": state["best_metric"], "seconds": round(time.perf_counter() - began, 2),
             "history": history}
+
+
+def fit(cfg: dict[str, Any], name: str, train_records: list[dict[str, Any]], val_records: list[dict[str, Any]],
+        run_dir: str | Path, *, steps: int | None = None, loss: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Build the profile's network from the run's seed and train it into `run_dir/checkpoints/<name>/`.
+
+    The SL baselines, central aggregation (and the FL clients through `train_model`) share this path;
+    a notebook rerun after an interruption continues from the last checkpoint.
+    """
+    from fedseg.models import build_network
+
+    seed_everything(cfg["seed"])
+    model = build_network(**cfg["model"])
+    out_dir = Path(run_dir) / "checkpoints" / name
+    summary = train_model(cfg, model, train_records, val_records, out_dir, steps=steps, loss=loss,
+                          progress=progress, desc=name)
+    return {**summary, "best": out_dir / "best.pt", "name": name}

@@ -1,0 +1,53 @@
+"""Inference and metrics on the test splits: each trained model scored on every task's test cases.
+
+Scores are Dice per case and per channel the case's dataset owns (sigmoid > 0.5, MONAI's DiceMetric),
+computed on the preprocessed grid of the profile (sliding-window inference, MONAI). Scoring on the
+original grid, ensembles and post-processing for BTCV come with the external evaluation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from fedseg.models import build_network
+from fedseg.training import select_device, validate
+from fedseg.transforms import case_records, evaluation_dataset
+
+
+def load_best(cfg: dict[str, Any], checkpoint: str | Path, device: torch.device | None = None) -> torch.nn.Module:
+    """The profile's network with the weights of a `best.pt` checkpoint, ready for inference."""
+    device = device or select_device()
+    model = build_network(**cfg["model"])
+    saved = torch.load(checkpoint, map_location=device, weights_only=False)
+    model.load_state_dict(saved["model"])
+    return model.to(device).eval()
+
+
+def score_test_splits(cfg: dict[str, Any], checkpoints: dict[str, str | Path], cases: pd.DataFrame,
+                datasets: tuple[str, ...], progress: bool = True) -> pd.DataFrame:
+    """Dice of every model (name -> best.pt) on the test split of every dataset in `datasets`.
+
+    Long form: model, dataset, case_id, channel, dice (NaN where the case has none of that channel).
+    """
+    from tqdm.auto import tqdm
+
+    device = select_device()
+    tests = cases[(cases["split"] == "test") & cases["dataset"].isin(datasets)]
+    records = case_records(cfg["data_root"], tests)
+    volumes = evaluation_dataset(cfg, records)
+    frames = []
+    for name, checkpoint in tqdm(checkpoints.items(), desc="test splits", disable=not progress):
+        scores = validate(load_best(cfg, checkpoint, device), volumes, records, cfg, device)
+        frames.append(scores.assign(model=name))
+    columns = ["model", "dataset", "case_id", "channel", "dice"]
+    return pd.concat(frames, ignore_index=True)[columns]
+
+
+def channel_summary(scores: pd.DataFrame) -> pd.DataFrame:
+    """Per model, dataset and channel: mean and std Dice over the cases that have the channel, and counts."""
+    grouped = scores.groupby(["model", "dataset", "channel"], sort=False)["dice"]
+    return grouped.agg(mean="mean", std="std", cases_scored="count", cases="size").reset_index()

@@ -218,6 +218,9 @@ def run_chain(profile: str = "laptop", *, run_name: str | None = None, params: d
         # data_root stays None unless given: each notebook then resolves the same synthetic root itself
         nb_params = {"profile": profile, "run_dir": str(run_dir), "data_root": data_root,
                      "seed": cfg["seed"], **params}
+        if "interactive" in pm.inspect_notebook(str(source)):
+            # a browser viewer would wait for ever under papermill (itkwidgets): off unless asked
+            nb_params.setdefault("interactive", False)
         entry = {"status": "running", "started": _now(), "parameters": nb_params}
         record["notebooks"][name] = entry
         _write_json(record_path, record)

@@ -14,6 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fedseg.datasets import relative_paths
+from fedseg.labels import DATASETS
+
 TABLE1: dict[str, tuple[int, int, int]] = {
     "liver": (79, 26, 26),
     "pancreas": (169, 56, 56),
@@ -24,7 +27,6 @@ TABLE1: dict[str, tuple[int, int, int]] = {
 """Cases per (train, val, test) split of each dataset, as in Table 1 of the paper."""
 
 SPLITS: tuple[str, str, str] = ("train", "val", "test")
-DATASETS: tuple[str, ...] = tuple(TABLE1)
 COLUMNS: tuple[str, ...] = ("dataset", "case_id", "image", "label", "split", "split_source")
 SPLIT_SOURCES: tuple[str, ...] = ("condistfl", "seeded", "paper")
 """`condistfl`: ConDistFL's published datalist; `seeded`: the `seeded_split` fallback;
@@ -44,17 +46,6 @@ _CONDISTFL_TAG = {"liver": "LVR", "pancreas": "PAN", "spleen": "SPL", "kits19": 
 
 BTCV_IDS: tuple[str, ...] = tuple(f"img{i:04d}" for i in [*range(1, 11), *range(21, 41)])
 """The 30 labelled BTCV cases (its Training folder); img0011-img0020 are not part of the release."""
-
-
-def case_paths(dataset: str, case_id: str) -> tuple[str, str]:
-    """Image and label paths of a case, relative to the dataset's own root folder in its released layout."""
-    if dataset in ("liver", "pancreas", "spleen"):  # MSD TaskXX_Name/
-        return f"imagesTr/{case_id}.nii.gz", f"labelsTr/{case_id}.nii.gz"
-    if dataset == "kits19":  # kits19/data/
-        return f"{case_id}/imaging.nii.gz", f"{case_id}/segmentation.nii.gz"
-    if dataset == "btcv":  # RawData/Training/
-        return f"img/{case_id}.nii.gz", f"label/label{case_id.removeprefix('img')}.nii.gz"
-    raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASETS}.")
 
 
 def condistfl_case_id(dataset: str, file_name: str) -> str:
@@ -119,7 +110,7 @@ def build_manifest(
                     raise ValueError(f"no ConDistFL datalist and no base rows for {dataset}; pass condistfl_dir or base.")
                 assignment, source = seeded_split(ids, TABLE1[dataset], seed), "seeded"
         for case_id in sorted(assignment, key=_number):
-            image, label = case_paths(dataset, case_id)
+            image, label = relative_paths(dataset, case_id)
             rows.append(dict(dataset=dataset, case_id=case_id, image=image, label=label,
                              split=assignment[case_id], split_source=source))
     return pd.DataFrame(rows, columns=list(COLUMNS))

@@ -1,0 +1,114 @@
+"""The study's ClientApp: one site owns one dataset and sends back only weights and scalar metrics.
+
+train: load the global weights, run `local_steps` of the study's one training loop on the site's own
+training cases, keep the FL local best (the locally trained model with the best validation mean Dice
+over the site's owned channels) in `<run_dir>/checkpoints/fl-local-<dataset>/best.pt`, reply the
+weights with `num-examples` = the number of training cases (FedAvg's n_k). evaluate: score the global
+weights on the site's validation cases. Site identity: node_config `dataset` (deployment), else
+`partition-id` into run_config `clients`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedseg.federated import task
+from fedseg.labels import TRAIN_DATASETS
+
+app = ClientApp()
+
+
+def _site(context: Context) -> tuple[dict, str, int, list, list]:
+    """(cfg, dataset, partition id, train records, val records) of this site."""
+    dataset, partition_id = task.site_identity(context.node_config, context.run_config)
+    cfg = task.study_config(context.run_config, context.node_config)
+    train, val = task.client_records(cfg, task.load_cases(cfg, context.run_config), dataset)
+    return cfg, dataset, partition_id, train, val
+
+
+@contextlib.contextmanager
+def _named_failure(context: Context, kind: str, server_round: int):
+    """Re-raise any failure with the site's dataset in the message (the server shows it in its error)."""
+    try:
+        yield
+    except Exception as error:
+        who = context.node_config.get("dataset") or f"partition {context.node_config.get('partition-id')}"
+        with contextlib.suppress(Exception):
+            who = task.site_identity(context.node_config, context.run_config)[0]
+        raise RuntimeError(f"Client {who!r} failed in {kind} of round {server_round}: {_causes(error)}") from error
+
+
+def _causes(error: BaseException) -> str:
+    """An exception and its causes on one line (MONAI wraps the real error, e.g. a missing file)."""
+    chain, seen = [], set()
+    while error is not None and id(error) not in seen and len(chain) < 5:
+        seen.add(id(error))
+        chain.append(f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}")
+        error = error.__cause__ or error.__context__
+    return " <- ".join(chain)
+
+
+def _global_model(cfg: dict, msg: Message):
+    from fedseg.models import build_network
+
+    model = build_network(**cfg["model"])
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    return model
+
+
+def _keep_local_best(context: Context, cfg: dict, dataset: str, server_round: int, model, metric: float) -> bool:
+    """Save the model if it beats this site's local best so far (context.state, else the file on disk)."""
+    path = task.local_best_path(cfg["run_dir"], dataset)
+    if server_round == 1:  # a new federation: an earlier run's local best does not count
+        best = -math.inf
+    elif "local-best" in context.state:
+        best = float(context.state["local-best"]["val-mean-dice"])
+    else:  # a restarted client: its state is gone, the checkpoint is not
+        best = task.saved_metric(path)
+    if not metric > best:
+        return False
+    task.save_checkpoint(task.state_dict_cpu(model), path, step=server_round, val_mean_dice=metric)
+    context.state["local-best"] = MetricRecord({"val-mean-dice": metric, "round": server_round})
+    return True
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Local training from the global weights; replies weights + n_k + scalar metrics."""
+    server_round = int(msg.content["config"]["server-round"])
+    with _named_failure(context, "train", server_round):
+        cfg, dataset, partition_id, train_records, val_records = _site(context)
+        model = _global_model(cfg, msg)
+        result = task.train_locally(cfg, model, dataset, server_round, train_records, val_records)
+        final = result["final"]
+        metric = float(final["val_mean_dice"])
+        updated = _keep_local_best(context, cfg, dataset, server_round, model, metric)
+        metrics = {"num-examples": len(train_records), "partition-id": partition_id,
+                   "dataset-index": TRAIN_DATASETS.index(dataset), "train-loss": result["train_loss"],
+                   "mean-dice": metric, "local-best-updated": int(updated),
+                   **task.channel_dice({c[5:]: final[c] for c in final.index if c.startswith("dice_")})}
+        content = RecordDict({"arrays": ArrayRecord(task.state_dict_cpu(model)), "metrics": MetricRecord(metrics)})
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Validation Dice of the global weights on this site's validation cases (owned channels)."""
+    from fedseg.training import channel_means, select_device, validate
+    from fedseg.transforms import evaluation_dataset
+
+    server_round = int(msg.content["config"]["server-round"])
+    with _named_failure(context, "evaluate", server_round):
+        cfg, dataset, partition_id, _, val_records = _site(context)
+        device = select_device()
+        model = _global_model(cfg, msg).to(device)
+        means = channel_means(validate(model, evaluation_dataset(cfg, val_records), val_records, cfg, device))
+        metrics = {"num-examples": len(val_records), "partition-id": partition_id,
+                   "dataset-index": TRAIN_DATASETS.index(dataset), "mean-dice": float(means.mean()),
+                   **task.channel_dice(means.to_dict())}
+        content = RecordDict({"metrics": MetricRecord(metrics)})
+    return Message(content, reply_to=msg)

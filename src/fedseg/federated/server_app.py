@@ -1,0 +1,56 @@
+"""The study's ServerApp: FedAvg (weights n_k / n) of one seeded network over all clients, every round.
+
+Each round: every client trains `local_steps` from the global weights, the replies are averaged
+(sorted, failing loudly on any client failure, see `strategies.StudyFedAvg`), then every client
+scores the new global model on its validation cases and the FL global best is kept. Writes
+`<run_dir>/fl/config.json` (the resolved configuration) at the start, and at the end
+`<run_dir>/checkpoints/fl-global/final.pt` and `<run_dir>/fl/summary.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+from flwr.app import ArrayRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedseg.federated import task
+from fedseg.federated.strategies import StudyFedAvg
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run `rounds` rounds of FedAvg with federated evaluation; keep the global best and the final model."""
+    from fedseg.models import build_network
+    from fedseg.training import seed_everything
+
+    began = time.perf_counter()
+    cfg = task.study_config(context.run_config)
+    fl, run_dir = cfg["federated"], Path(cfg["run_dir"])
+    (run_dir / "fl").mkdir(parents=True, exist_ok=True)
+    (run_dir / "fl" / "config.json").write_text(json.dumps(cfg, indent=1, default=str))
+    summary_file = run_dir / "fl" / "summary.json"
+    summary_file.unlink(missing_ok=True)
+
+    random.seed(cfg["seed"])  # Flower samples clients with the global `random`
+    seed_everything(cfg["seed"])
+    model = build_network(**cfg["model"])
+    strategy = StudyFedAvg(run_dir, num_clients=fl["min_clients"], fraction_train=float(fl["fraction_train"]),
+                           progress=bool(context.run_config.get("progress", False)))
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(task.state_dict_cpu(model)),
+                            num_rounds=fl["rounds"], timeout=float(fl["round_timeout"]), evaluate_fn=None)
+
+    final = task.save_checkpoint(result.arrays.to_torch_state_dict(),
+                                 run_dir / "checkpoints" / "fl-global" / "final.pt",
+                                 step=fl["rounds"], val_mean_dice=strategy.last_metric)
+    summary = {"num_rounds": fl["rounds"], "local_steps": fl["local_steps"], "clients": fl["min_clients"],
+               "best_round": strategy.best_round, "best_val_mean_dice": strategy.best_metric,
+               "final_val_mean_dice": strategy.last_metric, "global_best": str(strategy.global_best_path),
+               "global_final": str(final), "rounds_csv": str(strategy.rounds_csv),
+               "seconds": round(time.perf_counter() - began, 2)}
+    summary_file.write_text(json.dumps(summary, indent=1))

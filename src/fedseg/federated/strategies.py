@@ -1,0 +1,231 @@
+"""FedAvg as the study runs it (seed 000, Eq. 1): w = sum_k n_k / n * w_k, with n_k a client's training cases.
+
+`StudyFedAvg` is Flower's FedAvg with what a reproducible study needs on top:
+- replies are sorted by (dataset, partition id) before averaging, so a seed gives the same bytes
+  (Flower sums in arrival order, which varies from run to run);
+- a round with an error reply or a missing reply fails loudly, naming the client (Flower would average
+  the survivors in silence);
+- every round's per-client train and evaluate metrics go to `<run_dir>/metrics/fl_rounds.csv`,
+  rewritten after each step so an interrupted run keeps what it did;
+- the FL global best: after each federated evaluation the global model with the highest validation
+  mean Dice is saved to `<run_dir>/checkpoints/fl-global/best.pt`. The metric is the mean over the seven
+  foreground channels of each channel's mean Dice over the validation cases that have it, i.e. exactly
+  the `val_mean_dice` that `training.train_model` computes for the central model on the pooled
+  validation cases (each channel is owned by one client); it is not the mean of the client means.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fedseg.labels import CHANNELS, TRAIN_DATASETS
+
+FOREGROUND = CHANNELS[1:]
+#: Metric keys that name a client rather than measure it: never averaged.
+IDENTITY_KEYS = ("partition-id", "dataset-index", "local-best-updated")
+ROUND_COLUMNS = ["round", "kind", "dataset", "partition_id", "num_examples", "loss", "mean_dice",
+                 *[f"dice_{c}" for c in FOREGROUND], "local_best", "global_best", "seconds"]
+
+
+#: How a failing client names itself in its error (client_app._named_failure).
+CLIENT_FAILURE = re.compile(r"Client '(\w+)' failed in [^\n]*")
+
+
+class FederationError(RuntimeError):
+    """A federated round cannot be aggregated: a client failed or did not reply."""
+
+
+def fedavg_weights(num_examples: Sequence[int]) -> list[float]:
+    """FedAvg's weight of each client, n_k / n (Eq. 1 of seed 000), n_k its number of training cases."""
+    if not num_examples or any(n < 0 for n in num_examples) or sum(num_examples) <= 0:
+        raise ValueError(f"num_examples={list(num_examples)}: need non-negative counts with a positive sum.")
+    total = sum(num_examples)
+    return [n / total for n in num_examples]
+
+
+def _metrics(message: Message) -> MetricRecord:
+    return next(iter(message.content.metric_records.values()))
+
+
+def reply_order(message: Message) -> tuple[int, int, int]:
+    """Sort key of a reply: (dataset index, partition id, node id); error replies last."""
+    if message.has_error():
+        return (len(TRAIN_DATASETS), 2**31, message.metadata.src_node_id)
+    metrics = _metrics(message)
+    return (int(metrics.get("dataset-index", -1)), int(metrics.get("partition-id", -1)), message.metadata.src_node_id)
+
+
+def aggregate_study_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+    """Weighted mean of every metric over the clients that report it (NaN = this client has no value).
+
+    Identity keys are left out; `clients` counts the replies. Per-channel Dice thus comes from the
+    client(s) owning that channel instead of turning NaN.
+    """
+    metrics = [next(iter(r.metric_records.values())) for r in records]
+    weights = [float(m[weighted_by_key]) for m in metrics]
+    out = MetricRecord({"clients": len(records)})
+    for key in metrics[0].keys():
+        if key == weighted_by_key or key in IDENTITY_KEYS:
+            continue
+        pairs = [(float(m[key]), w) for m, w in zip(metrics, weights) if math.isfinite(float(m[key]))]
+        total = sum(w for _, w in pairs)
+        out[key] = sum(v * w for v, w in pairs) / total if pairs and total > 0 else math.nan
+    return out
+
+
+class StudyFedAvg(FedAvg):
+    """FedAvg over `num_clients` sites with sorted, fail-loud aggregation and the FL global best."""
+
+    def __init__(self, run_dir: str | Path, num_clients: int, fraction_train: float = 1.0, progress: bool = False):
+        super().__init__(fraction_train=fraction_train, fraction_evaluate=1.0,
+                         min_train_nodes=max(1, math.ceil(fraction_train * num_clients)),
+                         min_evaluate_nodes=num_clients, min_available_nodes=num_clients,
+                         train_metrics_aggr_fn=aggregate_study_metrics,
+                         evaluate_metrics_aggr_fn=aggregate_study_metrics)
+        self.run_dir, self.progress = Path(run_dir), progress
+        self.rows: list[dict[str, Any]] = []
+        self.best_metric, self.best_round, self.last_metric = -math.inf, 0, math.nan
+        self.sent: dict[str, set[int]] = {}
+        self.node_names: dict[int, str] = {}
+        self.global_arrays: ArrayRecord | None = None
+        self._started = time.perf_counter()
+
+    @property
+    def rounds_csv(self) -> Path:
+        return self.run_dir / "metrics" / "fl_rounds.csv"
+
+    @property
+    def global_best_path(self) -> Path:
+        return self.run_dir / "checkpoints" / "fl-global" / "best.pt"
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self._started = time.perf_counter()
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.sent["train"] = {m.metadata.dst_node_id for m in messages}
+        return messages
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        self.global_arrays = arrays  # the global model these evaluations score
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        self.sent["evaluate"] = {m.metadata.dst_node_id for m in messages}
+        return messages
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = self._checked(server_round, "train", replies)
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        arrays = _like_first_reply(arrays, replies)
+        for m in replies:
+            self.rows.append(self._row(server_round, "train", m, loss=float(_metrics(m)["train-loss"])))
+        self._write_rows()
+        return arrays, metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = self._checked(server_round, "evaluate", replies)
+        metrics = super().aggregate_evaluate(server_round, replies)
+        channels = [metrics[f"dice-{c}"] for c in FOREGROUND if math.isfinite(metrics[f"dice-{c}"])]
+        metric = float(np.mean(channels)) if channels else math.nan
+        metrics["global-mean-dice"] = self.last_metric = metric
+        improved = metric > self.best_metric
+        if improved:
+            from fedseg.federated.task import save_checkpoint
+
+            self.best_metric, self.best_round = metric, server_round
+            save_checkpoint(self.global_arrays.to_torch_state_dict(), self.global_best_path, step=server_round,
+                            val_mean_dice=metric)
+        self.rows.extend(self._row(server_round, "evaluate", m) for m in replies)
+        train_losses = [r["loss"] for r in self.rows if r["round"] == server_round and r["kind"] == "train"]
+        self.rows.append({"round": server_round, "kind": "global", "dataset": "all", "partition_id": -1,
+                          "num_examples": sum(int(_metrics(m)["num-examples"]) for m in replies),
+                          "loss": float(np.mean(train_losses)) if train_losses else math.nan, "mean_dice": metric,
+                          **{f"dice_{c}": metrics[f"dice-{c}"] for c in FOREGROUND}, "global_best": improved,
+                          "seconds": round(time.perf_counter() - self._started, 2)})
+        self._write_rows()
+        if self.progress:
+            print(f"round {server_round}: global val mean Dice {metric:.4f} "
+                  f"(best {self.best_metric:.4f}, round {self.best_round}), "
+                  f"{time.perf_counter() - self._started:.1f} s", flush=True)
+        return metrics
+
+    def _checked(self, server_round: int, kind: str, replies: Iterable[Message]) -> list[Message]:
+        """The replies sorted by client; raises FederationError on any error or missing reply."""
+        replies = sorted(replies, key=reply_order)
+        for m in replies:
+            if not m.has_error():
+                self.node_names[m.metadata.src_node_id] = _dataset_name(_metrics(m))
+        failed = [m for m in replies if m.has_error()]
+        if failed:
+            details = "\n".join(self._failure(m) for m in failed)
+            raise FederationError(f"Round {server_round} ({kind}): {len(failed)} of {len(replies)} clients failed; "
+                                  f"the round is not averaged over the rest.\n{details}")
+        missing = self.sent.get(kind, set()) - {m.metadata.src_node_id for m in replies}
+        if missing or len(replies) < len(self.sent.get(kind, ())):
+            names = ", ".join(self._who(n) for n in sorted(missing))
+            raise FederationError(f"Round {server_round} ({kind}): {len(replies)} of {len(self.sent[kind])} clients "
+                                  f"replied; no reply from {names or 'some clients'} (timed out or disconnected).")
+        return replies
+
+    def _failure(self, message: Message) -> str:
+        """One line per failed client: who (its dataset, from earlier replies or its own error text) and why."""
+        reason = (message.error.reason or "").strip()
+        found = CLIENT_FAILURE.search(reason)
+        node_id = message.metadata.src_node_id
+        if found and node_id not in self.node_names:
+            self.node_names[node_id] = found.group(1)
+        lines = [line for line in reason.splitlines() if line.strip()] or ["no reason given"]
+        return f"- {self._who(node_id)}, error code {message.error.code}: {(found.group(0) if found else lines[-1])[:2000]}"
+
+    def _who(self, node_id: int) -> str:
+        return f"client {self.node_names[node_id]!r} (node {node_id})" if node_id in self.node_names \
+            else f"node {node_id} (dataset unknown: it has not replied before)"
+
+    def _row(self, server_round: int, kind: str, message: Message, loss: float = math.nan) -> dict[str, Any]:
+        m = _metrics(message)
+        return {"round": server_round, "kind": kind, "dataset": _dataset_name(m),
+                "partition_id": int(m.get("partition-id", -1)), "num_examples": int(m["num-examples"]),
+                "loss": loss, "mean_dice": float(m["mean-dice"]),
+                **{f"dice_{c}": float(m[f"dice-{c}"]) for c in FOREGROUND},
+                "local_best": bool(m.get("local-best-updated", 0)) if kind == "train" else None,
+                "seconds": round(time.perf_counter() - self._started, 2)}
+
+    def _write_rows(self) -> None:
+        """Rewrite the rounds table atomically: an interrupted run keeps every finished step."""
+        self.rounds_csv.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.rounds_csv.with_suffix(".csv.tmp")
+        pd.DataFrame(self.rows, columns=ROUND_COLUMNS).to_csv(tmp, index=False)
+        os.replace(tmp, self.rounds_csv)
+
+
+def _dataset_name(metrics: MetricRecord) -> str:
+    index = int(metrics.get("dataset-index", -1))
+    return TRAIN_DATASETS[index] if 0 <= index < len(TRAIN_DATASETS) else f"unknown-{index}"
+
+
+def _like_first_reply(arrays: ArrayRecord | None, replies: list[Message]) -> ArrayRecord | None:
+    """The average in each array's own dtype (Flower's float weights would turn int buffers to float64)."""
+    if arrays is None:
+        return None
+    reference = next(iter(replies[0].content.array_records.values()))
+    if all(array.dtype == reference[key].dtype for key, array in arrays.items()):
+        return arrays
+    averaged = {}
+    for key, array in arrays.items():
+        value, dtype = array.numpy(), reference[key].numpy().dtype
+        if value.dtype != dtype:
+            value = np.rint(value).astype(dtype) if np.issubdtype(dtype, np.integer) else value.astype(dtype)
+        averaged[key] = Array(np.ascontiguousarray(value))
+    return ArrayRecord(averaged)

@@ -1,0 +1,194 @@
+"""What a federated run works from, and the torch/MONAI side of a client (Flower examples' `task.py`).
+
+A run's study configuration comes from `context.run_config` (pyproject's `[tool.flwr.app.config]`,
+overridden by `flwr run --run-config`): `profile`, `run-dir`, `data-root`, `seed` and the FL knobs, or, from
+a notebook (`simulation.run_federation`, where `run_simulation` takes no run_config), the whole resolved
+profile as JSON under `study-config`. A site's identity comes only from `context.node_config`: its own
+`dataset` (and optionally `data-root`, `run-dir`) in deployment, else `partition-id` into `clients`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+
+from fedseg.labels import CHANNELS, TRAIN_DATASETS
+from fedseg.training import _save, train_model
+
+FOREGROUND = CHANNELS[1:]
+#: FL knobs of a profile's `federated:` section and their values when the profile has none.
+#: `local_steps` None: `train.steps // rounds`, i.e. the SL model's budget spread over the rounds.
+FL_DEFAULTS: dict[str, Any] = {"rounds": 2, "local_steps": None, "fraction_train": 1.0, "min_clients": 4,
+                               "client_cpus": 1, "client_gpus": 0.0, "keep_optimizer": False,
+                               "round_timeout": 86400}
+#: run_config keys (kebab-case) that override a knob; their "unset" value (0, 0.0, "") keeps the profile's.
+RUN_CONFIG_KNOBS = {"rounds": "rounds", "local-steps": "local_steps", "fraction-train": "fraction_train",
+                    "min-clients": "min_clients", "keep-optimizer": "keep_optimizer"}
+
+
+def federated_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The FL knobs of `cfg["federated"]` with defaults filled in (see FL_DEFAULTS)."""
+    fl = {**FL_DEFAULTS, **(cfg.get("federated") or {})}
+    fl["rounds"] = int(fl["rounds"])
+    if fl["local_steps"] is None:
+        fl["local_steps"] = max(1, int(cfg["train"]["steps"]) // fl["rounds"])
+    fl["local_steps"], fl["min_clients"] = int(fl["local_steps"]), int(fl["min_clients"])
+    fl["keep_optimizer"] = _as_bool(fl["keep_optimizer"], "federated.keep_optimizer")
+    if fl["rounds"] < 1 or fl["local_steps"] < 1 or not 0.0 < float(fl["fraction_train"]) <= 1.0:
+        raise ValueError(f"federated settings {fl}: rounds and local_steps must be >= 1, fraction_train in (0, 1].")
+    return fl
+
+
+def _as_bool(value: Any, name: str) -> bool:
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if isinstance(value, (bool, int)):
+        return bool(value)
+    raise ValueError(f"{name}={value!r}: use true or false.")
+
+
+def study_config(run_config: Mapping[str, Any], node_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The resolved profile a run (server) or site (client, with its node_config) works from.
+
+    `study-config` (JSON of a resolved profile) wins; else `profile`, `seed`, `data-root` are resolved with
+    `fedseg.run.resolve`. A node_config `data-root` / `run-dir` replaces the run's (each site's own paths).
+    Non-empty FL keys of run_config override the profile's `federated` section.
+    """
+    from fedseg.run import resolve
+
+    node_config = node_config or {}
+    if run_config.get("study-config"):
+        cfg = json.loads(run_config["study-config"])
+        if node_config.get("data-root"):
+            cfg["data_root"] = str(Path(node_config["data-root"]).resolve())
+    else:
+        seed = int(run_config.get("seed", -1))
+        data_root = node_config.get("data-root") or run_config.get("data-root") or None
+        cfg = resolve(str(run_config.get("profile") or "smoke"), None if seed < 0 else seed, data_root)
+    run_dir = node_config.get("run-dir") or run_config.get("run-dir") or cfg.get("run_dir")
+    if not run_dir:
+        raise ValueError("No run folder: set run-dir (e.g. flwr run --run-config 'run-dir=\"/abs/results/fl\"').")
+    cfg["run_dir"] = str(Path(run_dir).resolve())
+    fl = dict(cfg.get("federated") or {})
+    if run_config.get("clients") and not run_config.get("min-clients"):
+        fl["min_clients"] = len(client_list(run_config))
+    for key, name in RUN_CONFIG_KNOBS.items():
+        if run_config.get(key) not in (None, "", 0, 0.0):
+            fl[name] = run_config[key]
+    cfg["federated"] = federated_settings({**cfg, "federated": fl})
+    return cfg
+
+
+def client_list(run_config: Mapping[str, Any]) -> tuple[str, ...]:
+    """The dataset of each partition id: run_config `clients` ("liver,spleen"), default all four."""
+    names = tuple(n.strip() for n in str(run_config.get("clients") or "").split(",") if n.strip())
+    unknown = set(names) - set(TRAIN_DATASETS)
+    if unknown:
+        raise ValueError(f"clients={run_config['clients']!r}: {sorted(unknown)} not in {TRAIN_DATASETS}.")
+    return names or TRAIN_DATASETS
+
+
+def site_identity(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> tuple[str, int]:
+    """(dataset, partition id) of this site: node_config `dataset`, else `clients[partition-id]`."""
+    if node_config.get("dataset"):
+        dataset = str(node_config["dataset"])
+        if dataset not in TRAIN_DATASETS:
+            raise ValueError(f"node-config dataset={dataset!r}: use one of {', '.join(TRAIN_DATASETS)}.")
+        return dataset, int(node_config.get("partition-id", TRAIN_DATASETS.index(dataset)))
+    if "partition-id" not in node_config:
+        raise ValueError("This SuperNode has no identity: start it with --node-config 'dataset=\"liver\"'.")
+    clients, pid = client_list(run_config), int(node_config["partition-id"])
+    if pid >= len(clients):
+        raise ValueError(f"partition-id {pid} but only {len(clients)} clients {clients}: set run_config clients.")
+    return clients[pid], pid
+
+
+def load_cases(cfg: Mapping[str, Any], run_config: Mapping[str, Any]) -> pd.DataFrame:
+    """The cases table: run_config `cases`, else `<run_dir>/data/cases.csv` (01_data_prep), else the manifest."""
+    from fedseg.datasets import manifest_for
+
+    for path in (run_config.get("cases"), Path(cfg["run_dir"]) / "data" / "cases.csv"):
+        if path and Path(path).exists():
+            return pd.read_csv(path)
+    return manifest_for(cfg["data_root"])
+
+
+def client_records(cfg: Mapping[str, Any], cases: pd.DataFrame, dataset: str) -> tuple[list, list]:
+    """(train, val) MONAI records of one dataset: a client sees only its own cases."""
+    from fedseg.transforms import case_records
+
+    own = cases[cases["dataset"] == dataset]
+    train, val = (case_records(cfg["data_root"], own[own["split"] == s]) for s in ("train", "val"))
+    if not train or not val:
+        raise ValueError(f"Client {dataset!r} has {len(train)} train and {len(val)} val cases in the cases table: "
+                         "each client needs both (check data/cases.csv from 01_data_prep).")
+    return train, val
+
+
+def round_seed(seed: int, dataset: str, server_round: int = 0) -> int:
+    """A seed per (study seed, dataset, round): each round draws new batches, yet reruns are identical, in
+    simulation and deployment alike (seeded by the dataset, not by a partition id that differs between them)."""
+    return int(np.random.SeedSequence([seed, TRAIN_DATASETS.index(dataset), server_round]).generate_state(1)[0] % 2**31)
+
+
+def train_locally(cfg: dict[str, Any], model: torch.nn.Module, dataset: str, server_round: int,
+                  train_records: list, val_records: list) -> dict[str, Any]:
+    """`local_steps` of `train_model` from the global weights in `model`, into `<run_dir>/fl/<dataset>/`.
+
+    Without keep_optimizer every round starts a fresh optimizer (resume=False) on batches seeded by
+    (seed, dataset, round). With it, the last round's optimizer state is resumed under the new global
+    weights, and the step count (hence the batches) continues. Returns train_model's summary plus the
+    mean loss of this round's steps and the validation row of the final (sent) model.
+    """
+    fl = cfg["federated"]
+    out_dir = Path(cfg["run_dir"]) / "fl" / dataset
+    last = out_dir / "last.pt"
+    start, resume = 0, False
+    if fl["keep_optimizer"] and server_round > 1 and last.exists():
+        saved = torch.load(last, map_location="cpu", weights_only=False)
+        saved["model"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        _save(saved, last)
+        start, resume = int(saved["state"]["step"]), True
+    seed = round_seed(cfg["seed"], dataset, 0 if fl["keep_optimizer"] else server_round)
+    summary = train_model(cfg, model, train_records, val_records, out_dir, steps=start + fl["local_steps"],
+                          seed=seed, resume=resume, progress=False, desc=f"fl-{dataset}")
+    history = summary["history"]
+    this_round = history[history["step"] > start]
+    spans = np.diff(np.concatenate([[start], this_round["step"].to_numpy()]))
+    final = history.iloc[-1]
+    if int(final["step"]) != start + fl["local_steps"]:
+        raise RuntimeError(f"Local training of {dataset} stopped at step {final['step']}, not {start + fl['local_steps']}.")
+    return {**summary, "train_loss": float(np.average(this_round["loss"], weights=spans)), "final": final}
+
+
+def channel_dice(means: Mapping[str, float], prefix: str = "dice-") -> dict[str, float]:
+    """Dice of every foreground channel by name, NaN where this client has none (not owned / absent)."""
+    return {f"{prefix}{c}": float(means.get(c, math.nan)) for c in FOREGROUND}
+
+
+def state_dict_cpu(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def save_checkpoint(state_dict: Mapping[str, torch.Tensor], path: Path, **info: Any) -> Path:
+    """`{"model": state_dict, "step": ..., "val_mean_dice": ...}` like training's best.pt (atomic)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save({"model": dict(state_dict), **info}, path)
+    return path
+
+
+def local_best_path(run_dir: str | Path, dataset: str) -> Path:
+    return Path(run_dir) / "checkpoints" / f"fl-local-{dataset}" / "best.pt"
+
+
+def saved_metric(path: Path) -> float:
+    """The `val_mean_dice` of a checkpoint on disk, -inf when there is none."""
+    if not path.exists():
+        return -math.inf
+    return float(torch.load(path, map_location="cpu", weights_only=False).get("val_mean_dice", -math.inf))

@@ -1,0 +1,371 @@
+"""The Flower App: FedAvg's arithmetic and order-independence, loud failures, the global/local best, what
+a client sends (weights and scalars only), and a 2-client federation through Flower's simulation engine."""
+
+import itertools
+import math
+import time
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, Metadata, MetricRecord, RecordDict
+
+from fedseg.federated import client_app, task
+from fedseg.federated.strategies import FederationError, StudyFedAvg, fedavg_weights
+from fedseg.labels import TRAIN_DATASETS
+from fedseg.models import build_network
+
+VOXEL = 2.0
+SIZE = 24
+LAYOUT = {"liver": "Task03_Liver", "spleen": "Task09_Spleen"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiny data: liver and spleen cases of 24^3 voxels in their MSD layouts
+# --------------------------------------------------------------------------------------------------
+
+def make_data(root, counts=None, seed=0):
+    """Cases of each dataset (train, val): a bright sphere (organ), for liver with a dark core (tumour)."""
+    counts = counts or {"liver": (2, 1), "spleen": (2, 1)}
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.arange(SIZE)] * 3, indexing="ij"))
+    rows = []
+    for dataset, (n_train, n_val) in counts.items():
+        folder = root / LAYOUT[dataset]
+        (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
+        (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
+        for i in range(n_train + n_val):
+            centre = rng.uniform(9, 15, size=3)
+            distance = np.sqrt(((grid - centre[:, None, None, None]) ** 2).sum(0))
+            label = (distance < 6).astype(np.uint8)
+            if dataset == "liver":
+                label += (distance < 2.5).astype(np.uint8)
+            image = np.where(label == 1, 150, np.where(label == 2, 40, -100)) + rng.normal(0, 10, label.shape)
+            case = f"{dataset}_{i}"
+            affine = np.diag([VOXEL] * 3 + [1.0])
+            nib.save(nib.Nifti1Image(image.astype(np.int16), affine), str(folder / "imagesTr" / f"{case}.nii.gz"))
+            nib.save(nib.Nifti1Image(label, affine), str(folder / "labelsTr" / f"{case}.nii.gz"))
+            rows.append({"dataset": dataset, "case_id": case, "image": f"imagesTr/{case}.nii.gz",
+                         "label": f"labelsTr/{case}.nii.gz", "split": "train" if i < n_train else "val"})
+    return pd.DataFrame(rows)
+
+
+def tiny_config(data_root, rounds=2, local_steps=2):
+    return {
+        "name": "tiny", "seed": 0, "data_root": str(data_root),
+        "preprocess": {"spacing": [VOXEL] * 3, "hu_window": [-500, 500], "patch_size": [16, 16, 16],
+                       "patch_sampling": "posneg", "patches_per_volume": 2, "num_workers": 0,
+                       "intensity_shift": {"prob": 0.8, "offset": 0.1}},
+        "model": {"name": "UNet", "channels": [8, 16], "strides": [2], "num_res_units": 1},
+        "train": {"loss": "masked_dice", "optimizer": "adam", "lr": 1e-2, "weight_decay": 0.0,
+                  "schedule": "constant", "cases_per_step": 1, "steps": 4, "val_every": 2,
+                  "checkpoint_every": 2, "sw_batch_size": 2, "sw_overlap": 0.25, "amp": True},
+        "federated": {"rounds": rounds, "local_steps": local_steps, "client_cpus": 1, "client_gpus": 0.0},
+    }
+
+
+@pytest.fixture
+def tiny(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDSEG_CACHE", str(tmp_path / "cache"))
+    cases = make_data(tmp_path / "data")
+    return tiny_config(tmp_path / "data"), cases, tmp_path / "run"
+
+
+# --------------------------------------------------------------------------------------------------
+# Fake replies, built as Flower builds them (a reply's src_node_id is the client's node)
+# --------------------------------------------------------------------------------------------------
+
+def metadata(node_id, kind):
+    return Metadata(run_id=1, message_id=f"m{node_id}", src_node_id=node_id, dst_node_id=0, reply_to_message_id="x",
+                    group_id="1", created_at=time.time(), ttl=3600.0, message_type=kind)
+
+
+def reply(node_id, dataset, arrays=None, num_examples=1, kind="train", **values):
+    """A client's reply: its dataset's identity, num-examples, scalar metrics (per-channel NaN unless given)."""
+    metrics = {"num-examples": num_examples, "partition-id": TRAIN_DATASETS.index(dataset),
+               "dataset-index": TRAIN_DATASETS.index(dataset), "mean-dice": 0.5,
+               **task.channel_dice({}), **values}
+    if kind == "train":
+        metrics.setdefault("train-loss", 1.0)
+        metrics.setdefault("local-best-updated", 1)
+    content = {"metrics": MetricRecord(metrics)}
+    if arrays is not None:
+        content["arrays"] = ArrayRecord({k: v for k, v in arrays.items()})
+    return Message(content=RecordDict(content), metadata=metadata(node_id, kind))
+
+
+def error_reply(node_id, reason, kind="train"):
+    return Message(error=Error(code=2, reason=reason), metadata=metadata(node_id, kind))
+
+
+def arrays_of(value, shape=(3, 4)):
+    return {"w": torch.full(shape, float(value)), "b": torch.arange(4, dtype=torch.float32) * value}
+
+
+# --------------------------------------------------------------------------------------------------
+# FedAvg arithmetic
+# --------------------------------------------------------------------------------------------------
+
+def test_fedavg_weights_are_n_k_over_n():
+    assert fedavg_weights([10, 30]) == [0.25, 0.75]
+    table1 = [79, 169, 126, 25]  # seed 000 Table 1 training cases: liver, pancreas, kits19, spleen
+    weights = fedavg_weights(table1)
+    assert weights == [n / 399 for n in table1] and math.isclose(sum(weights), 1.0)
+    for bad in ([], [0, 0], [3, -1]):
+        with pytest.raises(ValueError):
+            fedavg_weights(bad)
+
+
+def test_aggregation_is_the_n_k_weighted_mean_whatever_the_reply_order(tmp_path):
+    strategy = StudyFedAvg(tmp_path, num_clients=3)
+    datasets = ("liver", "pancreas", "spleen")
+    # dyadic weights 1/4, 1/4, 1/2 and small integers: the float32 result is exact
+    replies = [reply(10 + k, d, arrays_of(k + 1), num_examples=n, **{"train-loss": float(k)})
+               for k, (d, n) in enumerate(zip(datasets, (1, 1, 2)))]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    w = arrays.to_torch_state_dict()
+    assert torch.equal(w["w"], torch.full((3, 4), 0.25 * 1 + 0.25 * 2 + 0.5 * 3))
+    assert torch.equal(w["b"], torch.arange(4, dtype=torch.float32) * 2.25)
+    assert w["w"].dtype == torch.float32
+    assert metrics["train-loss"] == 0.25 * 0 + 0.25 * 1 + 0.5 * 2
+
+    # Table 1's client sizes, random weights: sum n_k w_k / n, and the same bytes in every reply order
+    rng = np.random.default_rng(0)
+    sizes = dict(zip(TRAIN_DATASETS, (79, 169, 126, 25)))
+    weights = {d: {"w": torch.from_numpy(rng.normal(size=(5, 7)).astype(np.float32))} for d in TRAIN_DATASETS}
+    expected = sum(n * weights[d]["w"].double() for d, n in sizes.items()) / sum(sizes.values())
+    results = set()
+    for order in itertools.permutations(TRAIN_DATASETS):
+        replies = [reply(100 + TRAIN_DATASETS.index(d), d, weights[d], num_examples=sizes[d]) for d in order]
+        arrays, _ = StudyFedAvg(tmp_path, num_clients=4).aggregate_train(1, replies)
+        result = arrays["w"].numpy()
+        assert np.allclose(result, expected.numpy(), rtol=1e-6, atol=1e-7)
+        results.add(result.tobytes())
+    assert len(results) == 1, "the aggregate depends on the order the replies arrived in"
+
+
+def test_an_error_reply_fails_the_round_and_names_the_client(tmp_path):
+    strategy = StudyFedAvg(tmp_path, num_clients=2)
+    ok = [reply(1, "liver", arrays_of(1)), reply(2, "spleen", arrays_of(2))]
+    strategy.aggregate_train(1, ok)  # round 1 teaches the strategy which node is which dataset
+    with pytest.raises(FederationError, match=r"(?s)Round 2 \(train\): 1 of 2 clients failed.*'spleen'.*disk full"):
+        strategy.aggregate_train(2, [reply(1, "liver", arrays_of(1)), error_reply(2, "OSError: disk full")])
+    # a node never seen before is named from its own error text (the client puts its dataset there)
+    with pytest.raises(FederationError, match=r"client 'kits19' \(node 3\), error code 2: Client 'kits19' failed"):
+        StudyFedAvg(tmp_path, num_clients=2).aggregate_train(
+            1, [reply(1, "liver", arrays_of(1)), error_reply(3, "RuntimeError: Client 'kits19' failed in train")])
+
+
+def test_a_missing_reply_fails_the_round(tmp_path):
+    strategy = StudyFedAvg(tmp_path, num_clients=3)
+    strategy.aggregate_train(1, [reply(n, d, arrays_of(1)) for n, d in ((1, "liver"), (2, "spleen"), (3, "kits19"))])
+    strategy.sent["train"] = {1, 2, 3}
+    with pytest.raises(FederationError, match=r"2 of 3 clients replied; no reply from client 'kits19'"):
+        strategy.aggregate_train(2, [reply(1, "liver", arrays_of(1)), reply(2, "spleen", arrays_of(2))])
+
+
+def test_min_nodes_follow_the_number_of_clients(tmp_path):
+    strategy = StudyFedAvg(tmp_path, num_clients=4)
+    assert (strategy.min_train_nodes, strategy.min_evaluate_nodes, strategy.min_available_nodes) == (4, 4, 4)
+    assert StudyFedAvg(tmp_path, num_clients=4, fraction_train=0.5).min_train_nodes == 2
+
+
+def test_global_best_is_the_channel_mean_and_is_saved_with_the_rounds_table(tmp_path):
+    strategy = StudyFedAvg(tmp_path, num_clients=2)
+    model = build_network(name="UNet", channels=[8, 16], strides=[2], num_res_units=1)
+    first = task.state_dict_cpu(model)
+    strategy.aggregate_train(1, [reply(1, "liver", first, 3, **{"train-loss": 0.6}),
+                                 reply(2, "spleen", first, 1, **{"train-loss": 0.2})])
+    strategy.global_arrays = ArrayRecord(first)
+    scores = [reply(1, "liver", kind="evaluate", num_examples=2, **{"dice-liver": 0.8, "dice-liver_tumor": 0.4,
+                                                                   "mean-dice": 0.6}),
+              reply(2, "spleen", kind="evaluate", num_examples=1, **{"dice-spleen": 0.9, "mean-dice": 0.9})]
+    metrics = strategy.aggregate_evaluate(1, scores)
+    assert math.isclose(metrics["global-mean-dice"], (0.8 + 0.4 + 0.9) / 3)  # channels, not client means (0.75)
+    assert metrics["dice-spleen"] == 0.9 and metrics["dice-liver"] == 0.8 and math.isnan(metrics["dice-kidney"])
+    best = torch.load(tmp_path / "checkpoints" / "fl-global" / "best.pt", weights_only=False)
+    assert set(best) == {"model", "step", "val_mean_dice"} and best["step"] == 1
+    assert all(torch.equal(best["model"][k], first[k]) for k in first)
+
+    # round 2 is worse: the best stays round 1's weights
+    strategy.global_arrays = ArrayRecord({k: v + 1 for k, v in first.items()})
+    strategy.aggregate_train(2, [reply(1, "liver", first, 3), reply(2, "spleen", first, 1)])
+    strategy.aggregate_evaluate(2, [reply(1, "liver", kind="evaluate", **{"dice-liver": 0.1}),
+                                    reply(2, "spleen", kind="evaluate", **{"dice-spleen": 0.1})])
+    best = torch.load(tmp_path / "checkpoints" / "fl-global" / "best.pt", weights_only=False)
+    assert best["step"] == 1 and math.isclose(best["val_mean_dice"], 0.7)
+    assert (strategy.best_round, strategy.last_metric) == (1, 0.1)
+
+    table = pd.read_csv(tmp_path / "metrics" / "fl_rounds.csv")
+    assert len(table) == 2 * (2 + 2 + 1)
+    first_round = table[table["round"] == 1].set_index(["kind", "dataset"])
+    assert first_round.loc[("train", "liver"), "num_examples"] == 3
+    assert first_round.loc[("train", "liver"), "loss"] == 0.6
+    assert first_round.loc[("evaluate", "liver"), "dice_liver_tumor"] == 0.4
+    assert bool(first_round.loc[("global", "all"), "global_best"])
+    assert math.isclose(first_round.loc[("global", "all"), "mean_dice"], 0.7)
+
+
+# --------------------------------------------------------------------------------------------------
+# The client: what it sends, its local best, its failures
+# --------------------------------------------------------------------------------------------------
+
+def client_message(cfg, kind, server_round=1):
+    torch.manual_seed(0)
+    model = build_network(**cfg["model"])
+    content = RecordDict({"arrays": ArrayRecord(model.state_dict()),
+                          "config": ConfigRecord({"server-round": server_round})})
+    meta = Metadata(run_id=1, message_id="in", src_node_id=0, dst_node_id=5, reply_to_message_id="", group_id="1",
+                    created_at=time.time(), ttl=3600.0, message_type=kind)
+    return Message(content=content, metadata=meta), model
+
+
+def client_context(cfg, run_dir, cases, node_config):
+    cases_file = run_dir / "cases.csv"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cases.to_csv(cases_file, index=False)
+    import json
+
+    run_config = {"study-config": json.dumps(cfg), "run-dir": str(run_dir), "cases": str(cases_file),
+                  "clients": "liver,spleen"}
+    return Context(run_id=1, node_id=5, node_config=node_config, state=RecordDict(), run_config=run_config)
+
+
+def test_a_client_sends_only_model_weights_and_scalar_metrics(tiny):
+    cfg, cases, run_dir = tiny
+    context = client_context(cfg, run_dir, cases, {"partition-id": 1, "num-partitions": 2})  # spleen
+    message, model = client_message(cfg, "train")
+    out = client_app.app(message, context)
+    assert not out.has_error()
+    parameters = model.state_dict()
+    assert list(out.content.keys()) == ["arrays", "metrics"]
+    sent = out.content["arrays"]
+    assert set(sent.keys()) == set(parameters)
+    for key, array in sent.items():  # nothing shaped like an image, label or patch: only parameters
+        assert tuple(array.shape) == tuple(parameters[key].shape), key
+    metrics = out.content["metrics"]
+    assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values()), metrics
+    assert metrics["num-examples"] == 2  # training cases (n_k), not batches or patches
+    assert metrics["dataset-index"] == TRAIN_DATASETS.index("spleen")
+    assert math.isfinite(metrics["dice-spleen"]) and math.isnan(metrics["dice-liver"])
+    assert not any(torch.equal(sent.to_torch_state_dict()[k], v) for k, v in parameters.items() if v.numel() > 8)
+
+    local_best = run_dir / "checkpoints" / "fl-local-spleen" / "best.pt"
+    saved = torch.load(local_best, weights_only=False)
+    assert saved["step"] == 1 and math.isclose(saved["val_mean_dice"], metrics["mean-dice"])
+    assert context.state["local-best"]["val-mean-dice"] == metrics["mean-dice"]
+
+    message, _ = client_message(cfg, "evaluate")
+    scored = client_app.app(message, context)
+    assert list(scored.content.keys()) == ["metrics"]  # evaluation sends no arrays at all
+    assert scored.content["metrics"]["num-examples"] == 1
+    assert all(isinstance(v, (int, float)) for v in scored.content["metrics"].values())
+
+
+def test_a_restarted_client_keeps_its_local_best_from_disk(tiny):
+    cfg, cases, run_dir = tiny
+    node = {"dataset": "liver"}
+    path = task.local_best_path(run_dir, "liver")
+    task.save_checkpoint({}, path, step=1, val_mean_dice=2.0)  # unbeatable (Dice <= 1)
+    message, _ = client_message(cfg, "train", server_round=2)
+    out = client_app.app(message, client_context(cfg, run_dir, cases, node))  # fresh state: a restart
+    assert out.content["metrics"]["local-best-updated"] == 0
+    assert torch.load(path, weights_only=False)["val_mean_dice"] == 2.0
+    message, _ = client_message(cfg, "train", server_round=1)  # a new federation starts afresh
+    out = client_app.app(message, client_context(cfg, run_dir, cases, node))
+    assert out.content["metrics"]["local-best-updated"] == 1
+    assert torch.load(path, weights_only=False)["val_mean_dice"] < 1.0
+
+
+def test_each_round_trains_on_new_batches_and_keep_optimizer_continues_the_steps(tiny):
+    cfg, cases, run_dir = tiny
+    node = {"dataset": "liver"}
+    history = run_dir / "fl" / "liver" / "history.csv"
+    losses = []
+    for server_round in (1, 2):  # a fresh optimizer each round, batches seeded by (seed, client, round)
+        message, _ = client_message(cfg, "train", server_round)
+        losses.append(client_app.app(message, client_context(cfg, run_dir, cases, node)).content["metrics"]["train-loss"])
+        assert list(pd.read_csv(history)["step"]) == [2]
+    assert losses[0] != losses[1], "round 2 drew the same batches as round 1 from the same weights"
+
+    cfg["federated"]["keep_optimizer"] = True
+    for server_round in (1, 2):
+        message, _ = client_message(cfg, "train", server_round)
+        client_app.app(message, client_context(cfg, run_dir, cases, node))
+    assert list(pd.read_csv(history)["step"]) == [2, 4]  # round 2 resumed the optimizer at step 2
+    assert "optimizer" in torch.load(run_dir / "fl" / "liver" / "last.pt", weights_only=False)
+
+
+def test_a_failing_client_names_its_dataset(tiny):
+    cfg, cases, run_dir = tiny
+    broken = cases.assign(image=cases["image"].str.replace("imagesTr", "missing"))
+    message, _ = client_message(cfg, "train")
+    with pytest.raises(RuntimeError, match=r"Client 'liver' failed in train of round 1: .*FileNotFoundError.*missing"):
+        client_app.app(message, client_context(cfg, run_dir, broken, {"partition-id": 0}))
+
+
+def test_study_config_from_run_config_and_node_config(tmp_path):
+    run_config = {"profile": "smoke", "seed": -1, "data-root": str(tmp_path / "a"), "run-dir": str(tmp_path / "r"),
+                  "rounds": 0, "local-steps": 7, "fraction-train": 0.0, "min-clients": 0, "keep-optimizer": ""}
+    cfg = task.study_config(run_config, {"data-root": str(tmp_path / "b")})
+    assert cfg["data_root"] == str((tmp_path / "b").resolve()) and cfg["run_dir"] == str((tmp_path / "r").resolve())
+    fl = cfg["federated"]
+    assert fl["local_steps"] == 7 and fl["fraction_train"] == 1.0 and fl["keep_optimizer"] is False
+    assert fl["rounds"] == cfg.get("federated", {}).get("rounds", 2)
+    assert task.study_config({**run_config, "clients": "liver,spleen"})["federated"]["min_clients"] == 2
+    assert task.site_identity({"partition-id": 1}, {"clients": "liver,spleen"}) == ("spleen", 1)
+    assert task.site_identity({"dataset": "kits19"}, {}) == ("kits19", 2)
+    with pytest.raises(ValueError, match="node-config"):
+        task.site_identity({}, {})
+    with pytest.raises(ValueError, match="run-dir"):
+        task.study_config({**run_config, "run-dir": ""})
+
+
+# --------------------------------------------------------------------------------------------------
+# Flower's simulation engine, as a notebook runs it
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_two_client_federation_runs_in_simulation(tiny):
+    from fedseg.federated.simulation import run_federation
+
+    cfg, cases, run_dir = tiny
+    result = run_federation(cfg, run_dir, cases, clients=("liver", "spleen"), progress=False)
+    table = result["rounds"]
+    assert len(table) == 2 * (2 + 2 + 1)
+    assert list(table["round"].unique()) == [1, 2]
+    train = table[table["kind"] == "train"]
+    assert sorted(train["dataset"]) == ["liver", "liver", "spleen", "spleen"]
+    assert set(train["num_examples"]) == {2}
+    assert (table[table["kind"] == "global"]["global_best"]).any()
+    best = torch.load(result["global_best"], weights_only=False)
+    assert set(best) == {"model", "step", "val_mean_dice"} and best["step"] == result["best_round"]
+    assert torch.load(result["global_final"], weights_only=False)["step"] == 2
+    for dataset in ("liver", "spleen"):
+        assert torch.load(result["local_best"][dataset], weights_only=False)["step"] in (1, 2)
+    assert (run_dir / "fl" / "config.json").exists()
+
+
+@pytest.mark.slow
+def test_a_client_failure_stops_the_simulation(tiny):
+    from fedseg.federated.simulation import run_federation
+
+    cfg, cases, run_dir = tiny
+    broken = cases.copy()
+    broken.loc[broken["dataset"] == "spleen", "label"] = "labelsTr/absent.nii.gz"
+    with pytest.raises(Exception, match="spleen") as caught:
+        run_federation(cfg, run_dir, broken, clients=("liver", "spleen"), progress=False)
+    assert "Round 1 (train)" in str(caught.value) and "absent.nii.gz" in str(caught.value)
+    assert not (run_dir / "fl" / "summary.json").exists()
+
+
+def test_integer_buffers_stay_integers(tmp_path):
+    counts = [{"w": torch.ones(2), "n": torch.tensor([3], dtype=torch.int64)},
+              {"w": torch.zeros(2), "n": torch.tensor([6], dtype=torch.int64)}]
+    arrays, _ = StudyFedAvg(tmp_path, num_clients=2).aggregate_train(
+        1, [reply(1, "liver", counts[0], 1), reply(2, "spleen", counts[1], 2)])
+    averaged = arrays.to_torch_state_dict()
+    assert averaged["n"].dtype == torch.int64 and int(averaged["n"]) == 5  # (1*3 + 2*6) / 3
+    assert averaged["w"].dtype == torch.float32

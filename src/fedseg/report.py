@@ -198,3 +198,30 @@ def cross_task_matrix(summary: pd.DataFrame) -> pd.DataFrame:
     """Mean test Dice (%) of every model (rows) on every dataset's channels (columns)."""
     table = summary.pivot_table(index="model", columns=["dataset", "channel"], values="mean", sort=False)
     return (100 * table).round(1)
+
+
+def fl_curves(rounds: pd.DataFrame) -> plt.Figure:
+    """Per round: the global model's validation Dice on each client (federated evaluation) and each
+    client's locally trained model on its own validation split; mean over the client's owned channels."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    for kind, ax, title in (("evaluate", left, "global model (server), per client"),
+                            ("train", right, "local model after local training (client)")):
+        part = rounds[rounds["kind"] == kind]
+        for dataset, rows in part.groupby("dataset", sort=False):
+            ax.plot(rows["round"], rows["mean_dice"], marker="o", ms=3, label=PAPER_NAMES.get(dataset, dataset))
+        ax.set(xlabel="round", title=title, ylim=(0, 1))
+        ax.grid(alpha=0.3)
+    overall = rounds[rounds["kind"] == "global"]
+    if len(overall):
+        left.plot(overall["round"], overall["mean_dice"], color="k", lw=2, label="mean of 7 channels")
+    left.set_ylabel("validation Dice (owned channels)")
+    left.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def own_task_means(summary: pd.DataFrame, model_of: dict[str, str]) -> pd.Series:
+    """Per channel, the mean test Dice of the model `model_of[dataset]` on that dataset's own test split."""
+    parts = [summary[(summary["model"] == model) & (summary["dataset"] == dataset)]
+             for dataset, model in model_of.items()]
+    return pd.concat(parts).groupby("channel")["mean"].mean()

@@ -28,7 +28,7 @@ import yaml
 
 PROFILE_NAMES = ("smoke", "laptop", "paper")
 #: The chain, in order. Later issues append 02..05 here as their notebooks land.
-CHAIN: tuple[str, ...] = ("01_data_prep", "02_standalone_baselines")
+CHAIN: tuple[str, ...] = ("01_data_prep", "02_standalone_baselines", "03_federated_training")
 VERSIONED_PACKAGES = (
     "fedseg", "torch", "monai", "flwr", "numpy", "nibabel", "pandas", "papermill", "matplotlib", "ray",
 )

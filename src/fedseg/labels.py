@@ -54,15 +54,6 @@ LABEL_MAPS: dict[str, dict[int, tuple[str, ...]]] = {
     },
 }
 
-#: The task each training dataset is, in the paper's words (Task 1..4 of seed 000).
-TASK_NAMES = {
-    "liver": "Task 1: liver + liver tumor (MSD Task03_Liver)",
-    "pancreas": "Task 2: pancreas + pancreas tumor (MSD Task07_Pancreas)",
-    "kits19": "Task 3: kidney + kidney tumor (KiTS19)",
-    "spleen": "Task 4: spleen (MSD Task09_Spleen)",
-    "btcv": "External test: BTCV (liver, spleen, pancreas, kidney)",
-}
-
 #: Seed 000 Fig. 1 colours (RGB 0..1): kidney pink, kidney tumor brown, liver red, liver tumor green,
 #: pancreas yellow, pancreas tumor aquamarine, spleen blue.
 COLOURS: dict[str, tuple[float, float, float]] = {
@@ -126,7 +117,3 @@ def to_multihot(label: np.ndarray, dataset: str) -> np.ndarray:
             target[CHANNEL_INDEX[name]] |= hit
     return target
 
-
-def colour_table() -> dict[str, tuple[float, float, float]]:
-    """Channel name to the paper's overlay colour (foreground channels only)."""
-    return dict(COLOURS)

@@ -137,6 +137,14 @@ def _save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def save_checkpoint(state_dict: dict[str, torch.Tensor], path: Path, **info: Any) -> Path:
+    """A weights checkpoint (`best.pt` format: {"model": state_dict, "step": ..., "val_mean_dice": ...}),
+    written atomically; the SL/central best and the FL global and local bests all use it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save({"model": dict(state_dict), **info}, path)
+    return path
+
+
 def _memory_hint(cfg: dict[str, Any], error: BaseException) -> RuntimeError:
     pre, train = cfg["preprocess"], cfg["train"]
     return RuntimeError(
@@ -222,7 +230,7 @@ def train_model(cfg: dict[str, Any], model: torch.nn.Module, train_records: list
                 window = []
                 if metric > state["best_metric"]:
                     state.update(best_metric=metric, best_step=step)
-                    _save({"model": model.state_dict(), "step": step, "val_mean_dice": metric}, out_dir / "best.pt")
+                    save_checkpoint(model.state_dict(), out_dir / "best.pt", step=step, val_mean_dice=metric)
                 bar.set_postfix(loss=f"{entry['loss']:.3f}", dice=f"{metric:.3f}")
             if step % train["checkpoint_every"] == 0 or step == end:
                 _save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),

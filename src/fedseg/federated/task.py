@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 from fedseg.labels import CHANNELS, TRAIN_DATASETS
-from fedseg.training import _save, train_model
+from fedseg.training import _save, save_checkpoint, train_model  # noqa: F401 (save_checkpoint re-exported)
 
 FOREGROUND = CHANNELS[1:]
 #: FL knobs of a profile's `federated:` section and their values when the profile has none.
@@ -177,13 +177,6 @@ def channel_dice(means: Mapping[str, float], prefix: str = "dice-") -> dict[str,
 
 def state_dict_cpu(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-
-
-def save_checkpoint(state_dict: Mapping[str, torch.Tensor], path: Path, **info: Any) -> Path:
-    """`{"model": state_dict, "step": ..., "val_mean_dice": ...}` like training's best.pt (atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _save({"model": dict(state_dict), **info}, path)
-    return path
 
 
 def local_best_path(run_dir: str | Path, dataset: str) -> Path:

@@ -3,6 +3,8 @@ the same rounds of the same clients as a plain in-process loop (same local train
 same federated evaluation), in one run.
 
     .venv/bin/python benchmarks/bench_flower_overhead.py --profile laptop --rounds 3
+    .venv/bin/python benchmarks/bench_flower_overhead.py --profile laptop --rounds 2 \
+        --shards liver=4,pancreas=5,kits19=4,spleen=3      # 16 virtual clients (shards of the datasets)
 """
 
 from __future__ import annotations
@@ -32,21 +34,21 @@ def plain_rounds(cfg: dict, cases: pd.DataFrame, clients: tuple[str, ...]) -> No
     seed_everything(cfg["seed"])
     global_model = build_network(**cfg["model"])
     device = select_device()
-    sites = {d: task.client_records(cfg, cases, d) for d in clients}
+    sites = {name: task.client_records(cfg, cases, name) for name in clients}
     for server_round in range(1, cfg["federated"]["rounds"] + 1):
         states, sizes = [], []
-        for dataset in clients:
+        for name in clients:
             model = build_network(**cfg["model"])
             model.load_state_dict(global_model.state_dict())
-            train, val = sites[dataset]
-            task.train_locally(cfg, model, dataset, server_round, train, val)
+            train, val = sites[name]
+            task.train_locally(cfg, model, name, server_round, train, val)
             states.append(task.state_dict_cpu(model))
             sizes.append(len(train))
         weights = fedavg_weights(sizes)
         averaged = {k: sum(w * s[k].float() for w, s in zip(weights, states)).to(states[0][k].dtype) for k in states[0]}
         global_model.load_state_dict(averaged)
-        for dataset in clients:
-            val = sites[dataset][1]
+        for name in clients:
+            val = sites[name][1]
             validate(global_model.to(device), evaluation_dataset(cfg, val), val, cfg, device)
 
 
@@ -54,7 +56,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="laptop")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--shards", default="1", help='virtual clients per dataset: "4" or "liver=4,spleen=3"')
     args = parser.parse_args()
+    clients = task.client_list({"shards": args.shards})
     cfg = resolve(args.profile)
     cfg["federated"]["rounds"] = args.rounds
     data_root = datasets.obtain_data(cfg, progress=False)
@@ -66,18 +70,18 @@ def main() -> None:
         cfg_plain = {**cfg, "run_dir": plain_dir, "federated": task.federated_settings(cfg)}
         with PeakMemory() as memory:
             start = time.perf_counter()
-            plain_rounds(cfg_plain, cases, TRAIN_DATASETS)
+            plain_rounds(cfg_plain, cases, clients)
             rows.append({"path": "plain in-process loop", "wall_s": time.perf_counter() - start,
                          "peak_rss_mb": memory.peak / 2**20})
         with PeakMemory() as memory:
             start = time.perf_counter()
-            run_federation(cfg, Path(flower_dir), cases, clients=TRAIN_DATASETS, progress=False)
+            run_federation(cfg, Path(flower_dir), cases, clients=TRAIN_DATASETS, progress=False, shards=args.shards)
             rows.append({"path": "Flower simulation (run_simulation, Ray)", "wall_s": time.perf_counter() - start,
                          "peak_rss_mb": memory.peak / 2**20})
     table = pd.DataFrame(rows).set_index("path")
     table["ratio"] = table["wall_s"] / table["wall_s"].iloc[0]
     fl = cfg["federated"]
-    print(f"profile {args.profile}: {len(TRAIN_DATASETS)} clients, {args.rounds} rounds x {fl['local_steps']} local "
+    print(f"profile {args.profile}: {len(clients)} virtual clients ({', '.join(clients)}), {args.rounds} rounds x {fl['local_steps']} local "
           f"steps, client resources {fl['client_cpus']} CPU / {fl['client_gpus']} GPU, torch threads "
           f"{torch.get_num_threads()}; peak memory = resident memory of the process tree (Ray workers included)")
     print(table.to_markdown(floatfmt=".1f"))

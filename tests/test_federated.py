@@ -12,7 +12,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, Metadata, MetricRecord, RecordDict
 
-from fedseg.federated import client_app, task
+from fedseg.federated import client_app, strategies, task
 from fedseg.federated.strategies import FederationError, StudyFedAvg, fedavg_weights
 from fedseg.labels import TRAIN_DATASETS
 from fedseg.models import build_network
@@ -321,6 +321,46 @@ def test_study_config_from_run_config_and_node_config(tmp_path):
         task.site_identity({}, {})
     with pytest.raises(ValueError, match="run-dir"):
         task.study_config({**run_config, "run-dir": ""})
+
+
+def test_shards_split_a_dataset_into_disjoint_virtual_clients(tmp_path):
+    cases = make_data(tmp_path / "data", {"liver": (5, 1), "spleen": (2, 1)})
+    cfg = tiny_config(tmp_path / "data")
+    assert task.client_list({"clients": "liver,spleen", "shards": "2"}) == (
+        "liver-1of2", "liver-2of2", "spleen-1of2", "spleen-2of2")
+    assert task.client_list({"clients": "liver,spleen", "shards": "liver=3"}) == (
+        "liver-1of3", "liver-2of3", "liver-3of3", "spleen")
+    assert len(task.client_list({"shards": 4})) == 16
+    assert task.study_config({"profile": "smoke", "run-dir": str(tmp_path), "shards": "4"})["federated"]["min_clients"] == 16
+    trains = [task.client_records(cfg, cases, f"liver-{k}of2") for k in (1, 2)]
+    ids = [[r["case_id"] for r in train] for train, _ in trains]
+    assert sorted(ids[0] + ids[1]) == sorted(cases.query("dataset == 'liver' and split == 'train'")["case_id"])
+    assert not set(ids[0]) & set(ids[1]) and [len(i) for i in ids] == [3, 2]
+    assert [r["case_id"] for r in trains[0][1]] == [r["case_id"] for r in trains[1][1]] == ["liver_5"]  # whole val split
+    with pytest.raises(ValueError, match="spleen has 2 training cases, too few for 3 shards"):
+        task.client_records(cfg, cases, "spleen-1of3")
+    for bad in ("liver-3of2", "lung", "liver-0of2"):
+        with pytest.raises(ValueError, match="client"):
+            task.parse_client(bad)
+    with pytest.raises(ValueError, match="shards="):
+        task.client_list({"clients": "liver", "shards": "spleen=2"})
+    # an unsharded client keeps the seeds it always had; shards of one dataset draw different batches
+    assert task.round_seed(0, "liver", 1) == int(np.random.SeedSequence([0, 0, 1]).generate_state(1)[0] % 2**31)
+    assert len({task.round_seed(0, name, 1) for name in ("liver", "liver-1of2", "liver-2of2")}) == 3
+
+
+def test_a_shard_replies_under_its_own_name_and_keeps_its_own_local_best(tiny):
+    cfg, cases, run_dir = tiny
+    context = client_context(cfg, run_dir, cases, {"partition-id": 1})
+    context.run_config["shards"] = "2"  # liver-1of2, liver-2of2, spleen-1of2, spleen-2of2
+    message, _ = client_message(cfg, "train")
+    out = client_app.app(message, context)
+    assert not out.has_error()
+    metrics = out.content["metrics"]
+    assert metrics["num-examples"] == 1 and (metrics["shard"], metrics["shards"]) == (1, 2)
+    assert strategies._dataset_name(metrics) == "liver-2of2"
+    assert task.local_best_path(run_dir, "liver-2of2").exists()
+    assert not task.local_best_path(run_dir, "liver").exists()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -52,6 +52,12 @@ def _causes(error: BaseException) -> str:
     return " <- ".join(chain)
 
 
+def identity(client: str) -> dict[str, int]:
+    """What a reply says about who sent it: the dataset's index and, for a shard, its index and count."""
+    dataset, shard, shards = task.parse_client(client)
+    return {"dataset-index": TRAIN_DATASETS.index(dataset), "shard": shard, "shards": shards}
+
+
 def _global_model(cfg: dict, msg: Message):
     from fedseg.models import build_network
 
@@ -88,7 +94,7 @@ def train(msg: Message, context: Context) -> Message:
         metric = float(final["val_mean_dice"])
         updated = _keep_local_best(context, cfg, dataset, server_round, model, metric)
         metrics = {"num-examples": len(train_records), "partition-id": partition_id,
-                   "dataset-index": TRAIN_DATASETS.index(dataset), "train-loss": result["train_loss"],
+                   **identity(dataset), "train-loss": result["train_loss"],
                    "mean-dice": metric, "local-best-updated": int(updated),
                    **task.channel_dice({c[5:]: final[c] for c in final.index if c.startswith("dice_")})}
         content = RecordDict({"arrays": ArrayRecord(task.state_dict_cpu(model)), "metrics": MetricRecord(metrics)})
@@ -108,7 +114,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         model = _global_model(cfg, msg).to(device)
         means = channel_means(validate(model, evaluation_dataset(cfg, val_records), val_records, cfg, device))
         metrics = {"num-examples": len(val_records), "partition-id": partition_id,
-                   "dataset-index": TRAIN_DATASETS.index(dataset), "mean-dice": float(means.mean()),
+                   **identity(dataset), "mean-dice": float(means.mean()),
                    **task.channel_dice(means.to_dict())}
         content = RecordDict({"metrics": MetricRecord(metrics)})
     return Message(content, reply_to=msg)

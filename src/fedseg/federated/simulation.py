@@ -52,10 +52,12 @@ def simulation_apps(run_config: dict[str, Any]) -> tuple[ServerApp, ClientApp]:
 
 
 def run_federation(cfg: dict[str, Any], run_dir: str | Path, cases: pd.DataFrame | None = None,
-                   clients: Sequence[str] = TRAIN_DATASETS, progress: bool = True) -> dict[str, Any]:
+                   clients: Sequence[str] = TRAIN_DATASETS, progress: bool = True, shards: int | str = 1) -> dict[str, Any]:
     """Conventional FL (FedAvg) of `clients` (one dataset each) in Flower's simulation engine.
 
-    Knobs come from `cfg["federated"]` (see `task.FL_DEFAULTS`); `min_clients` is set to len(clients).
+    `shards` splits each dataset's training cases into that many virtual clients (an int, or per dataset
+    "liver=5,spleen=2"; see `task.client_list`), e.g. 16 virtual clients from four datasets.
+    Knobs come from `cfg["federated"]` (see `task.FL_DEFAULTS`); `min_clients` is set to the client count.
     `cases` (default `<run_dir>/data/cases.csv`, else the data root's manifest) is copied to
     `<run_dir>/fl/cases.csv`, which every client reads. Raises if any client fails in any round.
     Returns the paths of the global best / final and local best checkpoints, the rounds table
@@ -64,13 +66,12 @@ def run_federation(cfg: dict[str, Any], run_dir: str | Path, cases: pd.DataFrame
     from flwr.simulation import run_simulation
 
     run_dir = Path(run_dir).resolve()
+    names = task.client_list({"clients": ",".join(clients), "shards": shards})  # checks the names
     cfg = copy.deepcopy(cfg)
     cfg["run_dir"] = str(run_dir)
-    cfg["federated"] = {**(cfg.get("federated") or {}), "min_clients": len(clients)}
+    cfg["federated"] = {**(cfg.get("federated") or {}), "min_clients": len(names)}
     fl = task.federated_settings(cfg)
     cfg["federated"] = fl
-    clients = tuple(clients)
-    task.client_list({"clients": ",".join(clients)})  # checks the names
     (run_dir / "fl").mkdir(parents=True, exist_ok=True)
     cases = cases if cases is not None else task.load_cases(cfg, {})
     cases_file = run_dir / "fl" / "cases.csv"
@@ -79,12 +80,12 @@ def run_federation(cfg: dict[str, Any], run_dir: str | Path, cases: pd.DataFrame
     summary_file.unlink(missing_ok=True)
 
     run_config = {"study-config": json.dumps(cfg, default=str), "cases": str(cases_file),
-                  "clients": ",".join(clients), "progress": bool(progress)}
+                  "clients": ",".join(clients), "shards": str(shards), "progress": bool(progress)}
     server, client = simulation_apps(run_config)
-    run_simulation(server_app=server, client_app=client, num_supernodes=len(clients),
+    run_simulation(server_app=server, client_app=client, num_supernodes=len(names),
                    backend_config={"client_resources": {"num_cpus": fl["client_cpus"], "num_gpus": fl["client_gpus"]}})
     if not summary_file.exists():  # the ServerApp's errors are re-raised above; this catches any other way out
         raise RuntimeError(f"The federation ended without writing {summary_file}: see the log above.")
     summary = json.loads(summary_file.read_text())
     return {**summary, "rounds": pd.read_csv(summary["rounds_csv"]),
-            "local_best": {d: str(task.local_best_path(run_dir, d)) for d in clients}}
+            "local_best": {name: str(task.local_best_path(run_dir, name)) for name in names}}

@@ -34,7 +34,7 @@ from fedseg.labels import CHANNELS, TRAIN_DATASETS
 
 FOREGROUND = CHANNELS[1:]
 #: Metric keys that name a client rather than measure it: never averaged.
-IDENTITY_KEYS = ("partition-id", "dataset-index", "local-best-updated")
+IDENTITY_KEYS = ("partition-id", "dataset-index", "shard", "shards", "local-best-updated")
 ROUND_COLUMNS = ["round", "kind", "dataset", "partition_id", "num_examples", "loss", "mean_dice",
                  *[f"dice_{c}" for c in FOREGROUND], "local_best", "global_best", "seconds"]
 
@@ -211,8 +211,13 @@ class StudyFedAvg(FedAvg):
 
 
 def _dataset_name(metrics: MetricRecord) -> str:
+    """The sending client's name (`task.client_name`): its dataset, or the shard of it."""
     index = int(metrics.get("dataset-index", -1))
-    return TRAIN_DATASETS[index] if 0 <= index < len(TRAIN_DATASETS) else f"unknown-{index}"
+    if not 0 <= index < len(TRAIN_DATASETS):
+        return f"unknown-{index}"
+    from fedseg.federated.task import client_name
+
+    return client_name(TRAIN_DATASETS[index], int(metrics.get("shard", 0)), int(metrics.get("shards", 1)))
 
 
 def _like_first_reply(arrays: ArrayRecord | None, replies: list[Message]) -> ArrayRecord | None:

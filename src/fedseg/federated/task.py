@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -76,7 +77,7 @@ def study_config(run_config: Mapping[str, Any], node_config: Mapping[str, Any] |
         raise ValueError("No run folder: set run-dir (e.g. flwr run --run-config 'run-dir=\"/abs/results/fl\"').")
     cfg["run_dir"] = str(Path(run_dir).resolve())
     fl = dict(cfg.get("federated") or {})
-    if run_config.get("clients") and not run_config.get("min-clients"):
+    if (run_config.get("clients") or run_config.get("shards")) and not run_config.get("min-clients"):
         fl["min_clients"] = len(client_list(run_config))
     for key, name in RUN_CONFIG_KNOBS.items():
         if run_config.get(key) not in (None, "", 0, 0.0):
@@ -85,17 +86,56 @@ def study_config(run_config: Mapping[str, Any], node_config: Mapping[str, Any] |
     return cfg
 
 
+def client_name(dataset: str, shard: int = 0, shards: int = 1) -> str:
+    """A virtual client's name: its dataset, or `<dataset>-<k>of<n>` for shard k (1-based) of n."""
+    return dataset if shards == 1 else f"{dataset}-{shard + 1}of{shards}"
+
+
+def parse_client(name: str) -> tuple[str, int, int]:
+    """(dataset, shard index from 0, number of shards) of a client name (see `client_name`)."""
+    found = re.fullmatch(r"([a-z0-9]+)(?:-(\d+)of(\d+))?", name)
+    if not found or found.group(1) not in TRAIN_DATASETS:
+        raise ValueError(f"client {name!r}: use a dataset ({', '.join(TRAIN_DATASETS)}) or '<dataset>-<k>of<n>'.")
+    dataset, k, n = found.group(1), int(found.group(2) or 1), int(found.group(3) or 1)
+    if not 1 <= k <= n:
+        raise ValueError(f"client {name!r}: shard {k} of {n} does not exist.")
+    return dataset, k - 1, n
+
+
+def shard_counts(shards: Any, datasets: tuple[str, ...]) -> dict[str, int]:
+    """Shards per dataset from run_config `shards`: an int for all ("4") or per dataset ("liver=5,spleen=2")."""
+    text = str(shards if shards not in (None, "", 0) else 1).strip()
+    if re.fullmatch(r"\d+", text):
+        counts = dict.fromkeys(datasets, int(text))
+    else:
+        pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
+        if not all(len(p) == 2 and p[1].strip().isdigit() for p in pairs):
+            raise ValueError(f"shards={shards!r}: use an integer or 'dataset=count,...' (e.g. 'liver=5,spleen=2').")
+        given = {name.strip(): int(count) for name, count in pairs}
+        unknown = set(given) - set(datasets)
+        if unknown:
+            raise ValueError(f"shards={shards!r}: {sorted(unknown)} are not among the clients {datasets}.")
+        counts = {d: given.get(d, 1) for d in datasets}
+    if min(counts.values()) < 1:
+        raise ValueError(f"shards={shards!r}: every dataset needs at least one shard.")
+    return counts
+
+
 def client_list(run_config: Mapping[str, Any]) -> tuple[str, ...]:
-    """The dataset of each partition id: run_config `clients` ("liver,spleen"), default all four."""
+    """The client of each partition id: run_config `clients` ("liver,spleen", default all four datasets),
+    each split into run_config `shards` virtual clients (default 1: one client per dataset)."""
     names = tuple(n.strip() for n in str(run_config.get("clients") or "").split(",") if n.strip())
     unknown = set(names) - set(TRAIN_DATASETS)
     if unknown:
         raise ValueError(f"clients={run_config['clients']!r}: {sorted(unknown)} not in {TRAIN_DATASETS}.")
-    return names or TRAIN_DATASETS
+    datasets = names or TRAIN_DATASETS
+    counts = shard_counts(run_config.get("shards"), datasets)
+    return tuple(client_name(d, k, counts[d]) for d in datasets for k in range(counts[d]))
 
 
 def site_identity(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> tuple[str, int]:
-    """(dataset, partition id) of this site: node_config `dataset`, else `clients[partition-id]`."""
+    """(client name, partition id) of this site: node_config `dataset` (a real site holds its whole dataset),
+    else `client_list(run_config)[partition-id]` (a dataset, or one shard of it, in simulation)."""
     if node_config.get("dataset"):
         dataset = str(node_config["dataset"])
         if dataset not in TRAIN_DATASETS:
@@ -105,7 +145,7 @@ def site_identity(node_config: Mapping[str, Any], run_config: Mapping[str, Any])
         raise ValueError("This SuperNode has no identity: start it with --node-config 'dataset=\"liver\"'.")
     clients, pid = client_list(run_config), int(node_config["partition-id"])
     if pid >= len(clients):
-        raise ValueError(f"partition-id {pid} but only {len(clients)} clients {clients}: set run_config clients.")
+        raise ValueError(f"partition-id {pid} but only {len(clients)} clients {clients}: set run_config clients / shards.")
     return clients[pid], pid
 
 
@@ -119,30 +159,43 @@ def load_cases(cfg: Mapping[str, Any], run_config: Mapping[str, Any]) -> pd.Data
     return manifest_for(cfg["data_root"])
 
 
-def client_records(cfg: Mapping[str, Any], cases: pd.DataFrame, dataset: str) -> tuple[list, list]:
-    """(train, val) MONAI records of one dataset: a client sees only its own cases."""
+def client_records(cfg: Mapping[str, Any], cases: pd.DataFrame, client: str) -> tuple[list, list]:
+    """(train, val) MONAI records of one client: a client sees only its own cases.
+
+    A shard `<dataset>-<k>of<n>` trains on every n-th training case of its dataset (sorted by case id,
+    starting at the k-th) and validates on the dataset's whole validation split.
+    """
     from fedseg.transforms import case_records
 
-    own = cases[cases["dataset"] == dataset]
-    train, val = (case_records(cfg["data_root"], own[own["split"] == s]) for s in ("train", "val"))
+    dataset, shard, shards = parse_client(client)
+    own = cases[cases["dataset"] == dataset].sort_values("case_id")
+    train_cases = own[own["split"] == "train"]
+    if shards > len(train_cases):
+        raise ValueError(f"Client {client!r}: {dataset} has {len(train_cases)} training cases, too few for "
+                         f"{shards} shards; use at most {len(train_cases)} shards for it (run_config shards).")
+    train = case_records(cfg["data_root"], train_cases.iloc[shard::shards])
+    val = case_records(cfg["data_root"], own[own["split"] == "val"])
     if not train or not val:
-        raise ValueError(f"Client {dataset!r} has {len(train)} train and {len(val)} val cases in the cases table: "
+        raise ValueError(f"Client {client!r} has {len(train)} train and {len(val)} val cases in the cases table: "
                          "each client needs both (check data/cases.csv from 01_data_prep).")
     return train, val
 
 
-def round_seed(seed: int, dataset: str, server_round: int = 0) -> int:
-    """A seed per (study seed, dataset, round): each round draws new batches, yet reruns are identical, in
-    simulation and deployment alike (seeded by the dataset, not by a partition id that differs between them)."""
-    return int(np.random.SeedSequence([seed, TRAIN_DATASETS.index(dataset), server_round]).generate_state(1)[0] % 2**31)
+def round_seed(seed: int, client: str, server_round: int = 0) -> int:
+    """A seed per (study seed, client, round): each round draws new batches, yet reruns are identical, in
+    simulation and deployment alike (seeded by the client's dataset and shard, not by a partition id that
+    differs between them)."""
+    dataset, shard, shards = parse_client(client)
+    key = [seed, TRAIN_DATASETS.index(dataset), server_round] + ([shard, shards] if shards > 1 else [])
+    return int(np.random.SeedSequence(key).generate_state(1)[0] % 2**31)
 
 
-def train_locally(cfg: dict[str, Any], model: torch.nn.Module, dataset: str, server_round: int,
+def train_locally(cfg: dict[str, Any], model: torch.nn.Module, client: str, server_round: int,
                   train_records: list, val_records: list) -> dict[str, Any]:
-    """`local_steps` of `train_model` from the global weights in `model`, into `<run_dir>/fl/<dataset>/`.
+    """`local_steps` of `train_model` from the global weights in `model`, into `<run_dir>/fl/<client>/`.
 
     Without keep_optimizer every round starts a fresh optimizer (resume=False) on batches seeded by
-    (seed, dataset, round). With it, the last round's optimizer state is resumed under the new global
+    (seed, client, round). With it, the last round's optimizer state is resumed under the new global
     weights, and the step count (hence the batches) continues. Returns train_model's summary plus the
     mean loss of this round's steps and the validation row of the final (sent) model.
     """
@@ -150,7 +203,7 @@ def train_locally(cfg: dict[str, Any], model: torch.nn.Module, dataset: str, ser
     # A data-loading worker per client and round costs more than it hides in a short local round, and
     # multiplies the memory of every virtual client: clients load in-process unless the profile says.
     cfg = {**cfg, "preprocess": {**cfg["preprocess"], "num_workers": int(fl["client_workers"])}}
-    out_dir = Path(cfg["run_dir"]) / "fl" / dataset
+    out_dir = Path(cfg["run_dir"]) / "fl" / client
     last = out_dir / "last.pt"
     start, resume = 0, False
     if fl["keep_optimizer"] and server_round > 1 and last.exists():
@@ -158,15 +211,15 @@ def train_locally(cfg: dict[str, Any], model: torch.nn.Module, dataset: str, ser
         saved["model"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         _save(saved, last)
         start, resume = int(saved["state"]["step"]), True
-    seed = round_seed(cfg["seed"], dataset, 0 if fl["keep_optimizer"] else server_round)
+    seed = round_seed(cfg["seed"], client, 0 if fl["keep_optimizer"] else server_round)
     summary = train_model(cfg, model, train_records, val_records, out_dir, steps=start + fl["local_steps"],
-                          seed=seed, resume=resume, progress=False, desc=f"fl-{dataset}")
+                          seed=seed, resume=resume, progress=False, desc=f"fl-{client}")
     history = summary["history"]
     this_round = history[history["step"] > start]
     spans = np.diff(np.concatenate([[start], this_round["step"].to_numpy()]))
     final = history.iloc[-1]
     if int(final["step"]) != start + fl["local_steps"]:
-        raise RuntimeError(f"Local training of {dataset} stopped at step {final['step']}, not {start + fl['local_steps']}.")
+        raise RuntimeError(f"Local training of {client} stopped at step {final['step']}, not {start + fl['local_steps']}.")
     return {**summary, "train_loss": float(np.average(this_round["loss"], weights=spans)), "final": final}
 
 
@@ -179,8 +232,8 @@ def state_dict_cpu(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
-def local_best_path(run_dir: str | Path, dataset: str) -> Path:
-    return Path(run_dir) / "checkpoints" / f"fl-local-{dataset}" / "best.pt"
+def local_best_path(run_dir: str | Path, client: str) -> Path:
+    return Path(run_dir) / "checkpoints" / f"fl-local-{client}" / "best.pt"
 
 
 def saved_metric(path: Path) -> float:

@@ -1,0 +1,288 @@
+"""Whole-volume inference: preprocessing with meta, ensemble, inversion to the original grid, seed 000's
+post-processing and fusion, BTCV organs, NIfTI output and seed 003's coarse-to-fine pass."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+
+from fedseg.inference import (
+    btcv_truth,
+    coarse_to_fine_logits,
+    ensemble_logits,
+    fuse,
+    inference_transform,
+    organ_masks,
+    postprocess,
+    predict_logits,
+    to_original_grid,
+    write_prediction,
+)
+from fedseg.labels import CHANNEL_INDEX, NUM_CHANNELS, to_multihot
+from fedseg.models import ABSENT_LOGIT, build_network
+from fedseg.transforms import preprocess
+
+CPU = torch.device("cpu")
+
+#: Non-RAS, anisotropic storage grids: LAS (x flipped) and a permuted one (storage axes P, R, I).
+AFFINES = {
+    "LAS": np.array([[-0.8, 0, 0, 30.0], [0, 0.8, 0, -20.0], [0, 0, 2.5, 5.0], [0, 0, 0, 1]]),
+    "PRI": np.array([[0, 0.9, 0, -15.0], [-2.5, 0, 0, 40.0], [0, 0, -0.7, 12.0], [0, 0, 0, 1]]),
+}
+
+
+def config(spacing=1.5, patch=16):
+    return {
+        "preprocess": {"spacing": [spacing] * 3, "hu_window": [-500, 500], "patch_size": [patch] * 3},
+        "train": {"sw_batch_size": 2, "sw_overlap": 0.25, "amp": True},
+    }
+
+
+def dice(a, b):
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+
+def write_case(root, affine, shape=(44, 40, 16)):
+    """A liver-dataset case: an off-centre ellipsoid (liver, HU 150) with a tumour (2, HU 40) at one end."""
+    world = nib.affines.apply_affine(affine, np.stack(np.indices(shape), -1))
+    centre = nib.affines.apply_affine(affine, np.array(shape) * [0.35, 0.4, 0.45])
+    offset = (world - centre) / [11.0, 8.0, 9.0]
+    label = (np.sqrt((offset**2).sum(-1)) < 1).astype(np.uint8)
+    label[(np.sqrt(((world - centre - [5.0, 0, 0]) ** 2).sum(-1)) < 4.5) & (label == 1)] = 2
+    image = np.where(label == 1, 150, np.where(label == 2, 40, -100)).astype(np.int16)
+    paths = {"image": root / "img.nii.gz", "label": root / "lab.nii.gz"}
+    nib.save(nib.Nifti1Image(image, affine), str(paths["image"]))
+    nib.save(nib.Nifti1Image(label, affine), str(paths["label"]))
+    return paths, label
+
+
+def pointwise(image):
+    """A fake network that segments bright voxels (intensity > 0.5) in every channel, background the rest."""
+    score = (image - 0.5) * 20
+    return torch.cat([-score, *[score] * (NUM_CHANNELS - 1)], dim=1)
+
+
+def test_inference_transform_gives_the_training_grid_with_meta(tmp_path):
+    paths, _ = write_case(tmp_path, AFFINES["LAS"])
+    cfg = config()
+    image = inference_transform(cfg)({"image": str(paths["image"])})["image"]
+    trained = preprocess(cfg)({**{k: str(v) for k, v in paths.items()}, "dataset": "liver"})["image"]
+    assert isinstance(image, MetaTensor) and image.dtype == torch.float32
+    assert [op["class"] for op in image.applied_operations] == ["Orientation", "SpatialResample"]
+    assert image.shape == trained.shape
+    assert torch.equal(image.as_tensor(), torch.as_tensor(trained))
+    assert np.allclose(np.diag(image.affine.numpy())[:3], cfg["preprocess"]["spacing"])  # RAS, 1.5 mm
+
+
+@pytest.mark.parametrize("orientation", sorted(AFFINES))
+def test_to_original_grid_returns_the_preprocessed_label_to_the_file_grid(tmp_path, orientation):
+    affine = AFFINES[orientation]
+    paths, label = write_case(tmp_path, affine)
+    cfg = config()
+    image = inference_transform(cfg)({"image": str(paths["image"])})["image"]
+    target = preprocess(cfg)({**{k: str(v) for k, v in paths.items()}, "dataset": "liver"})["label"]
+    assert tuple(target.shape[1:]) == tuple(image.shape[1:]) != label.shape
+
+    mask = to_original_grid(target.float(), image, cfg)
+    truth = to_multihot(label, "liver").astype(bool)
+    assert mask.dtype == torch.bool and tuple(mask.shape) == (NUM_CHANNELS, *label.shape)
+    assert np.allclose(mask.affine.numpy(), nib.load(str(paths["image"])).affine)
+    assert dice(mask[CHANNEL_INDEX["liver"]], truth[CHANNEL_INDEX["liver"]]) > 0.95
+    assert dice(mask[CHANNEL_INDEX["liver_tumor"]], truth[CHANNEL_INDEX["liver_tumor"]]) > 0.85
+    assert not mask[CHANNEL_INDEX["spleen"]].any()
+
+    from_logits = to_original_grid((target.float() * 2 - 1) * 10, image, cfg, logits=True)
+    assert torch.equal(from_logits.as_tensor(), mask.as_tensor())
+    probabilities = to_original_grid(target.float(), image, cfg, threshold=None)
+    assert probabilities.dtype == torch.float32 and 0 < probabilities.max() <= 1
+    liver = probabilities[CHANNEL_INDEX["liver"]]
+    assert liver.min() < 0.5 < liver.max() and ((liver > 0.05) & (liver < 0.95)).any()  # interpolated, not nearest
+
+
+def test_to_original_grid_refuses_what_it_cannot_invert(tmp_path):
+    paths, _ = write_case(tmp_path, AFFINES["LAS"])
+    cfg = config()
+    image = inference_transform(cfg)({"image": str(paths["image"])})["image"]
+    prediction = torch.zeros(NUM_CHANNELS, *image.shape[1:])
+    with pytest.raises(ValueError, match="applied operations"):
+        to_original_grid(prediction, image.as_tensor(), cfg)
+    with pytest.raises(ValueError, match="spatial shape"):
+        to_original_grid(prediction[:, 1:], image, cfg)
+    image.applied_operations = image.applied_operations[1:]
+    with pytest.raises(ValueError, match="not those of inference_transform"):
+        to_original_grid(prediction, image, cfg)
+
+
+def test_predict_logits_runs_each_model_over_the_whole_volume():
+    cfg = config(patch=16)
+    image = torch.full((1, 30, 20, 24), 0.1)
+    image[:, 3:9, 4:10, 15:20] = 0.9
+    torch.manual_seed(0)
+    network = build_network("UNet", channels=[4, 8], strides=[2], num_res_units=0).train()
+    logits = predict_logits({"fake": pointwise, "unet": network}, image, cfg, CPU)
+    assert set(logits) == {"fake", "unet"} and not network.training
+    assert all(t.shape == (NUM_CHANNELS, 30, 20, 24) and t.dtype == torch.float32 for t in logits.values())
+    assert torch.allclose(logits["fake"], pointwise(image[None])[0], atol=1e-5)
+    single = predict_logits(pointwise, MetaTensor(image), cfg, CPU)
+    assert isinstance(single, torch.Tensor) and not isinstance(single, MetaTensor)
+    assert torch.equal(single, logits["fake"])
+    with pytest.raises(ValueError, match="channel-first"):
+        predict_logits(pointwise, image[0], cfg, CPU)
+
+
+def test_ensemble_takes_each_channel_from_the_client_that_owns_it():
+    constants = {"spleen": 4.0, "kits19": 3.0, "liver": 1.0, "pancreas": 2.0}
+    fake = {name: torch.full((NUM_CHANNELS, 2, 3, 4), value) for name, value in constants.items()}
+    ensemble = ensemble_logits(fake)
+    expected = [-4.0, 1.0, 1.0, 4.0, 2.0, 2.0, 3.0, 3.0]  # background = -max(foreground)
+    assert ensemble.shape == (NUM_CHANNELS, 2, 3, 4)
+    assert ensemble[:, 0, 0, 0].tolist() == expected and bool((ensemble == ensemble[:, :1, :1, :1]).all())
+
+    partial = ensemble_logits({"liver": fake["liver"], "pancreas": fake["pancreas"]})
+    assert partial[:, 0, 0, 0].tolist() == [-2.0, 1.0, 1.0, ABSENT_LOGIT, 2.0, 2.0, ABSENT_LOGIT, ABSENT_LOGIT]
+    with pytest.raises(ValueError, match="client dataset names"):
+        ensemble_logits({"global": fake["liver"]})
+    with pytest.raises(ValueError, match="shape"):
+        ensemble_logits({"liver": fake["liver"], "spleen": fake["spleen"][:, :1]})
+
+
+def test_postprocess_keeps_the_largest_component_of_each_channel_independently():
+    mask = np.zeros((NUM_CHANNELS, 20, 20, 20), dtype=bool)
+    liver, spleen, kidney = CHANNEL_INDEX["liver"], CHANNEL_INDEX["spleen"], CHANNEL_INDEX["kidney"]
+    mask[liver, 2:10, 2:10, 2:10] = True  # largest liver component
+    mask[liver, 14:16, 14:16, 14:16] = True  # smaller, detached: removed
+    mask[spleen, 14:15, 2:4, 2:4] = True  # smaller than the liver's big component, but alone in its channel
+    mask[kidney, 2:6, 14:18, 2:6] = True  # two kidneys
+    mask[kidney, 12:15, 14:18, 2:6] = True
+    mask[0] = ~mask[1:].any(0)
+    original = mask.copy()
+
+    cleaned = postprocess(torch.as_tensor(mask))
+    assert cleaned.dtype == bool and cleaned.shape == mask.shape
+    assert cleaned[liver, 2:10, 2:10, 2:10].all() and not cleaned[liver, 14:16, 14:16, 14:16].any()
+    assert np.array_equal(cleaned[spleen], mask[spleen])
+    assert cleaned[kidney].sum() == 64 and cleaned[kidney, 2:6, 14:18, 2:6].all()
+    assert np.array_equal(cleaned[0], ~cleaned[1:].any(0)) and cleaned[0, 15, 15, 15]
+    assert np.array_equal(mask, original)  # the input is left alone
+
+    both_kidneys = postprocess(mask, num_components={"kidney": 2})
+    assert np.array_equal(both_kidneys[kidney], mask[kidney])
+    assert not both_kidneys[liver, 14:16, 14:16, 14:16].any()
+    with pytest.raises(ValueError, match="num_components"):
+        postprocess(mask, num_components={"kidneys": 2})
+
+
+def test_fuse_paints_channels_in_the_paper_order_and_organs_include_their_tumours():
+    mask = np.zeros((NUM_CHANNELS, 4, 4, 4), dtype=bool)
+    mask[CHANNEL_INDEX["liver"], :2] = True
+    mask[CHANNEL_INDEX["liver_tumor"], 0, 0] = True  # inside the liver
+    mask[CHANNEL_INDEX["spleen"], 1, 1] = True  # overlaps the liver: spleen wins
+    mask[CHANNEL_INDEX["kidney"], 3, 3] = True
+    mask[CHANNEL_INDEX["kidney_tumor"], 3, 3, 3] = True
+    mask[CHANNEL_INDEX["pancreas"], 3, 3, 3] = True  # pancreas is painted before kidney tumour
+    label = fuse(mask)
+    assert label.dtype == np.uint8 and label.shape == (4, 4, 4)
+    assert (label[0, 0] == 2).all() and (label[1, 1] == 3).all()
+    assert (label[0, 1] == 1).all() and (label[1, 0] == 1).all()
+    assert label[3, 3].tolist() == [6, 6, 6, 7] and (label[2] == 0).all()
+
+    for organs in (organ_masks(label), organ_masks(mask)):
+        assert list(organs) == ["liver", "pancreas", "kidney", "spleen"]
+        assert organs["liver"][0, 0].all()  # the tumour counts as liver
+        assert organs["kidney"][3, 3].all()
+    assert organ_masks(label)["liver"].sum() == 32 - 4  # the spleen voxels left the liver in the fused map
+    assert organ_masks(mask)["liver"].sum() == 32
+    assert not organ_masks(label)["pancreas"].any() and organ_masks(mask)["pancreas"].sum() == 1
+
+
+def test_btcv_truth_merges_the_kidneys_and_ignores_other_structures():
+    label = np.arange(14).reshape(1, 1, 14).repeat(2, axis=0).astype(float)
+    organs = btcv_truth(label)
+    values = {organ: sorted(set(label[m].astype(int).tolist())) for organ, m in organs.items()}
+    assert values == {"liver": [6], "pancreas": [11], "kidney": [2, 3], "spleen": [1]}
+    assert all(m.dtype == bool and m.shape == label.shape for m in organs.values())
+    with pytest.raises(ValueError, match="btcv"):
+        btcv_truth(np.array([[[14]]]))
+
+
+def test_write_prediction_keeps_the_reference_grid(tmp_path):
+    affine = AFFINES["PRI"]
+    ct = nib.Nifti1Image(np.arange(120, dtype=np.uint16).reshape(6, 5, 4), affine)
+    ct.set_qform(affine, code=1)
+    ct.set_sform(affine, code=1)
+    nib.save(ct, str(tmp_path / "ct.nii"))
+    with open(tmp_path / "ct.nii", "r+b") as file:  # scl_slope 1, scl_inter -1024, as scanners store CT
+        file.seek(112)
+        file.write(np.array([1, -1024], dtype=np.float32).tobytes())
+    reference = nib.load(str(tmp_path / "ct.nii"))
+    assert (reference.dataobj.slope, reference.dataobj.inter) == (1.0, -1024.0)
+    label = np.random.default_rng(0).integers(0, 8, size=(6, 5, 4))
+    out = tmp_path / "pred" / "case.nii.gz"
+    for _ in range(2):  # the second call replaces the first file
+        assert write_prediction(label, tmp_path / "ct.nii", out) == out
+    saved = nib.load(str(out))
+    assert np.allclose(saved.affine, affine) and saved.get_data_dtype() == np.uint8
+    assert np.array_equal(saved.get_fdata(), label) and np.array_equal(np.asarray(saved.dataobj), label)
+    assert np.array_equal(saved.get_qform(), reference.get_qform()) and saved.header["qform_code"] == 1
+    assert np.array_equal(saved.get_sform(), reference.get_sform()) and saved.header["sform_code"] == 1
+    assert sorted(p.name for p in out.parent.iterdir()) == ["case.nii.gz"]
+    with pytest.raises(ValueError, match="shape"):
+        write_prediction(label[:-1], tmp_path / "ct.nii", out)
+    with pytest.raises(ValueError, match="0..255"):
+        write_prediction(label - 1, tmp_path / "ct.nii", out)
+
+
+def test_coarse_to_fine_matches_the_full_pass_inside_a_smaller_box():
+    cfg = config(spacing=2.0, patch=16)
+    image = torch.full((1, 48, 48, 40), 0.1)
+    image[:, 6:14, 8:16, 26:36] = 0.9
+    full = predict_logits({"liver": pointwise, "spleen": pointwise}, image, cfg, CPU)
+    result = coarse_to_fine_logits({"liver": pointwise, "spleen": pointwise}, image, cfg, CPU,
+                                   coarse_factor=2.0, margin_mm=4.0)
+    assert result.found and set(result.logits) == {"liver", "spleen"}
+    for name in full:
+        assert result.logits[name].shape == full[name].shape
+        assert torch.equal(result.logits[name] > 0, full[name] > 0)
+    (x0, x1), (y0, y1), (z0, z1) = result.box
+    assert x0 <= 6 and x1 >= 14 and y0 <= 8 and y1 >= 16 and z0 <= 26 and z1 >= 36
+    assert result.box == ((2, 18), (4, 20), (23, 39))  # 2-voxel margin, widened to one 16-voxel patch
+    assert result.covered == pytest.approx(16**3 / (48 * 48 * 40))
+    outside = result.logits["liver"][:, 30:, 30:, :10]
+    assert (outside[0] == -ABSENT_LOGIT).all() and (outside[1:] == ABSENT_LOGIT).all()
+
+    single = coarse_to_fine_logits(pointwise, image, cfg, CPU, margin_mm=4.0)
+    assert isinstance(single.logits, torch.Tensor) and torch.equal(single.logits, result.logits["liver"])
+
+
+def test_coarse_to_fine_falls_back_to_the_full_pass_when_nothing_is_found():
+    cfg = config(spacing=2.0, patch=16)
+    image = torch.full((1, 40, 36, 20), 0.1)
+    image[:, 30:33, 2:5, 2:5] = 0.9  # fine detail only; the coarse model below sees nothing
+
+    def blind(batch):
+        return torch.full((batch.shape[0], NUM_CHANNELS, *batch.shape[2:]), -5.0)
+
+    result = coarse_to_fine_logits(pointwise, image, cfg, CPU, coarse_models=blind)
+    assert not result.found and result.covered == 1.0
+    assert result.box == ((0, 40), (0, 36), (0, 20))
+    assert torch.equal(result.logits, predict_logits(pointwise, image, cfg, CPU))
+    with pytest.raises(ValueError, match="coarse_factor"):
+        coarse_to_fine_logits(pointwise, image, cfg, CPU, coarse_factor=0.5)
+
+
+def test_the_pieces_compose_from_file_to_written_label_map(tmp_path):
+    paths, label = write_case(tmp_path, AFFINES["LAS"])
+    cfg = config()
+    image = inference_transform(cfg)({"image": str(paths["image"])})["image"]
+    logits = ensemble_logits(predict_logits({"liver": pointwise, "spleen": lambda x: pointwise(x) - 40},
+                                            image, cfg, CPU))
+    mask = to_original_grid(logits, image, cfg, logits=True)
+    label_map = fuse(postprocess(mask))
+    written = nib.load(str(write_prediction(label_map, paths["image"], tmp_path / "out.nii.gz")))
+    organs = organ_masks(np.asarray(written.dataobj))
+    assert dice(organs["liver"], label > 0) > 0.9  # bright voxels (HU 150 -> 0.65) are liver and tumour
+    assert not organs["spleen"].any() and not organs["kidney"].any()

@@ -2,7 +2,7 @@
 
 Scores are Dice per case and per channel the case's dataset owns (sigmoid > 0.5, MONAI's DiceMetric),
 computed on the preprocessed grid of the profile (sliding-window inference, MONAI). Scoring on the
-original grid, ensembles and post-processing for BTCV come with the external evaluation.
+original grid, ensembles and post-processing for BTCV are in `fedseg.external`.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -51,3 +52,40 @@ def channel_summary(scores: pd.DataFrame) -> pd.DataFrame:
     """Per model, dataset and channel: mean and std Dice over the cases that have the channel, and counts."""
     grouped = scores.groupby(["model", "dataset", "channel"], sort=False)["dice"]
     return grouped.agg(mean="mean", std="std", cases_scored="count", cases="size").reset_index()
+
+
+@torch.no_grad()
+def test_case_panels(cfg: dict[str, Any], cases: pd.DataFrame, models_of: dict[str, dict[str, str | Path]],
+                     datasets: tuple[str, ...], case_index: int = 0) -> dict[str, dict[str, Any]]:
+    """For Fig. 4: per task, one test case (preprocessed, RAS) with each named model's prediction on it.
+
+    `models_of[name][task]` is the checkpoint model `name` uses on `task` (e.g. "SL" -> sl-<task>/best.pt,
+    "FL global" -> the same global best for every task). Masks are sigmoid > 0.5 of sliding-window logits.
+    """
+    from monai.inferers import sliding_window_inference
+
+    from fedseg.training import autocast
+    from fedseg.transforms import IMAGE, LABEL
+
+    device, train = select_device(), cfg["train"]
+    loaded: dict[str, torch.nn.Module] = {}
+    panels = {}
+    for task in datasets:
+        tests = cases[(cases["dataset"] == task) & (cases["split"] == "test")].sort_values("case_id")
+        if tests.empty:
+            continue
+        records = case_records(cfg["data_root"], tests.iloc[[min(case_index, len(tests) - 1)]])
+        case = evaluation_dataset(cfg, records)[0]
+        image = torch.as_tensor(case[IMAGE])[None].to(device)
+        predictions = {}
+        for name, paths in models_of.items():
+            path = str(paths[task])
+            if path not in loaded:
+                loaded[path] = load_best(cfg, path, device)
+            with autocast(device, train):
+                logits = sliding_window_inference(image, cfg["preprocess"]["patch_size"], train["sw_batch_size"],
+                                                  loaded[path], overlap=train["sw_overlap"])
+            predictions[name] = (torch.sigmoid(logits.float())[0] > 0.5).cpu().numpy()
+        panels[task] = {"image": np.asarray(case[IMAGE][0]), "truth": np.asarray(case[LABEL]),
+                        "predictions": predictions, "case_id": records[0]["case_id"]}
+    return panels

@@ -225,3 +225,239 @@ def own_task_means(summary: pd.DataFrame, model_of: dict[str, str]) -> pd.Series
     parts = [summary[(summary["model"] == model) & (summary["dataset"] == dataset)]
              for dataset, model in model_of.items()]
     return pd.concat(parts).groupby("channel")["mean"].mean()
+
+
+# --------------------------------------------------------------------------------------------------
+# External evaluation (BTCV): Table 3, bars with confidence intervals, Fig. 3 and Fig. 4
+# --------------------------------------------------------------------------------------------------
+
+#: Seed 000, Table 3 (Dice %, BTCV): Liver, Pancreas, Kidney, Spleen and the paper's Avg.
+TABLE3_ORGANS = ("liver", "pancreas", "kidney", "spleen")
+PAPER_TABLE3 = {
+    "SL": (65.8, 57.5, 70.7, 44.6, 60.0),
+    "FL global model": (0.0, 62.9, 54.5, 0.0, 29.4),
+    "FL local model (ensemble)": (87.7, 71.8, 80.5, 69.9, 77.5),
+    "FL local model (processed)": (91.6, 75.4, 80.2, 73.1, 80.1),
+}
+TABLE3_NOTE = ("Avg. = unweighted mean of the 4 organ columns, for this run and (as STUDY.md says) for the paper; "
+               "the paper's SL Avg. is printed as published (60.0; the mean of its organs is 59.7). Dice on the "
+               "original BTCV grid; a case where an organ is missing from the prediction counts as Dice 0.")
+
+
+def table3(dice: pd.DataFrame) -> pd.DataFrame:
+    """Table 3 layout: mean Dice % per organ for each method (rows of `dice`: method x organ -> mean in [0, 1]),
+    with the mean over the 4 organs; the paper's rows follow, marked "(paper)"."""
+    out = {}
+    for method, row in dice.iterrows():
+        values = [100 * float(row.get(organ, np.nan)) for organ in TABLE3_ORGANS]
+        out[f"{method} (this run)"] = [*values, float(np.nanmean(values))]
+    for name, values in PAPER_TABLE3.items():
+        out[f"{name} (paper)"] = list(values)
+    columns = [organ.capitalize() for organ in TABLE3_ORGANS] + ["Avg."]
+    return pd.DataFrame.from_dict(out, orient="index", columns=columns).round(1)
+
+
+def metric_bars(summary: pd.DataFrame, metric: str = "dice", ylabel: str | None = None,
+                groups: tuple[str, ...] = TABLE3_ORGANS, title: str = "BTCV") -> plt.Figure:
+    """Grouped bars: mean of `metric` per organ or channel (`groups`) and method (bars), error bars = the
+    bootstrap CI. `summary` is long: method, organ, metric, mean, ci_low, ci_high (`metrics.summarise`).
+    """
+    part = summary[summary["metric"] == metric]
+    methods = list(dict.fromkeys(part["method"]))
+    organs = [o for o in groups if o in set(part["organ"])]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(organs) * max(1, len(methods)) / 3), 3.8))
+    width = 0.8 / max(1, len(methods))
+    for i, method in enumerate(methods):
+        rows = part[part["method"] == method].set_index("organ").reindex(organs)
+        x = np.arange(len(organs)) + (i - (len(methods) - 1) / 2) * width
+        low = (rows["mean"] - rows["ci_low"]).clip(lower=0).fillna(0)
+        high = (rows["ci_high"] - rows["mean"]).clip(lower=0).fillna(0)
+        ax.bar(x, rows["mean"], width, yerr=[low, high], capsize=3, label=method)
+    ax.set_xticks(np.arange(len(organs)), [o.replace("_", " ").capitalize() for o in organs])
+    ax.set_ylabel(ylabel or metric)
+    if metric in ("dice", "nsd"):
+        ax.set_ylim(0, 1.05)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set_title(f"{title}: {ylabel or metric}, mean over cases, error bars = bootstrap 95% CI", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def table3_detail(summary: pd.DataFrame) -> pd.DataFrame:
+    """Per method and organ: each metric as "mean ± std [CI low, CI high]", with the cases scored and missed
+    (prediction empty where the organ is present). `summary` as `metrics.summarise` returns it."""
+    def cell(row: pd.Series) -> str:
+        digits = 1 if row["metric"] == "hd95" else 3
+        text = f"{row['mean']:.{digits}f} ± {row['std']:.{digits}f}"
+        return text + (f" [{row['ci_low']:.{digits}f}, {row['ci_high']:.{digits}f}]" if pd.notna(row["ci_low"]) else "")
+
+    names = {"dice": "Dice", "nsd": "NSD", "hd95": "HD95 (mm)"}
+    part = summary.assign(value=summary.apply(cell, axis=1))
+    table = part.pivot(index=["method", "organ"], columns="metric", values="value")
+    table = table[[m for m in names if m in table.columns]].rename(columns=names)
+    counts = part.drop_duplicates(["method", "organ"]).set_index(["method", "organ"])
+    table["scored"], table["missed"] = counts["n_scored"], counts["n_pred_empty"]
+    order = list(dict.fromkeys(summary["method"]))
+    table = table.reindex(sorted(table.index, key=lambda k: (order.index(k[0]), TABLE3_ORGANS.index(k[1])
+                                                                if k[1] in TABLE3_ORGANS else 9)))
+    return table.reset_index().set_index("method")
+
+
+def table2_cases(baselines: pd.DataFrame | None, federated: pd.DataFrame) -> pd.DataFrame:
+    """Table 2's rows per test case, long (method, case_id, organ = channel, dice), for confidence intervals:
+    SL and FL local on each task's own test split with that task's model, FL global on every task's split."""
+    parts = []
+    for frame, method, own in ((baselines, "SL", "sl-"), (federated, "FL global model (server)", None),
+                               (federated, "FL local model (client)", "fl-local-")):
+        if frame is None:
+            continue
+        chosen = frame[frame["model"] == (frame["dataset"].radd(own) if own else "fl-global")]
+        parts.append(chosen.assign(method=method, organ=chosen["channel"])[["method", "case_id", "organ", "dice"]])
+    return pd.concat(parts, ignore_index=True)
+
+
+def figure4(panels: dict[str, dict[str, Any]]) -> plt.Figure:
+    """Fig. 4: for each task an axial slice of a test case: ground truth, then each model's prediction.
+
+    `panels[task]` = {"image": (x,y,z) in [0,1], "truth": (8,x,y,z), "predictions": {name: (8,x,y,z)},
+    "case_id": str}, all RAS on the same grid. Only the task's own channels are drawn.
+    """
+    tasks = list(panels)
+    names = list(next(iter(panels.values()))["predictions"]) if panels else []
+    fig, axes = plt.subplots(len(tasks), 1 + len(names), figsize=(2.6 * (1 + len(names)), 2.7 * len(tasks)),
+                             squeeze=False)
+    for row, task in zip(axes, tasks):
+        panel = panels[task]
+        channels = owned_channels(task)
+        z = best_axial_slice(panel["truth"], channels)
+        overlay(row[0], panel["image"][..., z], panel["truth"][..., z], channels)
+        row[0].set_title(f"{PAPER_NAMES[task]} {panel['case_id']}\nground truth", fontsize=8)
+        for ax, name in zip(row[1:], names):
+            overlay(ax, panel["image"][..., z], panel["predictions"][name][..., z], channels)
+            ax.set_title(name, fontsize=8)
+    legend = [Patch(color=COLOURS[c], label=c.replace("_", " ")) for c in COLOURS]
+    fig.legend(handles=legend, loc="lower center", ncol=len(legend), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    return fig
+
+
+def canonical(path: str | Path) -> tuple[np.ndarray, tuple[float, ...]]:
+    """A NIfTI's array in RAS (nibabel's closest canonical orientation) and its voxel size in mm."""
+    image = nib.as_closest_canonical(nib.load(str(path)))
+    return np.asanyarray(image.dataobj), tuple(float(z) for z in image.header.get_zooms()[:3])
+
+
+def figure3(image_path: str | Path, fused_path: str | Path, title: str = "", step: int = 2) -> plt.Figure:
+    """Fig. 3: a BTCV axial slice with the fused prediction, and a 3D surface rendering of each structure.
+
+    The surfaces are marching cubes (scikit-image) on the fused label map, every `step` voxels, drawn with
+    matplotlib in the paper's colours, in millimetres (the voxel size is taken into account).
+    """
+    from mpl_toolkits.mplot3d.art3d import Poly3DCollection
+    from skimage.measure import marching_cubes
+
+    from fedseg.labels import CHANNELS
+
+    hu, _ = canonical(image_path)
+    fused, spacing = canonical(fused_path)
+    fused = np.rint(fused).astype(np.int16)
+    multihot = np.stack([fused == c for c in range(len(CHANNELS))])
+    drawn = tuple(c for c in COLOURS if multihot[CHANNEL_INDEX[c]].any())
+    fig = plt.figure(figsize=(10, 4.6))
+    ax2d = fig.add_subplot(1, 2, 1)
+    z = best_axial_slice(multihot, drawn) if drawn else hu.shape[2] // 2
+    overlay(ax2d, np.clip((hu[..., z] + 160) / 400, 0, 1), multihot[..., z], drawn)  # window W400 L40
+    ax2d.set_title(f"{title} axial slice {z}", fontsize=9)
+    ax3d = fig.add_subplot(1, 2, 2, projection="3d")
+    for name in drawn:
+        mask = multihot[CHANNEL_INDEX[name]]
+        if mask.sum() < 8:
+            continue
+        padded = np.pad(mask, 1).astype(np.float32)
+        verts, faces, _, _ = marching_cubes(padded, 0.5, spacing=spacing, step_size=step)
+        mesh = Poly3DCollection(verts[faces], alpha=0.9 if name.endswith("tumor") else 0.45, linewidths=0)
+        mesh.set_facecolor(COLOURS[name])
+        ax3d.add_collection3d(mesh)
+    extent = np.array(fused.shape) * np.array(spacing)
+    ax3d.set(xlim=(extent[0], 0), ylim=(0, extent[1]), zlim=(0, extent[2]), xlabel="R→L (mm)",
+             ylabel="P→A (mm)", zlabel="I→S (mm)")
+    ax3d.set_box_aspect(tuple(extent))
+    ax3d.view_init(elev=15, azim=-80)
+    ax3d.set_title("3D surfaces (marching cubes)", fontsize=9)
+    legend = [Patch(color=COLOURS[c], label=c.replace("_", " ")) for c in drawn]
+    fig.legend(handles=legend, loc="lower center", ncol=max(1, len(legend)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return fig
+
+
+# --------------------------------------------------------------------------------------------------
+# The run's README
+# --------------------------------------------------------------------------------------------------
+
+#: Tables of a run, in reading order, with a heading each (those a run does not have are skipped).
+README_TABLES = {
+    "table1": "Table 1: cases per dataset and split",
+    "table2": "Table 2: Dice (%) on each task's test split",
+    "table3": "Table 3: Dice (%) on the external BTCV set",
+    "table3_detail": "BTCV in detail: Dice, NSD, HD95 (mean ± std [bootstrap 95% CI], cases scored)",
+    "btcv_paired": "BTCV: paired comparisons between methods",
+    "btcv_inference_time": "BTCV: inference time per case, full sliding window vs coarse-to-fine",
+    "segviz": "SegViz table",
+    "table2_baselines": "Baselines (02): SL and central aggregation",
+}
+README_FIGURES = {
+    "fig1_datasets": "Fig. 1: one case per dataset",
+    "learning_curves_baselines": "Learning curves of the SL and central models",
+    "fl_learning_curves": "FL learning curves, global and local",
+    "btcv_dice_bars": "BTCV Dice with bootstrap 95% confidence intervals",
+    "btcv_nsd_bars": "BTCV normalized surface Dice with bootstrap 95% confidence intervals",
+    "fig3_btcv": "Fig. 3: a BTCV case, post-processed ensemble of the FL local models",
+    "fig4_test_cases": "Fig. 4: a test case per task: ground truth, SL, FL global, FL local",
+}
+
+
+def results_readme(run_dir: str | Path) -> Path:
+    """Write `<run_dir>/README.md`: what ran (profile, data, commit, times, memory), the tables, the figures.
+
+    Built only from the files the run wrote, so it never claims a result the run does not hold.
+    """
+    import json
+
+    run_dir = Path(run_dir)
+    record = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
+    cfg = record.get("profile_config", {})
+    lines = [f"# Run `{run_dir.name}`", ""]
+    if record:
+        git = record.get("git", {})
+        phantom = cfg.get("data", {}).get("phantom", {})
+        source = cfg.get("data", {}).get("source", "?")
+        data = (f"synthetic CT (fedseg.phantom, case_scale {phantom.get('case_scale')}, seed {record.get('seed')})"
+                if source == "synthetic" else f"real data at `{record.get('data_root')}`")
+        lines += [
+            f"- **profile** `{record.get('profile')}`, seed {record.get('seed')}, parameters {record.get('parameters') or '{}'}",
+            f"- **data**: {data}; voxels {cfg.get('preprocess', {}).get('spacing')} mm, "
+            f"model {cfg.get('model', {}).get('name')} {cfg.get('model', {}).get('channels')}",
+            f"- **code**: commit `{str(git.get('commit', '?'))[:12]}`{' (uncommitted changes)' if git.get('dirty') else ''}, "
+            f"torch {record.get('versions', {}).get('torch')}, monai {record.get('versions', {}).get('monai')}, "
+            f"flwr {record.get('versions', {}).get('flwr')}",
+            f"- **host**: {record.get('host', {}).get('cpus')} CPUs, {record.get('host', {}).get('platform')}",
+            f"- **status** {record.get('status')}, started {record.get('started')}, ended {record.get('ended')}",
+            "", "| notebook | status | wall time (s) | peak memory (MB) |", "|---|---|---|---|",
+        ]
+        for name, entry in record.get("notebooks", {}).items():
+            lines.append(f"| {name} | {entry.get('status')} | {entry.get('wall_s', '')} | {entry.get('peak_rss_mb', '')} |")
+        if record.get("wall_s") is not None:
+            lines.append(f"| **chain** | {record.get('status')} | {record.get('wall_s')} | {record.get('peak_rss_mb')} |")
+        lines.append("")
+    for name, heading in README_TABLES.items():
+        path = run_dir / "tables" / f"{name}.md"
+        if path.exists():
+            lines += [f"## {heading}", "", path.read_text().strip(), ""]
+    figures = [(name, heading) for name, heading in README_FIGURES.items() if (run_dir / "figures" / f"{name}.png").exists()]
+    if figures:
+        lines += ["## Figures", ""]
+        lines += [f"### {heading}\n\n![{heading}](figures/{name}.png)\n" for name, heading in figures]
+    path = run_dir / "README.md"
+    path.write_text("\n".join(lines).rstrip() + "\n")
+    return path

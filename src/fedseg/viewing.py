@@ -9,11 +9,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedseg.labels import COLOURS, LABEL_MAPS
+from fedseg.labels import CHANNELS, COLOURS, LABEL_MAPS
+
+#: Not a dataset: a fused prediction (`inference.fuse`), whose label values are channel indices.
+PREDICTION = "prediction"
 
 
 def label_colours(dataset: str) -> dict[int, tuple[str, tuple[float, float, float]]]:
-    """Each label value of `dataset` -> (name, paper colour); a value switching on a tumour shows as it."""
+    """Each label value of `dataset` (or of a fused prediction, `PREDICTION`) -> (name, paper colour);
+    a value switching on a tumour shows as it."""
+    if dataset == PREDICTION:
+        return {index: (name, COLOURS[name]) for index, name in enumerate(CHANNELS) if name in COLOURS}
     colours = {}
     for value, channels in LABEL_MAPS[dataset].items():
         if channels:

@@ -1,0 +1,159 @@
+"""The external evaluation on BTCV (STUDY.md Experiment 8; seed 000 §3.4, Table 3; seed 003 for coarse-to-fine).
+
+Every method is scored on the original BTCV grid: sliding-window inference at the profile's spacing, the
+prediction resampled back to the file's grid (`inference.to_original_grid`), then Dice, NSD and HD95 per
+organ (`metrics.score_case`) against the BTCV labels mapped to liver, spleen, pancreas, kidney (right ∪ left).
+Each model runs once per case; the methods are combinations of those passes:
+
+- **FL global model**: the server's best model alone.
+- **FL local model (ensemble)**: each channel from the local best of the client that owns it.
+- **FL local model (processed)**: the ensemble, then the largest connected component per channel and fusion
+  in seed 000's order (a later label overrides an earlier one).
+- **SL (ensemble)** / **SL (processed)**: the standalone models combined the same way.
+- **Central aggregation**: the one model trained on the pooled data.
+- **... coarse-to-fine**: the processed FL local ensemble where a half-resolution pass first finds the organs'
+  box and the fine pass runs only there; timed against the full sliding window.
+
+Every prediction is written as a NIfTI label map (fused, values = channel index) beside the metrics.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import torch
+
+from fedseg import inference, metrics
+from fedseg.datasets import case_files
+from fedseg.evaluation import load_best
+from fedseg.labels import TRAIN_DATASETS
+from fedseg.training import select_device
+
+GLOBAL, LOCAL, LOCAL_PP = "FL global model", "FL local model (ensemble)", "FL local model (processed)"
+SL, SL_PP, CENTRAL = "SL (ensemble)", "SL (processed)", "Central aggregation"
+COARSE = f"{LOCAL_PP}, coarse-to-fine"
+#: Methods in table order (those whose models a run lacks are skipped).
+METHODS = (SL, SL_PP, CENTRAL, GLOBAL, LOCAL, LOCAL_PP)
+
+
+def slug(method: str) -> str:
+    """A folder name for a method: lower case, words joined by '-'."""
+    return re.sub(r"[^a-z0-9]+", "-", method.lower()).strip("-")
+
+
+def run_checkpoints(run_dir: str | Path) -> dict[str, dict[str, Path]]:
+    """The best checkpoints a run holds, grouped: "sl" and "fl-local" (dataset -> path), "fl-global" and
+    "central" (one path under key "model"). Groups with no checkpoint on disk are left out; a client group
+    counts only when all four clients have one."""
+    checkpoints = Path(run_dir) / "checkpoints"
+    groups: dict[str, dict[str, Path]] = {}
+    for group, prefix in (("sl", "sl-"), ("fl-local", "fl-local-")):
+        paths = {d: checkpoints / f"{prefix}{d}" / "best.pt" for d in TRAIN_DATASETS}
+        if all(p.exists() for p in paths.values()):
+            groups[group] = paths
+    for group, folder in (("fl-global", "fl-global"), ("central", "central")):
+        if (checkpoints / folder / "best.pt").exists():
+            groups[group] = {"model": checkpoints / folder / "best.pt"}
+    return groups
+
+
+def _methods(groups: Mapping[str, Any]) -> list[str]:
+    needs = {SL: "sl", SL_PP: "sl", CENTRAL: "central", GLOBAL: "fl-global", LOCAL: "fl-local", LOCAL_PP: "fl-local"}
+    return [m for m in METHODS if needs[m] in groups]
+
+
+def _masks(method: str, logits: Mapping[str, Mapping[str, torch.Tensor]], image, cfg) -> np.ndarray:
+    """The (8, *original grid) bool mask of a method from the cached logits of its models."""
+    if method in (SL, SL_PP, LOCAL, LOCAL_PP):
+        combined = inference.ensemble_logits(logits["sl" if method in (SL, SL_PP) else "fl-local"])
+    else:
+        combined = logits["central" if method == CENTRAL else "fl-global"]["model"]
+    mask = np.asarray(inference.to_original_grid(combined, image, cfg, logits=True))
+    return inference.postprocess(mask) if method in (SL_PP, LOCAL_PP) else mask
+
+
+def evaluate_btcv(cfg: dict[str, Any], cases: pd.DataFrame, run_dir: str | Path,
+                  tolerances: Mapping[str, float] | None = None, coarse_to_fine: bool = True,
+                  coarse_factor: float = 2.0, margin_mm: float = 20.0, write: bool = True,
+                  progress: bool = True) -> dict[str, pd.DataFrame]:
+    """Score every method the run has models for on every BTCV case of `cases` (split test).
+
+    Returns {"scores": per case and organ (method, case_id, organ, dice, nsd, hd95, pred_empty, truth_empty),
+    "timing": per case and method (seconds of inference incl. inversion and post-processing, fraction of
+    voxels the fine pass covered)}. Predictions go to `<run_dir>/predictions/btcv/<method>/<case>.nii.gz`.
+    """
+    from tqdm.auto import tqdm
+
+    run_dir = Path(run_dir)
+    groups = run_checkpoints(run_dir)
+    methods = _methods(groups)
+    if not methods:
+        raise FileNotFoundError(f"No trained models under {run_dir / 'checkpoints'}: run 02 and 03 with this run_dir.")
+    btcv = cases[(cases["dataset"] == "btcv") & (cases["split"] == "test")]
+    if btcv.empty:
+        raise ValueError("The cases table has no BTCV test cases: run 01_data_prep (BTCV must be under data_root).")
+    device = select_device()
+    models = {group: {name: load_best(cfg, path, device) for name, path in paths.items()}
+              for group, paths in groups.items()}
+    transform = inference.inference_transform(cfg)
+    scores, timing = [], []
+    for _, row in tqdm(list(btcv.iterrows()), desc="BTCV cases", disable=not progress):
+        image_path, label_path = case_files(cfg["data_root"], row)
+        label = nib.load(str(label_path))
+        truth = inference.btcv_truth(np.rint(np.asanyarray(label.dataobj)).astype(np.int16))
+        spacing = tuple(float(z) for z in label.header.get_zooms()[:3])
+        image = transform({"image": str(image_path)})["image"]
+        logits, seconds = {}, {}
+        for group, named in models.items():
+            start = time.perf_counter()
+            logits[group] = inference.predict_logits(named, image, cfg, device)
+            seconds[group] = time.perf_counter() - start
+        runs = [(m, None) for m in methods]
+        if coarse_to_fine and "fl-local" in models:
+            runs.append((COARSE, "fl-local"))
+        for method, coarse_group in runs:
+            start = time.perf_counter()
+            covered = 1.0
+            if coarse_group:
+                result = inference.coarse_to_fine_logits(models[coarse_group], image, cfg, device,
+                                                         coarse_factor=coarse_factor, margin_mm=margin_mm)
+                mask = _masks(LOCAL_PP, {"fl-local": result.logits}, image, cfg)
+                covered, model_seconds = result.covered, 0.0
+            else:
+                mask = _masks(method, logits, image, cfg)
+                model_seconds = seconds[{SL: "sl", SL_PP: "sl", LOCAL: "fl-local", LOCAL_PP: "fl-local",
+                                         CENTRAL: "central", GLOBAL: "fl-global"}[method]]
+            fused = inference.fuse(mask)
+            elapsed = time.perf_counter() - start + model_seconds
+            if write:
+                inference.write_prediction(fused, image_path,
+                                           run_dir / "predictions" / "btcv" / slug(method) / f"{row['case_id']}.nii.gz")
+            predicted = inference.organ_masks(fused if method in (SL_PP, LOCAL_PP, COARSE) else mask)
+            for item in metrics.score_case(predicted, truth, spacing, tolerances):
+                scores.append({"method": method, "case_id": row["case_id"], **item})
+            timing.append({"method": method, "case_id": row["case_id"], "seconds": round(elapsed, 3),
+                           "fine_pass_coverage": round(covered, 3), "voxels": int(np.prod(fused.shape))})
+    return {"scores": pd.DataFrame(scores), "timing": pd.DataFrame(timing)}
+
+
+def speed_table(scores: pd.DataFrame, timing: pd.DataFrame, methods: tuple[str, ...] = (LOCAL_PP, COARSE)) -> pd.DataFrame:
+    """Full sliding window vs coarse-to-fine, side by side: seconds per case (mean, max), the fraction of
+    the volume the fine pass covered, and mean Dice per organ and over the organs."""
+    rows = {}
+    for method in methods:
+        times, dice = timing[timing["method"] == method], scores[scores["method"] == method]
+        if times.empty:
+            continue
+        per_organ = dice.groupby("organ", sort=False)["dice"].mean()
+        rows[method] = {"cases": len(times), "seconds per case (mean)": times["seconds"].mean(),
+                        "seconds per case (max)": times["seconds"].max(),
+                        "fine pass coverage (mean)": times["fine_pass_coverage"].mean(),
+                        **{f"Dice {organ}": value for organ, value in per_organ.items()},
+                        "Dice (mean of organs)": per_organ.mean()}
+    return pd.DataFrame.from_dict(rows, orient="index").round(3)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import nbformat
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -52,3 +53,39 @@ def test_data_prep_outputs(smoke_run):
     assert (run_dir / "figures" / "fig1_datasets.png").stat().st_size > 10_000
     data = json.loads((run_dir / "data" / "data.json").read_text())
     assert data["cases"] == len(cases) and data["source"] == "synthetic"
+
+
+def test_external_evaluation_outputs(smoke_run):
+    import nibabel as nib
+
+    from fedseg import external
+    from fedseg.datasets import case_files
+
+    run_dir, _ = smoke_run
+    cases = pd.read_csv(run_dir / "data" / "cases.csv")
+    btcv = cases[cases.dataset == "btcv"]
+    scores = pd.read_csv(run_dir / "metrics" / "btcv_per_case.csv")
+    # every method on every BTCV case and organ, each organ scored or flagged, none dropped
+    assert set(scores.method) == {*external.METHODS, external.COARSE}
+    assert len(scores) == len(set(scores.method)) * len(btcv) * 4
+    assert (scores.dice.notna() | scores.truth_empty).all()
+    table3 = pd.read_csv(run_dir / "tables" / "table3.csv", index_col=0)
+    assert "FL local model (processed) (this run)" in table3.index and "FL global model (paper)" in table3.index
+    timing = pd.read_csv(run_dir / "metrics" / "btcv_timing.csv")
+    assert (timing.seconds > 0).all()
+    # predictions lie on the original BTCV grid, so they open over the CT
+    row = btcv.iloc[0]
+    data_root = json.loads((run_dir / "data" / "data.json").read_text())["data_root"]
+    image = nib.load(case_files(data_root, row)[0])
+    prediction = nib.load(run_dir / "predictions" / "btcv" / external.slug(external.LOCAL_PP) / f"{row['case_id']}.nii.gz")
+    assert prediction.shape == image.shape and np.allclose(prediction.affine, image.affine)
+    assert set(prediction.get_fdata().ravel().astype(int)) <= set(range(8))
+
+
+def test_figures_and_the_run_readme(smoke_run):
+    run_dir, _ = smoke_run
+    for name in ("fig3_btcv", "fig4_test_cases", "table2_dice_bars", "btcv_dice_bars"):
+        assert (run_dir / "figures" / f"{name}.png").stat().st_size > 10_000, name
+    readme = (run_dir / "README.md").read_text()
+    assert "Table 3" in readme and "(figures/fig3_btcv.png)" in readme
+    assert "| **chain** | ok |" in readme  # rewritten once the chain ended

@@ -28,7 +28,8 @@ import yaml
 
 PROFILE_NAMES = ("smoke", "laptop", "paper")
 #: The chain, in order. Later issues append 02..05 here as their notebooks land.
-CHAIN: tuple[str, ...] = ("01_data_prep", "02_standalone_baselines", "03_federated_training")
+CHAIN: tuple[str, ...] = ("01_data_prep", "02_standalone_baselines", "03_federated_training", "04_external_evaluation",
+                          "05_figures")
 VERSIONED_PACKAGES = (
     "fedseg", "torch", "monai", "flwr", "numpy", "nibabel", "pandas", "papermill", "matplotlib", "ray",
 )
@@ -242,13 +243,22 @@ def run_chain(profile: str = "laptop", *, run_name: str | None = None, params: d
             entry["error"] = error
             record.update({"status": "failed", "ended": _now()})
             _write_json(record_path, record)
+            _write_readme(run_dir)
             raise ChainError(error)
         _write_json(record_path, record)
     record.update({"status": "ok", "ended": _now()})
     record["wall_s"] = round(sum(e.get("wall_s", 0) for e in record["notebooks"].values()), 2)
     record["peak_rss_mb"] = max((e.get("peak_rss_mb", 0) for e in record["notebooks"].values()), default=0)
     _write_json(record_path, record)
+    _write_readme(run_dir)
     return run_dir
+
+
+def _write_readme(run_dir: Path) -> None:
+    """The run's README.md from its final run.json, tables and figures (`report.results_readme`)."""
+    from fedseg.report import results_readme
+
+    results_readme(run_dir)
 
 
 def _parse_param(text: str) -> tuple[str, Any]:

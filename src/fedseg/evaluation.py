@@ -7,6 +7,7 @@ original grid, ensembles and post-processing for BTCV are in `fedseg.external`.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,20 @@ from fedseg.training import select_device, validate
 from fedseg.transforms import case_records, evaluation_dataset
 
 
+def trained_network(cfg: dict[str, Any], checkpoint: str | Path) -> dict[str, Any]:
+    """The network a checkpoint was trained as: for the federation's checkpoints (`checkpoints/fl-*/`) the one
+    recorded in `<run_dir>/fl/config.json` (SegViz trains its own), else the profile's `model`."""
+    folder = Path(checkpoint).parent
+    recorded = folder.parent.parent / "fl" / "config.json"
+    if folder.name.startswith("fl-") and folder.parent.name == "checkpoints" and recorded.exists():
+        return json.loads(recorded.read_text())["model"]
+    return cfg["model"]
+
+
 def load_best(cfg: dict[str, Any], checkpoint: str | Path, device: torch.device | None = None) -> torch.nn.Module:
-    """The profile's network with the weights of a `best.pt` checkpoint, ready for inference."""
+    """The network of a `best.pt` checkpoint (`trained_network`) with its weights, ready for inference."""
     device = device or select_device()
-    model = build_network(**cfg["model"])
+    model = build_network(**trained_network(cfg, checkpoint))
     saved = torch.load(checkpoint, map_location=device, weights_only=False)
     model.load_state_dict(saved["model"])
     return model.to(device).eval()

@@ -28,6 +28,10 @@ from fedseg.losses import build_loss
 from fedseg.transforms import IMAGE, LABEL, augment, evaluation_dataset
 
 
+#: A term added to the training loss: (model, logits, batch with the image on the device) -> scalar tensor.
+ExtraLoss = Callable[[torch.nn.Module, torch.Tensor, dict[str, Any]], torch.Tensor]
+
+
 def select_device(preferred: str | None = None) -> torch.device:
     """CUDA when present (or as asked), else CPU; never a hard-coded `cuda:0`."""
     if preferred:
@@ -163,8 +167,11 @@ def train_model(cfg: dict[str, Any], model: torch.nn.Module, train_records: list
                 val_records: list[dict[str, Any]], out_dir: str | Path, *, steps: int | None = None,
                 loss: str | None = None, task: str | None = None, seed: int | None = None, resume: bool = True,
                 stop_after: int | None = None, progress: bool = True, desc: str = "train",
-                device: torch.device | None = None) -> dict[str, Any]:
+                device: torch.device | None = None, extra_loss: ExtraLoss | None = None) -> dict[str, Any]:
     """Train `model` for `steps` local steps with validation, best-checkpoint tracking and resume.
+
+    `extra_loss(model, logits, batch)` is added to the supervised loss every step (the federated methods'
+    terms: FedProx's proximal term, distillation from the global model); the logged loss includes it.
 
     Writes `out_dir/last.pt` (everything needed to resume) every `train.checkpoint_every` steps and at the
     end, `out_dir/best.pt` (weights of the best validation mean Dice over owned channels) and
@@ -214,6 +221,8 @@ def train_model(cfg: dict[str, Any], model: torch.nn.Module, train_records: list
             with autocast(device, train):
                 logits = model(image, task=task) if task else model(image)
             value = loss_fn(logits.float(), target, batch["owned"].to(device))
+            if extra_loss is not None:
+                value = value + extra_loss(model, logits.float(), {**batch, IMAGE: image})
             scaler.scale(value).backward()
             scaler.step(optimizer)
             scaler.update()

@@ -16,7 +16,7 @@ import math
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedseg.federated import task
+from fedseg.federated import methods, task
 from fedseg.labels import TRAIN_DATASETS
 
 app = ClientApp()
@@ -89,7 +89,11 @@ def train(msg: Message, context: Context) -> Message:
     with _named_failure(context, "train", server_round):
         cfg, dataset, partition_id, train_records, val_records = _site(context)
         model = _global_model(cfg, msg)
-        result = task.train_locally(cfg, model, dataset, server_round, train_records, val_records)
+        method = cfg["federated"]["method"]
+        block = task.parse_client(dataset)[0] if method == "segviz" else None  # SegViz: own task block
+        extra = methods.proximal_term(model.state_dict(), cfg["federated"]["mu"]) if method == "fedprox" else None
+        result = task.train_locally(cfg, model, dataset, server_round, train_records, val_records, task=block,
+                                    extra_loss=extra)
         final = result["final"]
         metric = float(final["val_mean_dice"])
         updated = _keep_local_best(context, cfg, dataset, server_round, model, metric)

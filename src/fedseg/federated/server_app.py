@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedseg.federated import task
-from fedseg.federated.strategies import StudyFedAvg
+from fedseg.federated.strategies import StudyFedAvg, StudySegViz
 
 app = ServerApp()
 
@@ -40,7 +40,8 @@ def main(grid: Grid, context: Context) -> None:
     random.seed(cfg["seed"])  # Flower samples clients with the global `random`
     seed_everything(cfg["seed"])
     model = build_network(**cfg["model"])
-    strategy = StudyFedAvg(run_dir, num_clients=fl["min_clients"], fraction_train=float(fl["fraction_train"]),
+    strategy_class = StudySegViz if fl["method"] == "segviz" else StudyFedAvg
+    strategy = strategy_class(run_dir, num_clients=fl["min_clients"], fraction_train=float(fl["fraction_train"]),
                            progress=bool(context.run_config.get("progress", False)))
     result = strategy.start(grid=grid, initial_arrays=ArrayRecord(task.state_dict_cpu(model)),
                             num_rounds=fl["rounds"], timeout=float(fl["round_timeout"]), evaluate_fn=None)

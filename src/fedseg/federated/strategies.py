@@ -234,3 +234,31 @@ def _like_first_reply(arrays: ArrayRecord | None, replies: list[Message]) -> Arr
             value = np.rint(value).astype(dtype) if np.issubdtype(dtype, np.integer) else value.astype(dtype)
         averaged[key] = Array(np.ascontiguousarray(value))
     return ArrayRecord(averaged)
+
+
+class StudySegViz(StudyFedAvg):
+    """SegViz's selective aggregation (seeds 001/002) on the study's fail-loud, sorted FedAvg: the shared block
+    is averaged with n_k / n, each task block is kept as its owner sent it (`methods.selective_average`)."""
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self.previous_arrays = arrays
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        from fedseg.federated.methods import selective_average
+        from fedseg.federated.task import parse_client
+
+        replies = self._checked(server_round, "train", replies)
+        _, metrics = FedAvg.aggregate_train(self, server_round, replies)
+        states = [{k: a.numpy() for k, a in m.content["arrays"].items()} for m in replies]
+        sizes = [int(_metrics(m)["num-examples"]) for m in replies]
+        datasets = [parse_client(_dataset_name(_metrics(m)))[0] for m in replies]
+        previous = {k: a.numpy() for k, a in self.previous_arrays.items()}
+        averaged = selective_average(states, sizes, datasets, previous)
+        arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in averaged.items()})
+        for m in replies:
+            self.rows.append(self._row(server_round, "train", m, loss=float(_metrics(m)["train-loss"])))
+        self._write_rows()
+        return arrays, metrics

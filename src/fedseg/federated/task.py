@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from fedseg.federated.methods import METHOD_DEFAULTS, check_method, network_config
 from fedseg.labels import CHANNELS, TRAIN_DATASETS
 from fedseg.training import _save, save_checkpoint, train_model  # noqa: F401 (save_checkpoint re-exported)
 
@@ -27,10 +28,10 @@ FOREGROUND = CHANNELS[1:]
 #: `local_steps` None: `train.steps // rounds`, i.e. the SL model's budget spread over the rounds.
 FL_DEFAULTS: dict[str, Any] = {"rounds": 2, "local_steps": None, "fraction_train": 1.0, "min_clients": 4,
                                "client_cpus": 1, "client_gpus": 0.0, "keep_optimizer": False, "client_workers": 0,
-                               "round_timeout": 86400}
+                               "round_timeout": 86400, **METHOD_DEFAULTS}
 #: run_config keys (kebab-case) that override a knob; their "unset" value (0, 0.0, "") keeps the profile's.
 RUN_CONFIG_KNOBS = {"rounds": "rounds", "local-steps": "local_steps", "fraction-train": "fraction_train",
-                    "min-clients": "min_clients", "keep-optimizer": "keep_optimizer"}
+                    "min-clients": "min_clients", "keep-optimizer": "keep_optimizer", "method": "method", "mu": "mu"}
 
 
 def federated_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -41,6 +42,7 @@ def federated_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
         fl["local_steps"] = max(1, int(cfg["train"]["steps"]) // fl["rounds"])
     fl["local_steps"], fl["min_clients"] = int(fl["local_steps"]), int(fl["min_clients"])
     fl["keep_optimizer"] = _as_bool(fl["keep_optimizer"], "federated.keep_optimizer")
+    fl["method"], fl["mu"] = check_method(str(fl["method"])), float(fl["mu"])
     if fl["rounds"] < 1 or fl["local_steps"] < 1 or not 0.0 < float(fl["fraction_train"]) <= 1.0:
         raise ValueError(f"federated settings {fl}: rounds and local_steps must be >= 1, fraction_train in (0, 1].")
     return fl
@@ -83,6 +85,7 @@ def study_config(run_config: Mapping[str, Any], node_config: Mapping[str, Any] |
         if run_config.get(key) not in (None, "", 0, 0.0):
             fl[name] = run_config[key]
     cfg["federated"] = federated_settings({**cfg, "federated": fl})
+    cfg["model"] = network_config(cfg, [parse_client(name)[0] for name in client_list(run_config)])
     return cfg
 
 
@@ -191,7 +194,8 @@ def round_seed(seed: int, client: str, server_round: int = 0) -> int:
 
 
 def train_locally(cfg: dict[str, Any], model: torch.nn.Module, client: str, server_round: int,
-                  train_records: list, val_records: list) -> dict[str, Any]:
+                  train_records: list, val_records: list, task: str | None = None,
+                  extra_loss: Any = None) -> dict[str, Any]:
     """`local_steps` of `train_model` from the global weights in `model`, into `<run_dir>/fl/<client>/`.
 
     Without keep_optimizer every round starts a fresh optimizer (resume=False) on batches seeded by
@@ -213,7 +217,8 @@ def train_locally(cfg: dict[str, Any], model: torch.nn.Module, client: str, serv
         start, resume = int(saved["state"]["step"]), True
     seed = round_seed(cfg["seed"], client, 0 if fl["keep_optimizer"] else server_round)
     summary = train_model(cfg, model, train_records, val_records, out_dir, steps=start + fl["local_steps"],
-                          seed=seed, resume=resume, progress=False, desc=f"fl-{client}")
+                          seed=seed, resume=resume, progress=False, desc=f"fl-{client}", task=task,
+                          extra_loss=extra_loss)
     history = summary["history"]
     this_round = history[history["step"] > start]
     spans = np.diff(np.concatenate([[start], this_round["step"].to_numpy()]))

@@ -1,0 +1,94 @@
+"""The federated methods beyond FedAvg (STUDY.md Experiments 4-7), as a profile's `federated.method`.
+
+- `fedavg`: conventional FL (seed 000), every parameter averaged with n_k / n.
+- `fedprox`: FedAvg with FedProx's proximal term (Li et al., MLSys 2020) in each client's local loss,
+  mu/2 * ||w - w_global||^2, pulling local training towards the received global weights; mu = `federated.mu`.
+- `segviz`: SegViz (seeds 001/002): the `SharedTaskUNet`; each client trains the shared block and its own
+  task block, the server averages only the shared block (n_k / n) and keeps each task block as its owner
+  sent it; the global model is then the meta-model (shared block + every client's task block).
+
+The arithmetic lives here as plain functions, tested on known tensors; the ClientApp and the strategy call them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedseg.models import parameter_group
+
+METHODS: tuple[str, ...] = ("fedavg", "fedprox", "segviz")
+#: Defaults of each method's knobs in a profile's `federated:` section.
+METHOD_DEFAULTS: dict[str, Any] = {"method": "fedavg", "mu": 0.01}
+
+
+def check_method(method: str) -> str:
+    if method not in METHODS:
+        raise ValueError(f"federated.method={method!r}: use one of {', '.join(METHODS)}.")
+    return method
+
+
+def network_config(cfg: Mapping[str, Any], datasets: Sequence[str]) -> dict[str, Any]:
+    """The `model` section a method trains: the profile's network, or for SegViz a SharedTaskUNet with one
+    task block per dataset, the profile's channels and strides (its blocks are MONAI's DynUNet blocks)."""
+    model = dict(cfg["model"])
+    if cfg["federated"].get("method", "fedavg") != "segviz":
+        return model
+    shared = {key: model[key] for key in ("channels", "strides") if key in model}
+    return {"name": "SharedTaskUNet", "tasks": list(dict.fromkeys(datasets)), **shared}
+
+
+def proximal_term(reference: Mapping[str, torch.Tensor], mu: float):
+    """FedProx's term mu/2 * sum over trainable parameters of ||w - w_global||^2, as a training extra loss.
+
+    `reference` is the received global state_dict; it is copied, detached, so only w gets a gradient
+    (mu * (w - w_global)).
+    """
+    frozen = {key: value.detach().clone() for key, value in reference.items()}
+
+    def term(model: torch.nn.Module, logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        total = logits.new_zeros(())
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad:
+                total = total + (parameter - frozen[name].to(parameter.device)).pow(2).sum()
+        return 0.5 * mu * total
+
+    return term
+
+
+def selective_average(states: Sequence[Mapping[str, np.ndarray]], num_examples: Sequence[int],
+                      datasets: Sequence[str], previous: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """SegViz aggregation of SharedTaskUNet states, one per replying client (client k's dataset `datasets[k]`).
+
+    `shared.*` entries: the n_k / n weighted mean over all clients. `task.<t>.*` entries: those of the
+    client(s) whose dataset is t, byte for byte when there is one (the n_k-weighted mean of t's shards
+    otherwise); a task block no replying client owns keeps `previous` (the last global model). Integer
+    buffers are rounded back to their dtype.
+    """
+    if not (len(states) == len(num_examples) == len(datasets)) or not states:
+        raise ValueError(f"selective_average needs one state, size and dataset per client: got {len(states)}, "
+                         f"{len(num_examples)}, {len(datasets)}.")
+    total = float(sum(num_examples))
+    out: dict[str, np.ndarray] = {}
+    for key in states[0]:
+        group = parameter_group(key)
+        if group == "shared":
+            members = list(range(len(states)))
+        else:
+            members = [k for k, d in enumerate(datasets) if d == group.split(":", 1)[1]]
+            if not members:
+                if previous is None:
+                    raise ValueError(f"No client owns {key!r} and there is no previous global model to keep it from.")
+                out[key] = previous[key]
+                continue
+        if len(members) == 1 and group != "shared":
+            out[key] = states[members[0]][key]  # the owner's block, untouched
+            continue
+        weight = total if group == "shared" else float(sum(num_examples[k] for k in members))
+        mean = sum((num_examples[k] / weight) * states[k][key].astype(np.float64) for k in members)
+        dtype = states[0][key].dtype
+        out[key] = (np.rint(mean) if np.issubdtype(dtype, np.integer) else mean).astype(dtype)
+    return out

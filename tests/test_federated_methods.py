@@ -1,0 +1,135 @@
+"""The federated methods' core arithmetic (SegViz selective aggregation, FedProx) and their wiring."""
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord
+
+from fedseg.federated import client_app, methods, task
+from fedseg.federated.strategies import StudySegViz
+from fedseg.models import SharedTaskUNet, build_network, split_state_dict
+from test_federated import client_context, client_message, reply, tiny  # noqa: F401 (fixture)
+
+
+def segviz_state(value, tasks=("liver", "spleen")):
+    torch.manual_seed(0)
+    model = SharedTaskUNet(tasks=tasks, channels=(4, 8), strides=(2,))
+    return {k: (torch.full_like(v, value) if v.is_floating_point() else v.clone()) for k, v in model.state_dict().items()}
+
+
+def test_selective_average_keeps_task_blocks_and_averages_the_shared_block_by_n_k():
+    rng = np.random.default_rng(0)
+    datasets = ["liver", "spleen", "pancreas"]
+    base = SharedTaskUNet(tasks=datasets, channels=(4, 8), strides=(2,)).state_dict()
+    states = [{k: rng.normal(size=v.shape).astype(np.float32) if v.is_floating_point() else v.numpy()
+               for k, v in base.items()} for _ in datasets]
+    sizes = [79, 25, 169]
+    out = methods.selective_average(states, sizes, datasets)
+    groups = split_state_dict(base)
+    for key in groups["shared"]:
+        if states[0][key].dtype == np.float32:
+            expected = sum(n * s[key].astype(np.float64) for n, s in zip(sizes, states)) / sum(sizes)
+            assert np.allclose(out[key], expected, rtol=1e-6, atol=1e-7), key
+    for k, dataset in enumerate(datasets):
+        for key in groups[f"task:{dataset}"]:
+            assert out[key].tobytes() == states[k][key].tobytes(), key  # byte for byte, the owner's block
+    # a task block nobody sent this round keeps the previous global model's
+    out = methods.selective_average(states[:2], sizes[:2], datasets[:2], previous=states[2])
+    assert all(out[key].tobytes() == states[2][key].tobytes() for key in groups["task:pancreas"])
+    with pytest.raises(ValueError, match="No client owns"):
+        methods.selective_average(states[:2], sizes[:2], datasets[:2])
+
+
+def test_the_segviz_strategy_returns_each_owners_task_block_unchanged(tmp_path):
+    liver, spleen = segviz_state(1.0), segviz_state(3.0)
+    strategy = StudySegViz(tmp_path, num_clients=2)
+    strategy.previous_arrays = ArrayRecord(segviz_state(0.0))
+    arrays, _ = strategy.aggregate_train(1, [reply(11, "spleen", spleen, num_examples=1),
+                                             reply(10, "liver", liver, num_examples=3)])
+    result = arrays.to_torch_state_dict()
+    for key, value in result.items():
+        if not value.is_floating_point():
+            continue
+        if key.startswith("shared."):
+            assert torch.equal(value, torch.full_like(value, 0.75 * 1.0 + 0.25 * 3.0)), key
+        elif key.startswith("task.liver."):
+            assert torch.equal(value, liver[key]), key
+        else:
+            assert torch.equal(value, spleen[key]), key
+
+
+def test_proximal_term_is_zero_at_the_global_weights_and_its_gradient_is_mu_times_the_drift():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    term = methods.proximal_term(model.state_dict(), mu=0.5)
+    logits = torch.zeros(1)
+    assert float(term(model, logits, {}).detach()) == 0.0
+    with torch.no_grad():
+        model.weight += 2.0
+    value = term(model, logits, {})
+    value.backward()
+    assert float(value) == pytest.approx(0.5 * 0.5 * 4.0 * model.weight.numel())
+    assert torch.allclose(model.weight.grad, torch.full_like(model.weight, 0.5 * 2.0))
+    assert torch.equal(model.bias.grad, torch.zeros_like(model.bias)) and torch.equal(reference["bias"], model.bias)
+
+
+def test_network_config_gives_segviz_one_task_block_per_dataset():
+    cfg = {"model": {"name": "UNet", "channels": [8, 16], "strides": [2], "num_res_units": 1},
+           "federated": {"method": "segviz"}}
+    config = methods.network_config(cfg, ["liver", "spleen", "liver"])
+    assert config == {"name": "SharedTaskUNet", "tasks": ["liver", "spleen"], "channels": [8, 16], "strides": [2]}
+    assert isinstance(build_network(**config), SharedTaskUNet)
+    assert methods.network_config({**cfg, "federated": {"method": "fedprox"}}, ["liver"]) == cfg["model"]
+    with pytest.raises(ValueError, match="federated.method"):
+        task.federated_settings({"train": {"steps": 4}, "federated": {"method": "fedsgd"}})
+
+
+def test_a_segviz_client_trains_the_shared_block_and_its_own_task_block_only(tiny):
+    cfg, cases, run_dir = tiny
+    cfg["federated"]["method"] = "segviz"
+    context = client_context(cfg, run_dir, cases, {"partition-id": 1})  # spleen of liver,spleen
+    cfg_model = task.study_config(context.run_config, context.node_config)["model"]
+    assert cfg_model["name"] == "SharedTaskUNet" and cfg_model["tasks"] == ["liver", "spleen"]
+    torch.manual_seed(0)
+    model = build_network(**cfg_model)
+    message, _ = client_message({**cfg, "model": cfg_model}, "train")
+    message.content["arrays"] = ArrayRecord(model.state_dict())
+    out = client_app.app(message, context)
+    assert not out.has_error(), out.error
+    sent = out.content["arrays"].to_torch_state_dict()
+    before = model.state_dict()
+    changed = {k for k, v in sent.items() if v.is_floating_point() and not torch.equal(v, before[k])}
+    assert any(k.startswith("task.spleen.") for k in changed) and any(k.startswith("shared.") for k in changed)
+    assert not any(k.startswith("task.liver.") for k in changed)  # another client's block gets no gradient
+
+
+def test_a_fedprox_client_stays_closer_to_the_global_model(tiny):
+    cfg, cases, run_dir = tiny
+    drift = {}
+    for method, mu in (("fedavg", 0.0), ("fedprox", 100.0)):
+        cfg["federated"].update(method=method, mu=mu)
+        context = client_context(cfg, run_dir / method, cases, {"partition-id": 0})
+        message, model = client_message(cfg, "train")
+        sent = client_app.app(message, context).content["arrays"].to_torch_state_dict()
+        drift[method] = sum(float((sent[k] - v).pow(2).sum()) for k, v in model.state_dict().items()
+                            if v.is_floating_point())
+    assert drift["fedprox"] < drift["fedavg"]
+
+
+@pytest.mark.slow
+def test_a_segviz_federation_runs_in_simulation_and_its_checkpoints_load_as_trained(tiny):
+    from fedseg.evaluation import load_best
+    from fedseg.federated.simulation import run_federation
+
+    cfg, cases, run_dir = tiny
+    cfg["federated"]["method"] = "segviz"
+    result = run_federation(cfg, run_dir, cases, clients=("liver", "spleen"), progress=False)
+    assert set(result["rounds"]["kind"]) == {"train", "evaluate", "global"}
+    final = torch.load(result["global_final"], weights_only=False)["model"]
+    local = torch.load(result["local_best"]["spleen"], weights_only=False)["model"]
+    assert any(k.startswith("task.spleen.") for k in final) and any(k.startswith("task.liver.") for k in final)
+    if torch.load(result["local_best"]["spleen"], weights_only=False)["step"] == 2:  # the last round's local model
+        assert all(torch.equal(final[k], v) for k, v in local.items() if k.startswith("task.spleen."))
+    model = load_best(cfg, result["global_best"])  # the profile says UNet; the run trained a SharedTaskUNet
+    assert isinstance(model, SharedTaskUNet) and model.tasks == ("liver", "spleen")

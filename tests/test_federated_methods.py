@@ -133,3 +133,58 @@ def test_a_segviz_federation_runs_in_simulation_and_its_checkpoints_load_as_trai
         assert all(torch.equal(final[k], v) for k, v in local.items() if k.startswith("task.spleen."))
     model = load_best(cfg, result["global_best"])  # the profile says UNet; the run trained a SharedTaskUNet
     assert isinstance(model, SharedTaskUNet) and model.tasks == ("liver", "spleen")
+
+
+def test_the_distillation_term_is_zero_against_itself_and_pulls_unowned_channels_to_the_teacher():
+    torch.manual_seed(0)
+    student = build_network("UNet", channels=(4, 8), strides=(2,), num_res_units=1)
+    image = torch.rand(2, 1, 16, 16, 16)
+    label = torch.zeros(2, 8, 16, 16, 16)
+    owned = torch.tensor([[0, 1, 1, 0, 0, 0, 0, 0]] * 2)  # a liver client
+    batch = {"image": image, "label": label, "owned": owned}
+    same = methods.distillation_term(copy_of(student), weight=2.0)
+    assert float(same(student, student(image), batch).detach()) == pytest.approx(0.0, abs=1e-6)
+    other = copy_of(student)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    value = methods.distillation_term(other, weight=2.0)(student, student(image), batch)
+    assert float(value.detach()) > 0
+    value.backward()
+    assert all(p.grad is None for p in other.parameters())  # the teacher is frozen
+
+
+def copy_of(model):
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def test_a_distill_client_trains_and_replies(tiny):
+    cfg, cases, run_dir = tiny
+    cfg["federated"].update(method="distill", distill_weight=1.0)
+    context = client_context(cfg, run_dir, cases, {"partition-id": 0})
+    message, _ = client_message(cfg, "train")
+    out = client_app.app(message, context)
+    assert not out.has_error(), out.error
+    assert np.isfinite(out.content["metrics"]["train-loss"])
+
+
+def test_fedgin_switches_gin_on_in_local_training_only():
+    from fedseg.gin import RandGINd
+    from fedseg.transforms import augment
+
+    cfg = {"preprocess": {"patch_size": [8, 8, 8], "patches_per_volume": 1, "patch_sampling": "random",
+                          "intensity_shift": {"prob": 0.0, "offset": 0.1}}, "federated": {"method": "fedgin"}}
+    local = methods.local_training_config(cfg)
+    assert local["preprocess"]["gin"] == methods.GIN_DEFAULT and "gin" not in cfg["preprocess"]
+    assert any(isinstance(t, RandGINd) for t in augment(local).transforms)
+    assert not any(isinstance(t, RandGINd) for t in augment(cfg).transforms)
+    fedavg = {**cfg, "federated": {"method": "fedavg"}}
+    assert methods.local_training_config(fedavg) is fedavg  # other methods train as the profile says
+    image = torch.rand(1, 8, 8, 8)
+    label = (torch.rand(8, 8, 8, 8) > 0.5).to(torch.uint8)
+    sample = {"image": image, "label": label, "foreground": label[1:2]}
+    local["preprocess"]["gin"] = {"prob": 1.0}
+    out = augment(local)(sample)[0]
+    assert torch.equal(out["label"], label) and not torch.allclose(out["image"], image)

@@ -21,6 +21,7 @@ from monai import transforms as mt
 from monai.data import Dataset, PersistentDataset
 
 from fedseg.datasets import case_files
+from fedseg.gin import RandGINd
 from fedseg.labels import owned_mask, to_multihot
 from fedseg.run import repo_root
 
@@ -78,7 +79,8 @@ def preprocess(cfg: dict[str, Any]) -> mt.Compose:
 
 
 def augment(cfg: dict[str, Any]) -> mt.Compose:
-    """The random part of training: patches (random or foreground-biased) then the intensity shift."""
+    """The random part of training: patches (random or foreground-biased), GIN if `preprocess.gin` is set
+    (e.g. `{prob: 0.5}`; `fedseg.gin.RandGINd`'s arguments), then the intensity shift."""
     pre = cfg["preprocess"]
     patch, count = pre["patch_size"], pre["patches_per_volume"]
     keys = [IMAGE, LABEL]
@@ -90,10 +92,13 @@ def augment(cfg: dict[str, Any]) -> mt.Compose:
     else:
         raise ValueError(f"preprocess.patch_sampling={pre['patch_sampling']!r}: use 'random' or 'posneg'.")
     shift = pre["intensity_shift"]
+    # FedGIN (seed 004): random shallow-network intensity remapping of each patch, when the profile asks
+    gin = [RandGINd(keys=IMAGE, **pre["gin"])] if pre.get("gin") else []
     return mt.Compose([
         mt.SpatialPadd(keys=[*keys, FOREGROUND], spatial_size=patch),
         crop,
         mt.DeleteItemsd(keys=FOREGROUND),
+        *gin,
         mt.RandShiftIntensityd(keys=IMAGE, offsets=shift["offset"], prob=shift["prob"]),
     ])
 

@@ -91,9 +91,13 @@ def train(msg: Message, context: Context) -> Message:
         model = _global_model(cfg, msg)
         method = cfg["federated"]["method"]
         block = task.parse_client(dataset)[0] if method == "segviz" else None  # SegViz: own task block
-        extra = methods.proximal_term(model.state_dict(), cfg["federated"]["mu"]) if method == "fedprox" else None
-        result = task.train_locally(cfg, model, dataset, server_round, train_records, val_records, task=block,
-                                    extra_loss=extra)
+        extra = None
+        if method == "fedprox":
+            extra = methods.proximal_term(model.state_dict(), cfg["federated"]["mu"])
+        elif method == "distill":
+            extra = methods.distillation_term(_global_model(cfg, msg), cfg["federated"]["distill_weight"])
+        result = task.train_locally(methods.local_training_config(cfg), model, dataset, server_round, train_records,
+                                    val_records, task=block, extra_loss=extra)
         final = result["final"]
         metric = float(final["val_mean_dice"])
         updated = _keep_local_best(context, cfg, dataset, server_round, model, metric)

@@ -6,6 +6,12 @@
 - `segviz`: SegViz (seeds 001/002): the `SharedTaskUNet`; each client trains the shared block and its own
   task block, the server averages only the shared block (n_k / n) and keeps each task block as its owner
   sent it; the global model is then the meta-model (shared block + every client's task block).
+- `fedgin`: FedGIN (seed 004): FedAvg with GIN augmentation (`fedseg.gin.RandGINd`) in every client's local
+  training; `preprocess.gin` gives its settings (default `{prob: 0.5}`). Pair it with MRI-like clients
+  (`data.phantom.mri_like`) for the cross-contrast experiment.
+- `distill`: FedAvg where each client's unlabelled channels are supervised by the received global model's
+  predictions on the same patch (ConDistFL-style conditional distillation, `fedseg.completion`), weighted
+  by `federated.distill_weight`, on the voxels the client's own labels call background.
 
 The arithmetic lives here as plain functions, tested on known tensors; the ClientApp and the strategy call them.
 """
@@ -20,9 +26,11 @@ import torch
 
 from fedseg.models import parameter_group
 
-METHODS: tuple[str, ...] = ("fedavg", "fedprox", "segviz")
+METHODS: tuple[str, ...] = ("fedavg", "fedprox", "segviz", "fedgin", "distill")
+#: GIN settings of `fedgin` when the profile's `preprocess.gin` gives none.
+GIN_DEFAULT: dict[str, Any] = {"prob": 0.5}
 #: Defaults of each method's knobs in a profile's `federated:` section.
-METHOD_DEFAULTS: dict[str, Any] = {"method": "fedavg", "mu": 0.01}
+METHOD_DEFAULTS: dict[str, Any] = {"method": "fedavg", "mu": 0.01, "distill_weight": 1.0}
 
 
 def check_method(method: str) -> str:
@@ -39,6 +47,14 @@ def network_config(cfg: Mapping[str, Any], datasets: Sequence[str]) -> dict[str,
         return model
     shared = {key: model[key] for key in ("channels", "strides") if key in model}
     return {"name": "SharedTaskUNet", "tasks": list(dict.fromkeys(datasets)), **shared}
+
+
+def local_training_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The configuration a client trains under: FedGIN switches GIN augmentation on (profile's `preprocess.gin`,
+    else `GIN_DEFAULT`); other methods train as the profile says."""
+    if cfg["federated"].get("method") != "fedgin":
+        return cfg
+    return {**cfg, "preprocess": {**cfg["preprocess"], "gin": cfg["preprocess"].get("gin") or GIN_DEFAULT}}
 
 
 def proximal_term(reference: Mapping[str, torch.Tensor], mu: float):
@@ -92,3 +108,26 @@ def selective_average(states: Sequence[Mapping[str, np.ndarray]], num_examples: 
         dtype = states[0][key].dtype
         out[key] = (np.rint(mean) if np.issubdtype(dtype, np.integer) else mean).astype(dtype)
     return out
+
+
+def distillation_term(teacher: torch.nn.Module, weight: float):
+    """ConDistFL-style distillation as a training extra loss: `weight` x `completion.distillation_loss` of
+    the student's logits against the frozen `teacher`'s (the received global model) on the same patch, over
+    the channels the sample's dataset does not own, on voxels its own labels call background."""
+    from fedseg.completion import distillation_loss
+    from fedseg.transforms import IMAGE, LABEL
+
+    teacher = teacher.eval()
+    for parameter in teacher.parameters():
+        parameter.requires_grad_(False)
+
+    def term(model: torch.nn.Module, logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        image = batch[IMAGE]
+        teacher.to(image.device)
+        with torch.no_grad():
+            reference = teacher(image).float()
+        target = batch[LABEL].to(image.device)
+        return weight * distillation_loss(logits, reference, batch["owned"].to(image.device), target=target,
+                                          condition_on_background=True)
+
+    return term

@@ -31,7 +31,8 @@ FL_DEFAULTS: dict[str, Any] = {"rounds": 2, "local_steps": None, "fraction_train
                                "round_timeout": 86400, **METHOD_DEFAULTS}
 #: run_config keys (kebab-case) that override a knob; their "unset" value (0, 0.0, "") keeps the profile's.
 RUN_CONFIG_KNOBS = {"rounds": "rounds", "local-steps": "local_steps", "fraction-train": "fraction_train",
-                    "min-clients": "min_clients", "keep-optimizer": "keep_optimizer", "method": "method", "mu": "mu"}
+                    "min-clients": "min_clients", "keep-optimizer": "keep_optimizer", "method": "method", "mu": "mu",
+                    "distill-weight": "distill_weight"}
 
 
 def federated_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -43,6 +44,7 @@ def federated_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
     fl["local_steps"], fl["min_clients"] = int(fl["local_steps"]), int(fl["min_clients"])
     fl["keep_optimizer"] = _as_bool(fl["keep_optimizer"], "federated.keep_optimizer")
     fl["method"], fl["mu"] = check_method(str(fl["method"])), float(fl["mu"])
+    fl["distill_weight"] = float(fl["distill_weight"])
     if fl["rounds"] < 1 or fl["local_steps"] < 1 or not 0.0 < float(fl["fraction_train"]) <= 1.0:
         raise ValueError(f"federated settings {fl}: rounds and local_steps must be >= 1, fraction_train in (0, 1].")
     return fl

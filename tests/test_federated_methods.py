@@ -188,3 +188,28 @@ def test_fedgin_switches_gin_on_in_local_training_only():
     local["preprocess"]["gin"] = {"prob": 1.0}
     out = augment(local)(sample)[0]
     assert torch.equal(out["label"], label) and not torch.allclose(out["image"], image)
+
+
+def test_a_pseudo_client_trains_on_targets_completed_by_the_global_model(tiny):
+    from fedseg.transforms import case_records
+
+    cfg, cases, run_dir = tiny
+    cfg["federated"].update(method="pseudo", pseudo_after=0)
+    records = case_records(cfg["data_root"], cases[(cases.dataset == "liver") & (cases.split == "train")])
+
+    class Teacher(torch.nn.Module):  # says "spleen" wherever the image is dark, liver included
+        def forward(self, x):
+            logits = torch.full((x.shape[0], 8, *x.shape[2:]), -10.0)
+            logits[:, 3] = torch.where(x[:, 0] < 0.7, 10.0, -10.0)
+            return logits
+
+    volumes = methods.pseudo_labelled_volumes(task.study_config(
+        {"study-config": __import__("json").dumps(cfg), "run-dir": str(run_dir)}), Teacher(), records, torch.device("cpu"))
+    for volume in volumes:
+        owned = np.asarray(volume["owned"]).astype(bool)
+        assert owned[3] and owned[1] and owned[2]  # spleen completed; the liver client's own channels kept
+        assert volume["label"][3].any() and not (volume["label"][3].bool() & volume["label"][1].bool()).any()
+    context = client_context(cfg, run_dir, cases, {"partition-id": 0})
+    message, _ = client_message(cfg, "train", server_round=1)
+    out = client_app.app(message, context)
+    assert not out.has_error(), out.error

@@ -13,7 +13,7 @@ import functools
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -51,10 +51,12 @@ class PatchBatches(torch.utils.data.Dataset):
     (patches, intensity shift) with a generator seeded per step, so resuming at step s is exact.
     """
 
-    def __init__(self, cfg: dict[str, Any], records: list[dict[str, Any]], seed: int, cases_per_step: int):
+    def __init__(self, cfg: dict[str, Any], records: list[dict[str, Any]], seed: int, cases_per_step: int,
+                 volumes: Sequence[dict[str, Any]] | None = None):
         if not records:
             raise ValueError("No training cases: check the manifest's train split for this client.")
-        self.volumes = evaluation_dataset(cfg, records)
+        # `volumes`: preprocessed cases to draw from instead of the cache (e.g. with completed pseudo-labels)
+        self.volumes = evaluation_dataset(cfg, records) if volumes is None else volumes
         self.augment = augment(cfg)
         self.seed, self.cases_per_step = seed, cases_per_step
 
@@ -167,11 +169,13 @@ def train_model(cfg: dict[str, Any], model: torch.nn.Module, train_records: list
                 val_records: list[dict[str, Any]], out_dir: str | Path, *, steps: int | None = None,
                 loss: str | None = None, task: str | None = None, seed: int | None = None, resume: bool = True,
                 stop_after: int | None = None, progress: bool = True, desc: str = "train",
-                device: torch.device | None = None, extra_loss: ExtraLoss | None = None) -> dict[str, Any]:
+                device: torch.device | None = None, extra_loss: ExtraLoss | None = None,
+                volumes: Sequence[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Train `model` for `steps` local steps with validation, best-checkpoint tracking and resume.
 
     `extra_loss(model, logits, batch)` is added to the supervised loss every step (the federated methods'
     terms: FedProx's proximal term, distillation from the global model); the logged loss includes it.
+    `volumes` replaces the cached training volumes (label completion trains on pseudo-labelled ones).
 
     Writes `out_dir/last.pt` (everything needed to resume) every `train.checkpoint_every` steps and at the
     end, `out_dir/best.pt` (weights of the best validation mean Dice over owned channels) and
@@ -203,7 +207,7 @@ def train_model(cfg: dict[str, Any], model: torch.nn.Module, train_records: list
         state = saved["state"]
     else:
         seed_everything(seed)
-    batches = PatchBatches(cfg, train_records, seed, train["cases_per_step"])
+    batches = PatchBatches(cfg, train_records, seed, train["cases_per_step"], volumes)
     volumes = evaluation_dataset(cfg, val_records)
     start, end = state["step"], steps if stop_after is None else min(steps, state["step"] + stop_after)
     loader = torch.utils.data.DataLoader(

@@ -96,8 +96,13 @@ def train(msg: Message, context: Context) -> Message:
             extra = methods.proximal_term(model.state_dict(), cfg["federated"]["mu"])
         elif method == "distill":
             extra = methods.distillation_term(_global_model(cfg, msg), cfg["federated"]["distill_weight"])
+        volumes = None
+        if method == "pseudo" and server_round > cfg["federated"]["pseudo_after"]:
+            from fedseg.training import select_device
+
+            volumes = methods.pseudo_labelled_volumes(cfg, _global_model(cfg, msg), train_records, select_device())
         result = task.train_locally(methods.local_training_config(cfg), model, dataset, server_round, train_records,
-                                    val_records, task=block, extra_loss=extra)
+                                    val_records, task=block, extra_loss=extra, volumes=volumes)
         final = result["final"]
         metric = float(final["val_mean_dice"])
         updated = _keep_local_best(context, cfg, dataset, server_round, model, metric)

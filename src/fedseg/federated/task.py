@@ -32,7 +32,7 @@ FL_DEFAULTS: dict[str, Any] = {"rounds": 2, "local_steps": None, "fraction_train
 #: run_config keys (kebab-case) that override a knob; their "unset" value (0, 0.0, "") keeps the profile's.
 RUN_CONFIG_KNOBS = {"rounds": "rounds", "local-steps": "local_steps", "fraction-train": "fraction_train",
                     "min-clients": "min_clients", "keep-optimizer": "keep_optimizer", "method": "method", "mu": "mu",
-                    "distill-weight": "distill_weight"}
+                    "distill-weight": "distill_weight", "pseudo-after": "pseudo_after"}
 
 
 def federated_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -44,7 +44,10 @@ def federated_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
     fl["local_steps"], fl["min_clients"] = int(fl["local_steps"]), int(fl["min_clients"])
     fl["keep_optimizer"] = _as_bool(fl["keep_optimizer"], "federated.keep_optimizer")
     fl["method"], fl["mu"] = check_method(str(fl["method"])), float(fl["mu"])
-    fl["distill_weight"] = float(fl["distill_weight"])
+    fl["distill_weight"], fl["pseudo_after"] = float(fl["distill_weight"]), fl["pseudo_after"]
+    if fl["pseudo_after"] is None:
+        fl["pseudo_after"] = fl["rounds"] // 2
+    fl["pseudo_after"] = int(fl["pseudo_after"])
     if fl["rounds"] < 1 or fl["local_steps"] < 1 or not 0.0 < float(fl["fraction_train"]) <= 1.0:
         raise ValueError(f"federated settings {fl}: rounds and local_steps must be >= 1, fraction_train in (0, 1].")
     return fl
@@ -197,7 +200,7 @@ def round_seed(seed: int, client: str, server_round: int = 0) -> int:
 
 def train_locally(cfg: dict[str, Any], model: torch.nn.Module, client: str, server_round: int,
                   train_records: list, val_records: list, task: str | None = None,
-                  extra_loss: Any = None) -> dict[str, Any]:
+                  extra_loss: Any = None, volumes: Any = None) -> dict[str, Any]:
     """`local_steps` of `train_model` from the global weights in `model`, into `<run_dir>/fl/<client>/`.
 
     Without keep_optimizer every round starts a fresh optimizer (resume=False) on batches seeded by
@@ -220,7 +223,7 @@ def train_locally(cfg: dict[str, Any], model: torch.nn.Module, client: str, serv
     seed = round_seed(cfg["seed"], client, 0 if fl["keep_optimizer"] else server_round)
     summary = train_model(cfg, model, train_records, val_records, out_dir, steps=start + fl["local_steps"],
                           seed=seed, resume=resume, progress=False, desc=f"fl-{client}", task=task,
-                          extra_loss=extra_loss)
+                          extra_loss=extra_loss, volumes=volumes)
     history = summary["history"]
     this_round = history[history["step"] > start]
     spans = np.diff(np.concatenate([[start], this_round["step"].to_numpy()]))

@@ -89,3 +89,21 @@ def test_figures_and_the_run_readme(smoke_run):
     readme = (run_dir / "README.md").read_text()
     assert "Table 3" in readme and "(figures/fig3_btcv.png)" in readme
     assert "| **chain** | ok |" in readme  # rewritten once the chain ended
+
+
+def test_a_sweep_runs_the_methods_side_by_side_into_one_run_folder(tmp_path):
+    env = {**os.environ, "FEDSEG_DATA": str(tmp_path / "data"), "FEDSEG_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-m", "fedseg", "sweep", "--profile", "smoke", "--methods",
+                           "fedavg,fedprox,segviz", "--run-name", "sweep", "--results", str(tmp_path / "results")],
+                          env=env, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stdout + done.stderr
+    run_dir = tmp_path / "results" / "sweep"
+    table = pd.read_csv(run_dir / "tables" / "sweep_methods.csv", index_col=0)
+    assert list(table.index) == ["SL"] + [f"{m}: FL {k}" for m in ("fedavg", "fedprox", "segviz")
+                                          for k in ("global model (server)", "local model (client)")]
+    assert (table["03 wall time (s)"].dropna() > 0).all() and len(table["03 wall time (s)"].dropna()) == 6
+    for method in ("fedavg", "fedprox", "segviz"):
+        config = json.loads((run_dir / method / "fl" / "config.json").read_text())
+        assert config["federated"]["method"] == method
+        assert (run_dir / method / "checkpoints" / "fl-global" / "best.pt").exists()
+    assert json.loads((run_dir / "segviz" / "fl" / "config.json").read_text())["model"]["name"] == "SharedTaskUNet"

@@ -178,6 +178,23 @@ def table2(rows: dict[str, pd.Series]) -> pd.DataFrame:
     return pd.DataFrame.from_dict(out, orient="index", columns=columns).round(1)
 
 
+def sweep_table(run_dir: str | Path, methods: tuple[str, ...]) -> pd.DataFrame:
+    """One table of every swept method (`<run_dir>/<method>/tables/table2.csv`): its FL global and FL local
+    rows (Dice %, 7 channels and Avg.), the SL row once, and the method's 03 wall time in seconds."""
+    import json
+
+    rows = {}
+    for method in methods:
+        folder = Path(run_dir) / method
+        table = pd.read_csv(folder / "tables" / "table2.csv", index_col=0)
+        seconds = json.loads((folder / "run.json").read_text())["notebooks"]["03_federated_training"]["wall_s"]
+        if not rows and "SL (this run)" in table.index:
+            rows["SL"] = {**table.loc["SL (this run)"].to_dict(), "03 wall time (s)": np.nan}
+        for kind in ("FL global model (server)", "FL local model (client)"):
+            rows[f"{method}: {kind}"] = {**table.loc[f"{kind} (this run)"].to_dict(), "03 wall time (s)": seconds}
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
 def learning_curves(histories: dict[str, pd.DataFrame]) -> plt.Figure:
     """Training loss and validation mean Dice (owned channels) against step, one line per model."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))

@@ -261,6 +261,33 @@ def _write_readme(run_dir: Path) -> None:
     results_readme(run_dir)
 
 
+def run_sweep(profile: str = "laptop", methods: tuple[str, ...] = ("fedavg",), *, run_name: str | None = None,
+              params: dict[str, Any] | None = None, overwrite: bool = False, results: str | Path | None = None,
+              log_output: bool = False) -> Path:
+    """The federated methods side by side in one run folder: 01 and 02 once, then 03 once per method into
+    `<run>/<method>/` (its own checkpoints, rounds, tables), then `tables/sweep_methods.*` collecting every
+    method's FL global and local Dice per channel with the SL row and each method's wall time."""
+    from fedseg.federated.methods import check_method
+    from fedseg.report import save_table, sweep_table
+
+    for method in methods:
+        check_method(method)
+    run_dir = run_chain(profile, run_name=run_name, params=params, overwrite=overwrite, results=results,
+                        notebooks=CHAIN[:2], log_output=log_output)
+    for method in methods:
+        method_dir = run_dir / method
+        (method_dir / "data").mkdir(parents=True, exist_ok=True)
+        (method_dir / "metrics").mkdir(exist_ok=True)
+        shutil.copy(run_dir / "data" / "cases.csv", method_dir / "data" / "cases.csv")
+        shutil.copy(run_dir / "metrics" / "test_dice_per_channel.csv", method_dir / "metrics")  # the SL row
+        run_chain(profile, run_name=method, params={**(params or {}), "method": method}, only="03",
+                  results=run_dir, notebooks=CHAIN, log_output=log_output)
+    table = sweep_table(run_dir, methods)
+    save_table(table, run_dir, "sweep_methods", note="Dice (%) on each task's test split; Avg. = mean of the 7 "
+               "channels. Each method trained from the same seed, data and 02 baselines (SL row).")
+    return run_dir
+
+
 def _parse_param(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"-p {text!r}: write parameters as key=value, e.g. -p seed=1.")
@@ -280,7 +307,25 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--results", help="results folder (default: results/ in the checkout)")
     run.add_argument("--overwrite", action="store_true", help="replace an existing run folder of that name")
     run.add_argument("--log-output", action="store_true", help="stream the notebooks' output to the terminal")
+    sweep = sub.add_parser("sweep", help="01 and 02 once, then 03 once per federated method, into one run folder")
+    sweep.add_argument("--profile", default="laptop", help="smoke, laptop (default), paper, or a YAML path")
+    sweep.add_argument("--methods", default="fedavg,fedprox,segviz", help="comma-separated federated methods")
+    sweep.add_argument("-p", "--param", action="append", type=_parse_param, default=[], metavar="KEY=VALUE")
+    sweep.add_argument("--run-name", help="folder name under results/ (default: <profile>-<timestamp>)")
+    sweep.add_argument("--results", help="results folder (default: results/ in the checkout)")
+    sweep.add_argument("--overwrite", action="store_true", help="replace an existing run folder of that name")
+    sweep.add_argument("--log-output", action="store_true", help="stream the notebooks' output to the terminal")
     args = parser.parse_args(argv)
+    if args.command == "sweep":
+        try:
+            run_dir = run_sweep(args.profile, tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+                                run_name=args.run_name, params=dict(args.param), overwrite=args.overwrite,
+                                results=args.results, log_output=args.log_output)
+        except (ChainError, FileExistsError, ValueError, FileNotFoundError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(f"sweep {run_dir} finished:\n{(run_dir / 'tables' / 'sweep_methods.md').read_text()}")
+        return 0
     try:
         run_dir = run_chain(args.profile, run_name=args.run_name, params=dict(args.param), only=args.only,
                             overwrite=args.overwrite, results=args.results, log_output=args.log_output)

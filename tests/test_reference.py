@@ -1,0 +1,66 @@
+"""The committed reference results (results/reference/, one laptop-profile run) have the paper's tables' shape.
+
+They are what the README's "results at a glance" shows; these checks keep them complete and self-consistent:
+the paper's rows and columns are all there, the paper's numbers are the published ones, and this run's
+averages are the means they claim to be.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fedseg import report
+from fedseg.run import CHAIN
+
+REFERENCE = Path(__file__).resolve().parents[1] / "results" / "reference"
+
+
+def read(name):
+    path = REFERENCE / "tables" / f"{name}.csv"
+    assert path.exists(), f"{path} is missing: regenerate the reference run (README, 'Reference results')"
+    return pd.read_csv(path, index_col=0)
+
+
+def test_the_reference_run_is_complete_and_recorded():
+    record = json.loads((REFERENCE / "run.json").read_text())
+    assert record["status"] == "ok" and record["profile"] == "laptop"
+    assert list(record["notebooks"]) == list(CHAIN)
+    assert all(entry["status"] == "ok" for entry in record["notebooks"].values())
+    readme = (REFERENCE / "README.md").read_text()
+    for heading in ("Table 1", "Table 2", "Table 3"):
+        assert heading in readme
+    for link in readme.split("](")[1:]:  # every figure the README shows is committed
+        assert (REFERENCE / link.split(")")[0]).exists(), link
+
+
+def test_table1_has_the_papers_rows_and_counts():
+    table = read("table1")
+    assert list(table.index) == [report.PAPER_NAMES[d] for d in ("liver", "pancreas", "kits19", "spleen", "btcv")]
+    assert list(table.loc["MSD liver", ["train (paper)", "val (paper)", "test (paper)"]]) == [79, 26, 26]
+    assert table.loc["BTCV (external)", "test (paper)"] == 30
+
+
+def test_table2_has_the_papers_rows_and_columns():
+    table = read("table2")
+    assert list(table.columns) == [c.replace("_", " ") for c in report.TABLE2_CHANNELS] + ["Avg."]
+    for name, values in report.PAPER_TABLE2.items():
+        assert np.allclose(table.loc[f"{name} (paper)"], values)
+        run = table.loc[f"{name} (this run)"]
+        assert run.iloc[:-1].between(0, 100).all()
+        assert run["Avg."] == pytest.approx(run.iloc[:-1].mean(), abs=0.06)  # the stated definition
+
+
+def test_table3_has_the_papers_rows_and_columns():
+    table = read("table3")
+    assert list(table.columns) == ["Liver", "Pancreas", "Kidney", "Spleen", "Avg."]
+    for name, values in report.PAPER_TABLE3.items():
+        assert np.allclose(table.loc[f"{name} (paper)"], values)
+    for name in ("SL (ensemble)", "FL global model", "FL local model (ensemble)", "FL local model (processed)"):
+        run = table.loc[f"{name} (this run)"]
+        assert run.iloc[:-1].between(0, 100).all()
+        assert run["Avg."] == pytest.approx(run.iloc[:-1].mean(), abs=0.06)
+    detail = read("table3_detail")
+    assert len(detail) > 0

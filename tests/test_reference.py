@@ -64,3 +64,24 @@ def test_table3_has_the_papers_rows_and_columns():
         assert run["Avg."] == pytest.approx(run.iloc[:-1].mean(), abs=0.06)
     detail = read("table3_detail")
     assert len(detail) > 0
+
+
+def readme_row(section, label):
+    """The numbers of the README's row `label` in the "Results at a glance" table headed `section`."""
+    readme = (REFERENCE.parents[1] / "README.md").read_text()
+    part = readme[readme.index(section):]
+    line = next(line for line in part.splitlines() if line.startswith(f"| {label} |"))
+    return [float(cell.strip().rstrip("*")) for cell in line.strip("|").split("|")[1:]]
+
+
+def test_the_readme_shows_the_reference_tables_numbers():
+    table2, table3 = read("table2"), read("table3")
+    for readme, table in (("SL (this run)", "SL (this run)"),
+                          ("FL global model (this run)", "FL global model (server) (this run)"),
+                          ("FL local model (this run)", "FL local model (client) (this run)")):
+        assert readme_row("**Table 2**", readme) == pytest.approx(table2.loc[table].tolist(), abs=0.051), readme
+    for readme, table in (("SL ensemble (this run)", "SL (ensemble) (this run)"),
+                          ("FL global model (this run)", "FL global model (this run)"),
+                          ("FL local ensemble (this run)", "FL local model (ensemble) (this run)"),
+                          ("FL local ensemble, processed (this run)", "FL local model (processed) (this run)")):
+        assert readme_row("**Table 3**", readme) == pytest.approx(table3.loc[table].tolist(), abs=0.051), readme

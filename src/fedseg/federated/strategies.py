@@ -127,12 +127,17 @@ class StudyFedAvg(FedAvg):
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = self._checked(server_round, "train", replies)
-        arrays, metrics = super().aggregate_train(server_round, replies)
-        arrays = _like_first_reply(arrays, replies)
+        arrays, metrics = self._average(server_round, replies)
         for m in replies:
             self.rows.append(self._row(server_round, "train", m, loss=float(_metrics(m)["train-loss"])))
         self._write_rows()
         return arrays, metrics
+
+    def _average(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The new global weights and the train metrics of checked, sorted replies: FedAvg, each array kept
+        in its own dtype."""
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        return _like_first_reply(arrays, replies), metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = self._checked(server_round, "evaluate", replies)
@@ -245,20 +250,14 @@ class StudySegViz(StudyFedAvg):
         self.previous_arrays = arrays
         return super().configure_train(server_round, arrays, config, grid)
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def _average(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         from fedseg.federated.methods import selective_average
         from fedseg.federated.task import parse_client
 
-        replies = self._checked(server_round, "train", replies)
-        _, metrics = FedAvg.aggregate_train(self, server_round, replies)
+        metrics = self.train_metrics_aggr_fn([m.content for m in replies], self.weighted_by_key)
         states = [{k: a.numpy() for k, a in m.content["arrays"].items()} for m in replies]
         sizes = [int(_metrics(m)["num-examples"]) for m in replies]
         datasets = [parse_client(_dataset_name(_metrics(m)))[0] for m in replies]
         previous = {k: a.numpy() for k, a in self.previous_arrays.items()}
         averaged = selective_average(states, sizes, datasets, previous)
-        arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in averaged.items()})
-        for m in replies:
-            self.rows.append(self._row(server_round, "train", m, loss=float(_metrics(m)["train-loss"])))
-        self._write_rows()
-        return arrays, metrics
+        return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in averaged.items()}), metrics

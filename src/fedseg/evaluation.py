@@ -73,12 +73,10 @@ def test_case_panels(cfg: dict[str, Any], cases: pd.DataFrame, models_of: dict[s
     `models_of[name][task]` is the checkpoint model `name` uses on `task` (e.g. "SL" -> sl-<task>/best.pt,
     "FL global" -> the same global best for every task). Masks are sigmoid > 0.5 of sliding-window logits.
     """
-    from monai.inferers import sliding_window_inference
-
-    from fedseg.training import autocast
+    from fedseg.inference import predict_logits
     from fedseg.transforms import IMAGE, LABEL
 
-    device, train = select_device(), cfg["train"]
+    device = select_device()
     loaded: dict[str, torch.nn.Module] = {}
     panels = {}
     for task in datasets:
@@ -87,16 +85,14 @@ def test_case_panels(cfg: dict[str, Any], cases: pd.DataFrame, models_of: dict[s
             continue
         records = case_records(cfg["data_root"], tests.iloc[[min(case_index, len(tests) - 1)]])
         case = evaluation_dataset(cfg, records)[0]
-        image = torch.as_tensor(case[IMAGE])[None].to(device)
+        image = torch.as_tensor(case[IMAGE])
         predictions = {}
         for name, paths in models_of.items():
             path = str(paths[task])
             if path not in loaded:
                 loaded[path] = load_best(cfg, path, device)
-            with autocast(device, train):
-                logits = sliding_window_inference(image, cfg["preprocess"]["patch_size"], train["sw_batch_size"],
-                                                  loaded[path], overlap=train["sw_overlap"])
-            predictions[name] = (torch.sigmoid(logits.float())[0] > 0.5).cpu().numpy()
+            logits = predict_logits(loaded[path], image, cfg, device)
+            predictions[name] = (torch.sigmoid(logits) > 0.5).numpy()
         panels[task] = {"image": np.asarray(case[IMAGE][0]), "truth": np.asarray(case[LABEL]),
                         "predictions": predictions, "case_id": records[0]["case_id"]}
     return panels

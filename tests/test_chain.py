@@ -91,7 +91,7 @@ def test_figures_and_the_run_readme(smoke_run):
     assert "| **chain** | ok |" in readme  # rewritten once the chain ended
 
 
-def test_a_sweep_runs_the_methods_side_by_side_into_one_run_folder(tmp_path):
+def test_a_sweep_runs_the_methods_side_by_side_and_the_segviz_node_sets_add_to_it(tmp_path):
     env = {**os.environ, "FEDSEG_DATA": str(tmp_path / "data"), "FEDSEG_CACHE": str(tmp_path / "cache")}
     done = subprocess.run([sys.executable, "-m", "fedseg", "sweep", "--profile", "smoke", "--methods",
                            "fedavg,fedprox,segviz", "--run-name", "sweep", "--results", str(tmp_path / "results")],
@@ -107,3 +107,26 @@ def test_a_sweep_runs_the_methods_side_by_side_into_one_run_folder(tmp_path):
         assert config["federated"]["method"] == method
         assert (run_dir / method / "checkpoints" / "fl-global" / "best.pt").exists()
     assert json.loads((run_dir / "segviz" / "fl" / "config.json").read_text())["model"]["name"] == "SharedTaskUNet"
+
+    # SegViz's node sets into the same folder: 01/02 and the sweep's 4-node federations are reused
+    done = subprocess.run([sys.executable, "-m", "fedseg", "nodes", "--profile", "smoke", "--nodes", "2,4",
+                           "--run-name", "sweep", "--results", str(tmp_path / "results")],
+                          env=env, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not (run_dir / "nodes-4").exists()
+    segviz = json.loads((run_dir / "nodes-2" / "segviz" / "fl" / "config.json").read_text())["model"]
+    assert segviz["name"] == "SharedTaskUNet" and segviz["tasks"] == ["liver", "spleen"]
+    for method in ("fedavg", "segviz"):
+        rounds = pd.read_csv(run_dir / "nodes-2" / method / "metrics" / "fl_rounds.csv")
+        assert set(rounds.loc[rounds.kind == "train", "dataset"]) == {"liver", "spleen"}
+    scores = pd.read_csv(run_dir / "metrics" / "segviz_nodes_per_case.csv")
+    organs = scores.groupby(["setup", "model"])["organ"].agg(lambda o: sorted(set(o)))
+    assert organs[("2-node", "SegViz")] == organs[("2-node", "Central aggregation")] == ["liver", "spleen"]
+    assert organs[("4-node", "Conventional FL")] == ["kidney", "liver", "pancreas", "spleen"]
+    assert scores.groupby(["setup", "model", "organ"]).size().eq(scores.case_id.nunique()).all()
+    table = pd.read_csv(run_dir / "tables" / "segviz_nodes.csv", index_col=0)
+    assert "2-node SegViz (this run)" in table.index and "4-node Conventional FL (paper)" in table.index
+    assert table.loc["2-node SegViz (this run)", "pancreas"] == "-"
+    timing = pd.read_csv(run_dir / "metrics" / "segviz_nodes_time.csv")
+    assert {("2-node", "Central aggregation"), ("4-node", "SegViz")} <= set(zip(timing.setup, timing.model))
+    assert (run_dir / "figures" / "segviz_nodes.png").exists()

@@ -7,6 +7,7 @@ from flwr.app import ArrayRecord
 
 from fedseg.federated import client_app, methods, task
 from fedseg.federated.strategies import StudySegViz
+from fedseg.labels import owned_mask
 from fedseg.models import SharedTaskUNet, build_network, split_state_dict
 from test_federated import client_context, client_message, reply, tiny  # noqa: F401 (fixture)
 
@@ -213,3 +214,18 @@ def test_a_pseudo_client_trains_on_targets_completed_by_the_global_model(tiny):
     message, _ = client_message(cfg, "train", server_round=1)
     out = client_app.app(message, context)
     assert not out.has_error(), out.error
+
+
+def test_a_segviz_client_scores_the_meta_model_with_its_own_task_block_alone():
+    torch.manual_seed(0)
+    model = SharedTaskUNet(tasks=("liver", "pancreas", "kits19", "spleen"), channels=(4, 8), strides=(2,)).eval()
+    x = torch.randn(2, 1, 16, 16, 16)
+    with torch.no_grad():
+        meta = model(x)
+        for dataset in ("liver", "pancreas", "kits19", "spleen"):
+            block = methods.evaluation_block(model, dataset)
+            assert block == dataset
+            owned = torch.as_tensor(owned_mask(dataset))
+            assert torch.equal(model(x, task=block)[:, owned], meta[:, owned])
+    assert methods.evaluation_block(model, "liver-2of3") == "liver"  # a shard scores with its dataset's block
+    assert methods.evaluation_block(build_network("UNet", channels=(4, 8), strides=(2,)), "liver") is None

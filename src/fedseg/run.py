@@ -275,16 +275,94 @@ def run_sweep(profile: str = "laptop", methods: tuple[str, ...] = ("fedavg",), *
     run_dir = run_chain(profile, run_name=run_name, params=params, overwrite=overwrite, results=results,
                         notebooks=CHAIN[:2], log_output=log_output)
     for method in methods:
-        method_dir = run_dir / method
-        (method_dir / "data").mkdir(parents=True, exist_ok=True)
-        (method_dir / "metrics").mkdir(exist_ok=True)
-        shutil.copy(run_dir / "data" / "cases.csv", method_dir / "data" / "cases.csv")
-        shutil.copy(run_dir / "metrics" / "test_dice_per_channel.csv", method_dir / "metrics")  # the SL row
-        run_chain(profile, run_name=method, params={**(params or {}), "method": method}, only="03",
-                  results=run_dir, notebooks=CHAIN, log_output=log_output)
+        _run_federation_notebook(profile, run_dir, run_dir / method, {**(params or {}), "method": method}, log_output)
     table = sweep_table(run_dir, methods)
     save_table(table, run_dir, "sweep_methods", note="Dice (%) on each task's test split; Avg. = mean of the 7 "
                "channels. Each method trained from the same seed, data and 02 baselines (SL row).")
+    return run_dir
+
+
+def _run_federation_notebook(profile: str, run_dir: Path, folder: Path, params: dict[str, Any],
+                             log_output: bool) -> Path:
+    """03 alone into `folder` (a sub-run of `run_dir`), reading 01's cases and 02's SL test metrics."""
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    (folder / "metrics").mkdir(exist_ok=True)
+    shutil.copy(run_dir / "data" / "cases.csv", folder / "data" / "cases.csv")
+    shutil.copy(run_dir / "metrics" / "test_dice_per_channel.csv", folder / "metrics")  # the SL row
+    return run_chain(profile, run_name=folder.name, params=params, only="03", results=folder.parent,
+                     notebooks=CHAIN, log_output=log_output)
+
+
+def _baselines_done(run_dir: Path) -> bool:
+    record = run_dir / "run.json"
+    if not record.exists():
+        return False
+    notebooks = json.loads(record.read_text()).get("notebooks", {})
+    return all(notebooks.get(name, {}).get("status") == "ok" for name in CHAIN[:2])
+
+
+def run_nodes(profile: str = "laptop", nodes: tuple[int, ...] = (2, 3, 4), *, run_name: str | None = None,
+              params: dict[str, Any] | None = None, results: str | Path | None = None, n_boot: int = 2000,
+              log_output: bool = False) -> Path:
+    """SegViz's node-set experiment (`fedseg.nodes`) into one run folder, resuming whatever it already holds.
+
+    01 and 02 once (kept if the folder has them, e.g. a sweep's); per node set, the central model on its pooled
+    data and 03 with `method` fedavg and segviz on its clients into `<run>/nodes-<n>/`; then every model on
+    BTCV: `metrics/segviz_nodes_per_case.csv`, `metrics/segviz_nodes_summary.csv` (bootstrap CIs),
+    `tables/segviz_nodes.*` and `figures/segviz_nodes.png`, with the wall time of each step in
+    `metrics/segviz_nodes_time.csv`.
+    """
+    import pandas as pd
+
+    from fedseg import metrics, nodes as node_sets, report
+
+    nodes = node_sets.check_nodes(nodes)
+    params = dict(params or {})
+    results = Path(results) if results else repo_root() / "results"
+    run_dir = (results / run_name) if run_name else None
+    if run_dir is None or not _baselines_done(run_dir):
+        run_dir = run_chain(profile, run_name=run_name, params=params, results=results, notebooks=CHAIN[:2],
+                            log_output=log_output)
+    run_dir = run_dir.resolve()
+    cfg = resolve(profile, params.get("seed"), params.get("data_root"))
+    cfg["run_dir"] = str(run_dir)
+    cases = pd.read_csv(run_dir / "data" / "cases.csv")
+    timing_file = run_dir / "metrics" / "segviz_nodes_time.csv"
+    timing = pd.read_csv(timing_file).to_dict("records") if timing_file.exists() else []
+    done = {(t["setup"], t["model"]) for t in timing}
+
+    def timed(setup: str, model: str, step) -> None:
+        start = time.perf_counter()
+        step()
+        timing.append({"setup": setup, "model": model, "wall_s": round(time.perf_counter() - start, 1)})
+        timing_file.parent.mkdir(exist_ok=True)
+        pd.DataFrame(timing).to_csv(timing_file, index=False)
+
+    for n in nodes:
+        setup = node_sets.setup_name(n)
+        if not node_sets.central_checkpoint(run_dir, n).exists():
+            timed(setup, node_sets.CENTRAL, lambda: node_sets.train_central(cfg, run_dir, cases, n))
+        for row, method in node_sets.FL_ROWS.items():
+            folder = node_sets.federation_dir(run_dir, n, method)
+            if node_sets._finished_federation(folder):
+                if (setup, row) not in done and (folder / "run.json").exists():
+                    wall = json.loads((folder / "run.json").read_text())["notebooks"]["03_federated_training"]["wall_s"]
+                    timing.append({"setup": setup, "model": row, "wall_s": wall})
+                continue
+            clients = ",".join(node_sets.NODE_SETS[n])
+            timed(setup, row, lambda: _run_federation_notebook(profile, run_dir, folder,
+                                                                {**params, "method": method, "clients": clients},
+                                                                log_output))
+    models = node_sets.table_models(run_dir, nodes)
+    start = time.perf_counter()
+    scores = node_sets.score_btcv(cfg, cases, models)
+    timing.append({"setup": "all", "model": "BTCV scoring", "wall_s": round(time.perf_counter() - start, 1)})
+    pd.DataFrame(timing).drop_duplicates(["setup", "model"], keep="last").to_csv(timing_file, index=False)
+    scores.to_csv(run_dir / "metrics" / "segviz_nodes_per_case.csv", index=False)
+    metrics.summarise(scores, by=("setup", "model", "organ"), n_boot=n_boot, seed=cfg["seed"]).to_csv(
+        run_dir / "metrics" / "segviz_nodes_summary.csv", index=False)
+    report.save_table(node_sets.segviz_table(scores), run_dir, "segviz_nodes", note=node_sets.NOTE)
+    report.save_figure(node_sets.segviz_figure(scores), run_dir, "segviz_nodes")
     return run_dir
 
 
@@ -315,7 +393,25 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("--results", help="results folder (default: results/ in the checkout)")
     sweep.add_argument("--overwrite", action="store_true", help="replace an existing run folder of that name")
     sweep.add_argument("--log-output", action="store_true", help="stream the notebooks' output to the terminal")
+    nodes = sub.add_parser("nodes", help="SegViz's 2-, 3-, 4-node table (central, FedAvg, SegViz on BTCV) into a run folder")
+    nodes.add_argument("--profile", default="laptop", help="smoke, laptop (default), paper, or a YAML path")
+    nodes.add_argument("--nodes", default="2,3,4", help="comma-separated node sets (2: liver, spleen; 3: + pancreas; "
+                       "4: + kidney)")
+    nodes.add_argument("-p", "--param", action="append", type=_parse_param, default=[], metavar="KEY=VALUE")
+    nodes.add_argument("--run-name", help="run folder under results/ to add to (e.g. a sweep's), or a new one")
+    nodes.add_argument("--results", help="results folder (default: results/ in the checkout)")
+    nodes.add_argument("--log-output", action="store_true", help="stream the notebooks' output to the terminal")
     args = parser.parse_args(argv)
+    if args.command == "nodes":
+        try:
+            run_dir = run_nodes(args.profile, tuple(int(n) for n in args.nodes.split(",") if n.strip()),
+                                run_name=args.run_name, params=dict(args.param), results=args.results,
+                                log_output=args.log_output)
+        except (ChainError, FileExistsError, ValueError, FileNotFoundError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(f"SegViz node sets in {run_dir}:\n{(run_dir / 'tables' / 'segviz_nodes.md').read_text()}")
+        return 0
     if args.command == "sweep":
         try:
             run_dir = run_sweep(args.profile, tuple(m.strip() for m in args.methods.split(",") if m.strip()),

@@ -125,7 +125,9 @@ def evaluate(msg: Message, context: Context) -> Message:
         cfg, dataset, partition_id, _, val_records = _site(context)
         device = select_device()
         model = _global_model(cfg, msg).to(device)
-        means = channel_means(validate(model, evaluation_dataset(cfg, val_records), val_records, cfg, device))
+        block = methods.evaluation_block(model, dataset)  # SegViz: the owner's block = the meta-model here
+        means = channel_means(validate(model, evaluation_dataset(cfg, val_records), val_records, cfg, device,
+                                       task=block))
         metrics = {"num-examples": len(val_records), "partition-id": partition_id,
                    **identity(dataset), "mean-dice": float(means.mean()),
                    **task.channel_dice(means.to_dict())}

@@ -55,6 +55,24 @@ def network_config(cfg: Mapping[str, Any], datasets: Sequence[str]) -> dict[str,
     return {"name": "SharedTaskUNet", "tasks": list(dict.fromkeys(datasets)), **shared}
 
 
+def evaluation_block(model: torch.nn.Module, client: str) -> str | None:
+    """The SegViz task block that alone gives the meta-model's output on `client`'s owned channels, else None.
+
+    The meta-model takes each owned channel from its owner's task block (`models.meta_logits`), so scoring a
+    client's owned channels needs only that block: the same logits at a quarter of the decoding (4 tasks).
+    None (decode the whole meta-model) for a non-SegViz network or when another block gives an owned channel.
+    """
+    from fedseg.federated.task import parse_client
+    from fedseg.labels import owned_mask
+
+    sources = getattr(model, "channel_source", None)
+    if sources is None:
+        return None
+    dataset = parse_client(client)[0]
+    owned = owned_mask(dataset).nonzero()[0]
+    return dataset if all(sources[c] == dataset for c in owned) else None
+
+
 def local_training_config(cfg: dict[str, Any]) -> dict[str, Any]:
     """The configuration a client trains under: FedGIN switches GIN augmentation on (profile's `preprocess.gin`,
     else `GIN_DEFAULT`); other methods train as the profile says."""

@@ -1,12 +1,15 @@
 """Preprocessing on small hand-made volumes: orientation, resampling, label channels, owned masks."""
 
+import json
+
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from fedseg.labels import CHANNEL_INDEX, CHANNELS, owned_mask, to_multihot
-from fedseg.transforms import IMAGE, LABEL, augment, preprocess
+from fedseg.transforms import IMAGE, LABEL, augment, case_records, preprocess
 
 
 def config(spacing=(2.0, 2.0, 2.0), sampling="random"):
@@ -65,6 +68,33 @@ def test_resampling_keeps_physical_extent(tmp_path, source, target):
     extent_in = np.array(shape) * np.array(source)
     extent_out = np.array(out[IMAGE].shape[1:]) * target
     assert np.all(np.abs(extent_out - extent_in) <= target), (extent_in, extent_out)
+
+
+def test_an_mri_case_is_scaled_by_its_own_percentiles_and_a_ct_case_by_the_hu_window(tmp_path):
+    image = (np.arange(400) * 2.5).astype(np.int16).reshape(100, 2, 2)  # MRI-like units 0-997, all distinct
+    affine = np.eye(4)
+    paths = write(tmp_path / "i.nii.gz", image, affine), write(tmp_path / "l.nii.gz", np.zeros(image.shape, np.uint8), affine)
+    cfg = config(spacing=(1, 1, 1))
+    mri = preprocess(cfg)({IMAGE: paths[0], LABEL: paths[1], "dataset": "liver", "modality": "MRI"})[IMAGE][0]
+    low, high = np.percentile(image, [0.5, 99.5])
+    assert 0 < low < 10 and 985 < high < 997
+    expected = np.clip((image - low) / (high - low), 0, 1)
+    assert torch.allclose(mri, torch.as_tensor(expected, dtype=torch.float32), atol=1e-5)
+    ct = run(cfg, *paths)[IMAGE][0]  # no modality: CT
+    assert torch.allclose(ct, torch.as_tensor(np.clip((image + 500) / 1000, 0, 1), dtype=torch.float32))
+    with pytest.raises(RuntimeError) as error:  # MONAI wraps the transform's error
+        preprocess(cfg)({IMAGE: paths[0], LABEL: paths[1], "dataset": "liver", "modality": "PET"})
+    assert "modality 'PET'" in str(error.value.__cause__)
+
+
+def test_records_of_a_synthetic_root_carry_the_contrast_it_was_generated_in(tmp_path):
+    (tmp_path / "phantom.json").write_text(json.dumps({"parameters": {"mri_like": ["spleen"]}}))
+    cases = pd.DataFrame({"dataset": ["spleen", "liver"], "case_id": ["spleen_2", "liver_0"], "split": ["train"] * 2,
+                          "image": ["imagesTr/spleen_2.nii.gz", "imagesTr/liver_0.nii.gz"],
+                          "label": ["labelsTr/spleen_2.nii.gz", "labelsTr/liver_0.nii.gz"]})
+    assert [r["modality"] for r in case_records(tmp_path, cases)] == ["MRI", "CT"]
+    (tmp_path / "phantom.json").unlink()  # a real data root: CT
+    assert {r["modality"] for r in case_records(tmp_path, cases)} == {"CT"}
 
 
 def test_hu_window_maps_to_unit_range(tmp_path):

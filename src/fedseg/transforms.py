@@ -1,7 +1,8 @@
 """MONAI preprocessing for training, validation and inference, and the preprocessed cache on disk.
 
-The deterministic part (load, RAS orientation, resampling to the profile's spacing, HU window to [0, 1],
-label map into the 8 channels with the owned-channel mask) runs once per case and is cached by MONAI's
+The deterministic part (load, RAS orientation, resampling to the profile's spacing, intensities to [0, 1]:
+the HU window for CT, the image's own percentiles for MRI(-like) cases, label map into the 8 channels with
+the owned-channel mask) runs once per case and is cached by MONAI's
 PersistentDataset; the random part (patches, intensity shift) runs on every sample. So training never
 decodes and resamples a NIfTI twice.
 """
@@ -27,7 +28,44 @@ from fedseg.run import repo_root
 
 IMAGE, LABEL, FOREGROUND = "image", "label", "foreground"
 #: Bump when the deterministic pipeline changes, so old caches are not reused.
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2  # 2: MRI(-like) cases scaled by their own percentiles, not the HU window
+CT, MRI = "CT", "MRI"
+#: Percentiles of an MRI(-like) image mapped to 0 and 1 when the profile's `preprocess.mri_percentiles` is unset.
+MRI_PERCENTILES = (0.5, 99.5)
+
+
+def mri_datasets(data_root: str | Path) -> frozenset[str]:
+    """The datasets a synthetic data root holds in the MRI-like contrast (its `phantom.json`, FedGIN's
+    experiment); none for a real data root, since the study's datasets are all CT."""
+    record = Path(data_root) / "phantom.json"
+    if not record.exists():
+        return frozenset()
+    return frozenset(json.loads(record.read_text())["parameters"].get("mri_like") or ())
+
+
+class ScaleIntensityByModalityd(mt.MapTransform):
+    """Intensities to [0, 1] by the record's `modality`: CT through the HU window (MONAI's
+    ScaleIntensityRange), MRI through the image's own percentiles (ScaleIntensityRangePercentiles), since
+    MRI values have no absolute scale. MONAI has both scalings but no per-record switch: this only picks one.
+    """
+
+    def __init__(self, keys: str, hu_window: tuple[float, float], mri_percentiles: tuple[float, float] = MRI_PERCENTILES,
+                 modality_key: str = "modality"):
+        super().__init__(keys)
+        low, high = hu_window
+        self.scalers = {CT: mt.ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True),
+                        MRI: mt.ScaleIntensityRangePercentiles(lower=mri_percentiles[0], upper=mri_percentiles[1],
+                                                               b_min=0.0, b_max=1.0, clip=True)}
+        self.modality_key = modality_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        modality = d.get(self.modality_key, CT)
+        if modality not in self.scalers:
+            raise ValueError(f"modality {modality!r} of case {d.get('case_id')!r}: use {CT!r} or {MRI!r}.")
+        for key in self.key_iterator(d):
+            d[key] = self.scalers[modality](d[key])
+        return d
 
 
 class MultiHotd(mt.MapTransform):
@@ -53,12 +91,14 @@ class MultiHotd(mt.MapTransform):
 
 
 def case_records(data_root: str | Path, manifest: pd.DataFrame) -> list[dict[str, Any]]:
-    """One MONAI data dict per manifest row: file paths, dataset, case id, split, owned-channel mask."""
+    """One MONAI data dict per manifest row: file paths, dataset, case id, split, modality, owned-channel mask."""
     records = []
+    mri = mri_datasets(data_root)
     for _, row in manifest.iterrows():
         image, label = case_files(data_root, row)
         records.append({IMAGE: str(image), LABEL: str(label), "dataset": row["dataset"],
                         "case_id": row["case_id"], "split": row["split"],
+                        "modality": MRI if row["dataset"] in mri else CT,
                         "owned": owned_mask(row["dataset"]).astype(np.uint8)})
     return records
 
@@ -66,12 +106,12 @@ def case_records(data_root: str | Path, manifest: pd.DataFrame) -> list[dict[str
 def preprocess(cfg: dict[str, Any]) -> mt.Compose:
     """The deterministic part: everything done once per case and cached."""
     pre = cfg["preprocess"]
-    low, high = pre["hu_window"]
     return mt.Compose([
         mt.LoadImaged(keys=[IMAGE, LABEL], ensure_channel_first=True, image_only=True),
         mt.Orientationd(keys=[IMAGE, LABEL], axcodes="RAS", labels=None),
         mt.Spacingd(keys=[IMAGE, LABEL], pixdim=pre["spacing"], mode=("bilinear", "nearest")),
-        mt.ScaleIntensityRanged(keys=IMAGE, a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True),
+        ScaleIntensityByModalityd(keys=IMAGE, hu_window=pre["hu_window"],
+                                  mri_percentiles=pre.get("mri_percentiles") or MRI_PERCENTILES),
         MultiHotd(keys=LABEL),
         mt.EnsureTyped(keys=[IMAGE], dtype=torch.float32, track_meta=False),
         mt.EnsureTyped(keys=[LABEL, FOREGROUND], dtype=torch.uint8, track_meta=False),
@@ -107,7 +147,8 @@ def cache_dir(cfg: dict[str, Any]) -> Path:
     """The on-disk cache of one data root under one preprocessing: a new setting never reuses it."""
     pre = cfg["preprocess"]
     key = json.dumps({"data_root": str(cfg["data_root"]), "spacing": pre["spacing"],
-                      "hu_window": pre["hu_window"], "version": PIPELINE_VERSION}, sort_keys=True)
+                      "hu_window": pre["hu_window"],
+                      "mri_percentiles": pre.get("mri_percentiles") or MRI_PERCENTILES, "version": PIPELINE_VERSION}, sort_keys=True)
     base = Path(os.environ.get("FEDSEG_CACHE") or Path(os.environ.get("FEDSEG_DATA", repo_root() / "data")) / "cache")
     return base / f"{Path(cfg['data_root']).name}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 

@@ -180,7 +180,9 @@ def table2(rows: dict[str, pd.Series]) -> pd.DataFrame:
 
 def sweep_table(run_dir: str | Path, methods: tuple[str, ...]) -> pd.DataFrame:
     """One table of every swept method (`<run_dir>/<method>/tables/table2.csv`): its FL global and FL local
-    rows (Dice %, 7 channels and Avg.), the SL row once, and the method's 03 wall time in seconds."""
+    rows (Dice %, 7 channels and Avg.), the SL row once, and the method's 03 wall time in seconds; then the
+    paper's rows where it has them (seed 000's Table 2: SL and FedAvg; the other methods' papers report
+    other datasets and label sets)."""
     import json
 
     rows = {}
@@ -192,6 +194,11 @@ def sweep_table(run_dir: str | Path, methods: tuple[str, ...]) -> pd.DataFrame:
             rows["SL"] = {**table.loc["SL (this run)"].to_dict(), "03 wall time (s)": np.nan}
         for kind in ("FL global model (server)", "FL local model (client)"):
             rows[f"{method}: {kind}"] = {**table.loc[f"{kind} (this run)"].to_dict(), "03 wall time (s)": seconds}
+    columns = [c.replace("_", " ") for c in TABLE2_CHANNELS] + ["Avg."]
+    for name, values in PAPER_TABLE2.items():
+        if name == "SL" or "fedavg" in methods:
+            label = "SL" if name == "SL" else f"fedavg: {name}"
+            rows[f"{label} (paper, seed 000)"] = {**dict(zip(columns, values)), "03 wall time (s)": np.nan}
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
@@ -420,7 +427,10 @@ README_TABLES = {
     "table3_detail": "BTCV in detail: Dice, NSD, HD95 (mean ± std [bootstrap 95% CI], cases scored)",
     "btcv_paired": "BTCV: paired comparisons between methods",
     "btcv_inference_time": "BTCV: inference time per case, full sliding window vs coarse-to-fine",
-    "segviz": "SegViz table",
+    "segviz_nodes": "SegViz table: Dice on BTCV per node set (`python -m fedseg nodes`)",
+    "sweep_methods": "Every federated method side by side (`python -m fedseg sweep`)",
+    "contrast_summary": "FedGIN: in- and cross-contrast Dice (%) (`python -m fedseg contrast`)",
+    "contrast_channels": "FedGIN: Dice (%) per channel, tested on CT and on MRI-like",
     "table2_baselines": "Baselines (02): SL and central aggregation",
 }
 README_FIGURES = {
@@ -431,6 +441,8 @@ README_FIGURES = {
     "btcv_nsd_bars": "BTCV normalized surface Dice with bootstrap 95% confidence intervals",
     "fig3_btcv": "Fig. 3: a BTCV case, post-processed ensemble of the FL local models",
     "fig4_test_cases": "Fig. 4: a test case per task: ground truth, SL, FL global, FL local",
+    "segviz_nodes": "SegViz node sets: Dice on BTCV, the paper's means as ticks",
+    "contrast_channels": "FedGIN: Dice per channel tested on CT and on MRI-like",
 }
 
 

@@ -35,6 +35,10 @@ VERSIONED_PACKAGES = (
 )
 
 
+#: A run's own profile, written into its folder before the chain when the run derives one (`run_contrast`).
+PROFILE_FILE = "profile.yaml"
+
+
 class ChainError(RuntimeError):
     """A notebook of the chain failed; the message names the notebook, the cell and the kept output."""
 
@@ -173,7 +177,7 @@ def new_run_dir(results: Path, run_name: str | None, profile: str, overwrite: bo
     """The run folder; an earlier run's folder is never overwritten unless asked."""
     name = run_name or f"{profile}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     run_dir = results / name
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.exists() and any(p.name != PROFILE_FILE for p in run_dir.iterdir()):
         if overwrite:
             shutil.rmtree(run_dir)
         elif not only:
@@ -279,6 +283,7 @@ def run_sweep(profile: str = "laptop", methods: tuple[str, ...] = ("fedavg",), *
     table = sweep_table(run_dir, methods)
     save_table(table, run_dir, "sweep_methods", note="Dice (%) on each task's test split; Avg. = mean of the 7 "
                "channels. Each method trained from the same seed, data and 02 baselines (SL row).")
+    _write_readme(run_dir)
     return run_dir
 
 
@@ -293,12 +298,21 @@ def _run_federation_notebook(profile: str, run_dir: Path, folder: Path, params: 
                      notebooks=CHAIN, log_output=log_output)
 
 
-def _baselines_done(run_dir: Path) -> bool:
+def _finished(run_dir: Path) -> set[str]:
+    """The notebooks that ran to the end in `run_dir` (its run.json)."""
     record = run_dir / "run.json"
     if not record.exists():
-        return False
-    notebooks = json.loads(record.read_text()).get("notebooks", {})
-    return all(notebooks.get(name, {}).get("status") == "ok" for name in CHAIN[:2])
+        return set()
+    return {name for name, entry in json.loads(record.read_text()).get("notebooks", {}).items() if entry.get("status") == "ok"}
+
+
+def _run_baselines(profile: str, run_dir: Path, params: dict[str, Any], log_output: bool) -> None:
+    """01 and 02 into `run_dir` unless they already finished there; an interrupted one runs again (its
+    training resumes from its last checkpoint)."""
+    for name in CHAIN[:2]:
+        if name not in _finished(run_dir):
+            run_chain(profile, run_name=run_dir.name, params=params, only=name, results=run_dir.parent,
+                      notebooks=CHAIN, log_output=log_output)
 
 
 def run_nodes(profile: str = "laptop", nodes: tuple[int, ...] = (2, 3, 4), *, run_name: str | None = None,
@@ -319,11 +333,9 @@ def run_nodes(profile: str = "laptop", nodes: tuple[int, ...] = (2, 3, 4), *, ru
     nodes = node_sets.check_nodes(nodes)
     params = dict(params or {})
     results = Path(results) if results else repo_root() / "results"
-    run_dir = (results / run_name) if run_name else None
-    if run_dir is None or not _baselines_done(run_dir):
-        run_dir = run_chain(profile, run_name=run_name, params=params, results=results, notebooks=CHAIN[:2],
-                            log_output=log_output)
-    run_dir = run_dir.resolve()
+    name = run_name or f"{load_profile(profile)['name']}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    run_dir = (results / name).resolve()
+    _run_baselines(profile, run_dir, params, log_output)
     cfg = resolve(profile, params.get("seed"), params.get("data_root"))
     cfg["run_dir"] = str(run_dir)
     cases = pd.read_csv(run_dir / "data" / "cases.csv")
@@ -363,6 +375,69 @@ def run_nodes(profile: str = "laptop", nodes: tuple[int, ...] = (2, 3, 4), *, ru
         run_dir / "metrics" / "segviz_nodes_summary.csv", index=False)
     report.save_table(node_sets.segviz_table(scores), run_dir, "segviz_nodes", note=node_sets.NOTE)
     report.save_figure(node_sets.segviz_figure(scores), run_dir, "segviz_nodes")
+    _write_readme(run_dir)
+    return run_dir
+
+
+def run_contrast(profile: str = "laptop", mri_like: tuple[str, ...] = ("liver", "spleen"),
+                 methods: tuple[str, ...] = ("fedavg", "fedgin"), *, run_name: str | None = None,
+                 params: dict[str, Any] | None = None, results: str | Path | None = None,
+                 log_output: bool = False) -> Path:
+    """FedGIN's cross-contrast experiment (`fedseg.contrast`) into one run folder, resuming what it holds.
+
+    The profile with `mri_like` clients MRI-like is written to `<run>/profile.yaml`; 01 and 02 run on it once,
+    then 03 per method into `<run>/<method>/`; then SL, FL global and FL local models are tested on every
+    test case in both contrasts: `metrics/contrast_per_case.csv`, `tables/contrast_channels.*`,
+    `tables/contrast_summary.*`, `figures/contrast_channels.png`.
+    """
+    import pandas as pd
+
+    from fedseg import contrast, report
+    from fedseg.federated.methods import check_method
+    from fedseg.labels import TRAIN_DATASETS
+
+    for method in methods:
+        check_method(method)
+    params = dict(params or {})
+    results = Path(results) if results else repo_root() / "results"
+    base = load_profile(profile)
+    derived = contrast.contrast_profile(base, mri_like)
+    run_dir = (results / (run_name or f"{derived['name']}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}")).resolve()
+    profile_path = run_dir / PROFILE_FILE
+    if profile_path.exists():
+        earlier = yaml.safe_load(profile_path.read_text())["data"]["phantom"]["mri_like"]
+        if earlier != sorted(mri_like):
+            raise ValueError(f"{run_dir} was run with mri_like {earlier}, not {sorted(mri_like)}: choose another --run-name.")
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise FileExistsError(f"Run folder {run_dir} holds another run (no {PROFILE_FILE}): choose another --run-name.")
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        profile_path.write_text(yaml.safe_dump(derived, sort_keys=False))
+    _run_baselines(str(profile_path), run_dir, params, log_output)
+    for method in methods:
+        folder = run_dir / method
+        if "03_federated_training" not in _finished(folder):
+            _run_federation_notebook(str(profile_path), run_dir, folder, {**params, "method": method}, log_output)
+    cfg = resolve(str(profile_path), params.get("seed"))
+    cases = pd.read_csv(run_dir / "data" / "cases.csv")
+    roots = contrast.test_roots(derived, cfg["seed"])
+    contrast.check_same_cases(cases, roots)
+    checkpoints = {f"sl-{d}": run_dir / "checkpoints" / f"sl-{d}" / "best.pt" for d in TRAIN_DATASETS}
+    rows = {"SL": {d: f"sl-{d}" for d in TRAIN_DATASETS}}
+    for method in methods:
+        checkpoints[f"{method}-global"] = run_dir / method / "checkpoints" / "fl-global" / "best.pt"
+        checkpoints.update({f"{method}-local-{d}": run_dir / method / "checkpoints" / f"fl-local-{d}" / "best.pt"
+                            for d in TRAIN_DATASETS})
+        rows[f"{method}: FL global model"] = {d: f"{method}-global" for d in TRAIN_DATASETS}
+        rows[f"{method}: FL local model"] = {d: f"{method}-local-{d}" for d in TRAIN_DATASETS}
+    scores = contrast.score_contrasts(cfg, cases, checkpoints, roots)
+    scores.to_csv(run_dir / "metrics" / "contrast_per_case.csv", index=False)
+    channels = contrast.channel_table(scores, rows)
+    note = f"MRI-like clients: {', '.join(sorted(mri_like))}; the others CT. " + contrast.NOTE
+    report.save_table(channels, run_dir, "contrast_channels", note=note)
+    report.save_table(contrast.contrast_summary(channels, mri_like), run_dir, "contrast_summary", note=note)
+    report.save_figure(contrast.contrast_figure(channels, mri_like), run_dir, "contrast_channels")
+    _write_readme(run_dir)
     return run_dir
 
 
@@ -401,7 +476,27 @@ def main(argv: list[str] | None = None) -> int:
     nodes.add_argument("--run-name", help="run folder under results/ to add to (e.g. a sweep's), or a new one")
     nodes.add_argument("--results", help="results folder (default: results/ in the checkout)")
     nodes.add_argument("--log-output", action="store_true", help="stream the notebooks' output to the terminal")
+    gin = sub.add_parser("contrast", help="FedGIN's cross-contrast experiment: some clients MRI-like, every model "
+                         "tested in both contrasts")
+    gin.add_argument("--profile", default="laptop", help="smoke, laptop (default), paper, or a YAML path")
+    gin.add_argument("--mri-like", default="liver,spleen", help="comma-separated datasets generated MRI-like")
+    gin.add_argument("--methods", default="fedavg,fedgin", help="comma-separated federated methods")
+    gin.add_argument("-p", "--param", action="append", type=_parse_param, default=[], metavar="KEY=VALUE")
+    gin.add_argument("--run-name", help="folder name under results/ (default: <profile>-mri-<timestamp>)")
+    gin.add_argument("--results", help="results folder (default: results/ in the checkout)")
+    gin.add_argument("--log-output", action="store_true", help="stream the notebooks' output to the terminal")
     args = parser.parse_args(argv)
+    if args.command == "contrast":
+        try:
+            run_dir = run_contrast(args.profile, tuple(d.strip() for d in args.mri_like.split(",") if d.strip()),
+                                   tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+                                   run_name=args.run_name, params=dict(args.param), results=args.results,
+                                   log_output=args.log_output)
+        except (ChainError, FileExistsError, ValueError, FileNotFoundError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(f"cross-contrast run {run_dir}:\n{(run_dir / 'tables' / 'contrast_summary.md').read_text()}")
+        return 0
     if args.command == "nodes":
         try:
             run_dir = run_nodes(args.profile, tuple(int(n) for n in args.nodes.split(",") if n.strip()),

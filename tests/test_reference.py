@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedseg import report
+from fedseg import nodes, report
 from fedseg.run import CHAIN
 
 REFERENCE = Path(__file__).resolve().parents[1] / "results" / "reference"
@@ -85,3 +85,40 @@ def test_the_readme_shows_the_reference_tables_numbers():
                           ("FL local ensemble (this run)", "FL local model (ensemble) (this run)"),
                           ("FL local ensemble, processed (this run)", "FL local model (processed) (this run)")):
         assert readme_row("**Table 3**", readme) == pytest.approx(table3.loc[table].tolist(), abs=0.051), readme
+
+
+def test_the_reference_segviz_table_has_every_node_set_with_the_papers_rows():
+    table = pd.read_csv(REFERENCE / "sweep" / "segviz_nodes.csv", index_col=0)
+    for (setup, model), organs in nodes.PAPER_SEGVIZ.items():
+        name = model if setup == "single" else f"{setup} {model}"
+        paper, run = table.loc[f"{name} (paper)"], table.loc[f"{name} (this run)"]
+        for organ in nodes.ORGANS:
+            assert (paper[organ] == "-") == (organ not in organs) == (run[organ] == "-")
+            if organ in organs:
+                assert paper[organ] == "{:.2f} ± {:.2f}".format(*organs[organ])
+                mean, std = (float(x) for x in run[organ].split(" ± "))
+                assert 0 <= mean <= 1 and std >= 0
+    scores = pd.read_csv(REFERENCE / "sweep" / "segviz_nodes_per_case.csv")
+    means = scores.groupby(["setup", "model", "organ"])["dice"].mean()
+    assert table.loc["4-node SegViz (this run)", "spleen"].startswith(f"{means[('4-node', 'SegViz', 'spleen')]:.2f}")
+    timing = pd.read_csv(REFERENCE / "sweep" / "segviz_nodes_time.csv")
+    assert {(s, m) for s, m in nodes.PAPER_SEGVIZ if s != "single"} <= set(zip(timing.setup, timing.model)) | {
+        ("4-node", nodes.CENTRAL)}  # 4 nodes: 02's central model, timed in the chain
+    sweep = pd.read_csv(REFERENCE / "sweep" / "sweep_methods.csv", index_col=0)
+    assert np.allclose(sweep.loc["fedavg: FL local model (client) (paper, seed 000)"].iloc[:8],
+                       report.PAPER_TABLE2["FL local model (client)"])
+
+
+def test_the_reference_cross_contrast_run_tests_every_model_in_both_contrasts():
+    folder = REFERENCE / "contrast"
+    summary = pd.read_csv(folder / "contrast_summary.csv", index_col=0)
+    assert list(summary.index) == ["SL", "fedavg: FL global model", "fedavg: FL local model",
+                                   "fedgin: FL global model", "fedgin: FL local model"]
+    assert summary.apply(lambda c: c.between(0, 100)).all().all()
+    scores = pd.read_csv(folder / "contrast_per_case.csv")
+    counts = scores.groupby("contrast").size()
+    assert set(counts.index) == {"CT", "MRI"} and counts["CT"] == counts["MRI"]
+    channels = pd.read_csv(folder / "contrast_channels.csv", index_col=0)
+    liver = scores[(scores.model == "fedgin-global") & (scores.channel == "liver") & (scores.dataset == "liver")]
+    assert channels.loc["fedgin: FL global model", "liver (CT)"] == pytest.approx(
+        100 * liver[liver.contrast == "CT"]["dice"].mean(), abs=0.06)

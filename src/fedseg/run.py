@@ -448,74 +448,62 @@ def _parse_param(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(value)
 
 
+def _add_common(parser: argparse.ArgumentParser, run_name_help: str) -> None:
+    """The options every command shares."""
+    parser.add_argument("--profile", default="laptop", help="smoke, laptop (default), paper, or a YAML path")
+    parser.add_argument("-p", "--param", action="append", type=_parse_param, default=[], metavar="KEY=VALUE",
+                        help="notebook parameter (repeatable), e.g. -p seed=1 -p data_root=/data")
+    parser.add_argument("--run-name", help=run_name_help)
+    parser.add_argument("--results", help="results folder (default: results/ in the checkout)")
+    parser.add_argument("--log-output", action="store_true", help="stream the notebooks' output to the terminal")
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+#: The experiments beyond the chain: how each starts from its arguments, and the table it prints at the end.
+EXPERIMENTS: dict[str, tuple[Any, str, str]] = {
+    "sweep": (lambda a, common: run_sweep(a.profile, _names(a.methods), overwrite=a.overwrite, **common),
+              "sweep_methods", "sweep {run_dir} finished"),
+    "nodes": (lambda a, common: run_nodes(a.profile, tuple(int(n) for n in _names(a.nodes)), **common),
+              "segviz_nodes", "SegViz node sets in {run_dir}"),
+    "contrast": (lambda a, common: run_contrast(a.profile, _names(a.mri_like), _names(a.methods), **common),
+                 "contrast_summary", "cross-contrast run {run_dir}"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fedseg", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="execute the notebook chain with papermill into results/<run-name>/")
-    run.add_argument("--profile", default="laptop", help="smoke, laptop (default), paper, or a YAML path")
-    run.add_argument("-p", "--param", action="append", type=_parse_param, default=[], metavar="KEY=VALUE",
-                     help="notebook parameter (repeatable), e.g. -p seed=1 -p data_root=/data")
+    _add_common(run, "folder name under results/ (default: <profile>-<timestamp>)")
     run.add_argument("--only", help="run one notebook of the chain (e.g. 01_data_prep or data_prep)")
-    run.add_argument("--run-name", help="folder name under results/ (default: <profile>-<timestamp>)")
-    run.add_argument("--results", help="results folder (default: results/ in the checkout)")
     run.add_argument("--overwrite", action="store_true", help="replace an existing run folder of that name")
-    run.add_argument("--log-output", action="store_true", help="stream the notebooks' output to the terminal")
     sweep = sub.add_parser("sweep", help="01 and 02 once, then 03 once per federated method, into one run folder")
-    sweep.add_argument("--profile", default="laptop", help="smoke, laptop (default), paper, or a YAML path")
+    _add_common(sweep, "folder name under results/ (default: <profile>-<timestamp>)")
     sweep.add_argument("--methods", default="fedavg,fedprox,segviz", help="comma-separated federated methods")
-    sweep.add_argument("-p", "--param", action="append", type=_parse_param, default=[], metavar="KEY=VALUE")
-    sweep.add_argument("--run-name", help="folder name under results/ (default: <profile>-<timestamp>)")
-    sweep.add_argument("--results", help="results folder (default: results/ in the checkout)")
     sweep.add_argument("--overwrite", action="store_true", help="replace an existing run folder of that name")
-    sweep.add_argument("--log-output", action="store_true", help="stream the notebooks' output to the terminal")
     nodes = sub.add_parser("nodes", help="SegViz's 2-, 3-, 4-node table (central, FedAvg, SegViz on BTCV) into a run folder")
-    nodes.add_argument("--profile", default="laptop", help="smoke, laptop (default), paper, or a YAML path")
+    _add_common(nodes, "run folder under results/ to add to (e.g. a sweep's), or a new one")
     nodes.add_argument("--nodes", default="2,3,4", help="comma-separated node sets (2: liver, spleen; 3: + pancreas; "
                        "4: + kidney)")
-    nodes.add_argument("-p", "--param", action="append", type=_parse_param, default=[], metavar="KEY=VALUE")
-    nodes.add_argument("--run-name", help="run folder under results/ to add to (e.g. a sweep's), or a new one")
-    nodes.add_argument("--results", help="results folder (default: results/ in the checkout)")
-    nodes.add_argument("--log-output", action="store_true", help="stream the notebooks' output to the terminal")
     gin = sub.add_parser("contrast", help="FedGIN's cross-contrast experiment: some clients MRI-like, every model "
                          "tested in both contrasts")
-    gin.add_argument("--profile", default="laptop", help="smoke, laptop (default), paper, or a YAML path")
+    _add_common(gin, "folder name under results/ (default: <profile>-mri-<timestamp>)")
     gin.add_argument("--mri-like", default="liver,spleen", help="comma-separated datasets generated MRI-like")
     gin.add_argument("--methods", default="fedavg,fedgin", help="comma-separated federated methods")
-    gin.add_argument("-p", "--param", action="append", type=_parse_param, default=[], metavar="KEY=VALUE")
-    gin.add_argument("--run-name", help="folder name under results/ (default: <profile>-mri-<timestamp>)")
-    gin.add_argument("--results", help="results folder (default: results/ in the checkout)")
-    gin.add_argument("--log-output", action="store_true", help="stream the notebooks' output to the terminal")
     args = parser.parse_args(argv)
-    if args.command == "contrast":
+    if args.command in EXPERIMENTS:
+        start, table, title = EXPERIMENTS[args.command]
+        common = {"run_name": args.run_name, "params": dict(args.param), "results": args.results,
+                  "log_output": args.log_output}
         try:
-            run_dir = run_contrast(args.profile, tuple(d.strip() for d in args.mri_like.split(",") if d.strip()),
-                                   tuple(m.strip() for m in args.methods.split(",") if m.strip()),
-                                   run_name=args.run_name, params=dict(args.param), results=args.results,
-                                   log_output=args.log_output)
+            run_dir = start(args, common)
         except (ChainError, FileExistsError, ValueError, FileNotFoundError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-        print(f"cross-contrast run {run_dir}:\n{(run_dir / 'tables' / 'contrast_summary.md').read_text()}")
-        return 0
-    if args.command == "nodes":
-        try:
-            run_dir = run_nodes(args.profile, tuple(int(n) for n in args.nodes.split(",") if n.strip()),
-                                run_name=args.run_name, params=dict(args.param), results=args.results,
-                                log_output=args.log_output)
-        except (ChainError, FileExistsError, ValueError, FileNotFoundError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        print(f"SegViz node sets in {run_dir}:\n{(run_dir / 'tables' / 'segviz_nodes.md').read_text()}")
-        return 0
-    if args.command == "sweep":
-        try:
-            run_dir = run_sweep(args.profile, tuple(m.strip() for m in args.methods.split(",") if m.strip()),
-                                run_name=args.run_name, params=dict(args.param), overwrite=args.overwrite,
-                                results=args.results, log_output=args.log_output)
-        except (ChainError, FileExistsError, ValueError, FileNotFoundError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        print(f"sweep {run_dir} finished:\n{(run_dir / 'tables' / 'sweep_methods.md').read_text()}")
+        print(f"{title.format(run_dir=run_dir)}:\n{(run_dir / 'tables' / f'{table}.md').read_text()}")
         return 0
     try:
         run_dir = run_chain(args.profile, run_name=args.run_name, params=dict(args.param), only=args.only,

@@ -78,6 +78,25 @@ def _masks(method: str, logits: Mapping[str, Mapping[str, torch.Tensor]], image,
     return inference.postprocess(mask) if method in (SL_PP, LOCAL_PP) else mask
 
 
+def btcv_test_cases(cases: pd.DataFrame) -> pd.DataFrame:
+    """The BTCV test rows of a cases table; an error naming the fix when there are none."""
+    btcv = cases[(cases["dataset"] == "btcv") & (cases["split"] == "test")]
+    if btcv.empty:
+        raise ValueError("The cases table has no BTCV test cases: run 01_data_prep (BTCV must be under data_root).")
+    return btcv
+
+
+def load_btcv_case(cfg: dict[str, Any], row: pd.Series, transform) -> tuple[Path, Any, dict[str, np.ndarray],
+                                                                          tuple[float, ...]]:
+    """One BTCV case: its image path, the image through `transform` (`inference.inference_transform`, kept
+    invertible), the four organs' truth masks on the original grid, and that grid's spacing (mm)."""
+    image_path, label_path = case_files(cfg["data_root"], row)
+    label = nib.load(str(label_path))
+    truth = inference.btcv_truth(np.asanyarray(label.dataobj))
+    spacing = tuple(float(z) for z in label.header.get_zooms()[:3])
+    return image_path, transform({"image": str(image_path)})["image"], truth, spacing
+
+
 def evaluate_btcv(cfg: dict[str, Any], cases: pd.DataFrame, run_dir: str | Path,
                   tolerances: Mapping[str, float] | None = None, coarse_to_fine: bool = True,
                   coarse_factor: float = 2.0, margin_mm: float = 20.0, write: bool = True,
@@ -95,20 +114,14 @@ def evaluate_btcv(cfg: dict[str, Any], cases: pd.DataFrame, run_dir: str | Path,
     methods = _methods(groups)
     if not methods:
         raise FileNotFoundError(f"No trained models under {run_dir / 'checkpoints'}: run 02 and 03 with this run_dir.")
-    btcv = cases[(cases["dataset"] == "btcv") & (cases["split"] == "test")]
-    if btcv.empty:
-        raise ValueError("The cases table has no BTCV test cases: run 01_data_prep (BTCV must be under data_root).")
+    btcv = btcv_test_cases(cases)
     device = select_device()
     models = {group: {name: load_best(cfg, path, device) for name, path in paths.items()}
               for group, paths in groups.items()}
     transform = inference.inference_transform(cfg)
     scores, timing = [], []
     for _, row in tqdm(list(btcv.iterrows()), desc="BTCV cases", disable=not progress):
-        image_path, label_path = case_files(cfg["data_root"], row)
-        label = nib.load(str(label_path))
-        truth = inference.btcv_truth(np.rint(np.asanyarray(label.dataobj)).astype(np.int16))
-        spacing = tuple(float(z) for z in label.header.get_zooms()[:3])
-        image = transform({"image": str(image_path)})["image"]
+        image_path, image, truth, spacing = load_btcv_case(cfg, row, transform)
         logits, seconds = {}, {}
         for group, named in models.items():
             start = time.perf_counter()

@@ -118,31 +118,24 @@ def score_btcv(cfg: dict[str, Any], cases: pd.DataFrame, models: Mapping[tuple[s
     is resampled back to the BTCV grid (`inference.to_original_grid`) and scored (`metrics.score_case`).
     Long form: setup, model, case_id, organ, dice, nsd, hd95, pred_empty, truth_empty.
     """
-    import nibabel as nib
     from tqdm.auto import tqdm
 
     from fedseg import inference, metrics
-    from fedseg.datasets import case_files
     from fedseg.evaluation import load_best
+    from fedseg.external import btcv_test_cases, load_btcv_case
     from fedseg.training import select_device
 
     missing = sorted({str(p) for organs in models.values() for p in organs.values() if not Path(p).exists()})
     if missing:
         raise FileNotFoundError(f"Checkpoints missing for the SegViz table: {', '.join(missing)}. "
                                 "Run `python -m fedseg nodes` on this run folder to train them.")
-    btcv = cases[(cases["dataset"] == "btcv") & (cases["split"] == "test")]
-    if btcv.empty:
-        raise ValueError("The cases table has no BTCV test cases: run 01_data_prep (BTCV must be under data_root).")
+    btcv = btcv_test_cases(cases)
     device = select_device()
     loaded = {str(p): load_best(cfg, p, device) for p in {str(p) for m in models.values() for p in m.values()}}
     transform = inference.inference_transform(cfg)
     rows = []
     for _, case in tqdm(list(btcv.iterrows()), desc="BTCV cases", disable=not progress):
-        image_path, label_path = case_files(cfg["data_root"], case)
-        label = nib.load(str(label_path))
-        truth = inference.btcv_truth(np.asanyarray(label.dataobj))
-        spacing = tuple(float(z) for z in label.header.get_zooms()[:3])
-        image = transform({"image": str(image_path)})["image"]
+        _, image, truth, spacing = load_btcv_case(cfg, case, transform)
         logits = inference.predict_logits(loaded, image, cfg, device)
         organs_of = {path: inference.organ_masks(np.asarray(inference.to_original_grid(value, image, cfg, logits=True)))
                      for path, value in logits.items()}

@@ -18,8 +18,6 @@ Inference and scoring are `fedseg.inference` and `fedseg.metrics`, as in the ext
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -73,7 +71,7 @@ def federation_dir(run_dir: str | Path, nodes: int, method: str) -> Path:
     """Where the node set's federation of `method` lives: `<run>/nodes-<n>/<method>/`, or for the 4-node set
     a sweep's `<run>/<method>/` when that one finished (the same four clients, seed and profile)."""
     run_dir = Path(run_dir)
-    if nodes == len(NODE_SETS[4]) and _finished_federation(run_dir / method):
+    if nodes == len(NODE_SETS[4]) and finished_federation(run_dir / method):
         return run_dir / method
     return run_dir / f"nodes-{nodes}" / method
 
@@ -86,12 +84,12 @@ def central_checkpoint(run_dir: str | Path, nodes: int) -> Path:
     return run_dir / f"nodes-{nodes}" / "checkpoints" / "central" / "best.pt"
 
 
-def _finished_federation(folder: Path) -> bool:
-    record = folder / "run.json"
-    if not (record.exists() and (folder / "checkpoints" / "fl-global" / "best.pt").exists()):
-        return False
-    entry = json.loads(record.read_text()).get("notebooks", {}).get("03_federated_training", {})
-    return entry.get("status") == "ok"
+def finished_federation(folder: Path) -> bool:
+    """Whether `folder` holds a federation whose notebook 03 ran to the end, with its global best model."""
+    from fedseg.run import finished_notebooks
+
+    return ("03_federated_training" in finished_notebooks(folder)
+            and (folder / "checkpoints" / "fl-global" / "best.pt").exists())
 
 
 def table_models(run_dir: str | Path, nodes: Sequence[int], methods: Mapping[str, str] = FL_ROWS

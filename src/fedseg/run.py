@@ -173,10 +173,14 @@ def _write_json(path: Path, record: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def default_run_name(profile_name: str) -> str:
+    """A new run's folder name when none is given: `<profile>-<timestamp>`."""
+    return f"{profile_name}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
 def new_run_dir(results: Path, run_name: str | None, profile: str, overwrite: bool, only: str | None) -> Path:
     """The run folder; an earlier run's folder is never overwritten unless asked."""
-    name = run_name or f"{profile}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    run_dir = results / name
+    run_dir = results / (run_name or default_run_name(profile))
     if run_dir.exists() and any(p.name != PROFILE_FILE for p in run_dir.iterdir()):
         if overwrite:
             shutil.rmtree(run_dir)
@@ -298,7 +302,7 @@ def _run_federation_notebook(profile: str, run_dir: Path, folder: Path, params: 
                      notebooks=CHAIN, log_output=log_output)
 
 
-def _finished(run_dir: Path) -> set[str]:
+def finished_notebooks(run_dir: Path) -> set[str]:
     """The notebooks that ran to the end in `run_dir` (its run.json)."""
     record = run_dir / "run.json"
     if not record.exists():
@@ -310,7 +314,7 @@ def _run_baselines(profile: str, run_dir: Path, params: dict[str, Any], log_outp
     """01 and 02 into `run_dir` unless they already finished there; an interrupted one runs again (its
     training resumes from its last checkpoint)."""
     for name in CHAIN[:2]:
-        if name not in _finished(run_dir):
+        if name not in finished_notebooks(run_dir):
             run_chain(profile, run_name=run_dir.name, params=params, only=name, results=run_dir.parent,
                       notebooks=CHAIN, log_output=log_output)
 
@@ -333,8 +337,7 @@ def run_nodes(profile: str = "laptop", nodes: tuple[int, ...] = (2, 3, 4), *, ru
     nodes = node_sets.check_nodes(nodes)
     params = dict(params or {})
     results = Path(results) if results else repo_root() / "results"
-    name = run_name or f"{load_profile(profile)['name']}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    run_dir = (results / name).resolve()
+    run_dir = (results / (run_name or default_run_name(load_profile(profile)["name"]))).resolve()
     _run_baselines(profile, run_dir, params, log_output)
     cfg = resolve(profile, params.get("seed"), params.get("data_root"))
     cfg["run_dir"] = str(run_dir)
@@ -356,8 +359,8 @@ def run_nodes(profile: str = "laptop", nodes: tuple[int, ...] = (2, 3, 4), *, ru
             timed(setup, node_sets.CENTRAL, lambda: node_sets.train_central(cfg, run_dir, cases, n))
         for row, method in node_sets.FL_ROWS.items():
             folder = node_sets.federation_dir(run_dir, n, method)
-            if node_sets._finished_federation(folder):
-                if (setup, row) not in done and (folder / "run.json").exists():
+            if node_sets.finished_federation(folder):
+                if (setup, row) not in done:
                     wall = json.loads((folder / "run.json").read_text())["notebooks"]["03_federated_training"]["wall_s"]
                     timing.append({"setup": setup, "model": row, "wall_s": wall})
                 continue
@@ -402,7 +405,7 @@ def run_contrast(profile: str = "laptop", mri_like: tuple[str, ...] = ("liver", 
     results = Path(results) if results else repo_root() / "results"
     base = load_profile(profile)
     derived = contrast.contrast_profile(base, mri_like)
-    run_dir = (results / (run_name or f"{derived['name']}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}")).resolve()
+    run_dir = (results / (run_name or default_run_name(derived["name"]))).resolve()
     profile_path = run_dir / PROFILE_FILE
     if profile_path.exists():
         earlier = yaml.safe_load(profile_path.read_text())["data"]["phantom"]["mri_like"]
@@ -416,7 +419,7 @@ def run_contrast(profile: str = "laptop", mri_like: tuple[str, ...] = ("liver", 
     _run_baselines(str(profile_path), run_dir, params, log_output)
     for method in methods:
         folder = run_dir / method
-        if "03_federated_training" not in _finished(folder):
+        if "03_federated_training" not in finished_notebooks(folder):
             _run_federation_notebook(str(profile_path), run_dir, folder, {**params, "method": method}, log_output)
     cfg = resolve(str(profile_path), params.get("seed"))
     cases = pd.read_csv(run_dir / "data" / "cases.csv")

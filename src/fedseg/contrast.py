@@ -29,6 +29,11 @@ NOTE = ("Dice (%) on the test cases of each channel's dataset, generated in both
         "on its own channels; FL global: the server's best model on every channel.")
 
 
+def column(channel: str, contrast: str) -> str:
+    """The `channel_table` column of a channel tested in a contrast, e.g. "liver tumor (MRI-like)"."""
+    return f"{channel.replace('_', ' ')} ({CONTRAST_NAMES[contrast]})"
+
+
 def contrast_profile(profile: Mapping[str, Any], mri_like: Sequence[str]) -> dict[str, Any]:
     """`profile` with `mri_like` datasets in the MRI-like contrast, named `<name>-mri`."""
     unknown = sorted(set(mri_like) - set(TRAIN_DATASETS))
@@ -95,8 +100,7 @@ def channel_table(scores: pd.DataFrame, rows: Mapping[str, Mapping[str, str]]) -
     for row, model_of in rows.items():
         parts = [scores[(scores["model"] == model) & (scores["dataset"] == dataset)] for dataset, model in model_of.items()]
         means = pd.concat(parts).groupby(["contrast", "channel"])["dice"].mean()
-        out[row] = {f"{c.replace('_', ' ')} ({CONTRAST_NAMES[k]})": 100 * means.get((k, c), np.nan)
-                    for k in (CT, MRI) for c in CHANNELS[1:]}
+        out[row] = {column(c, k): 100 * means.get((k, c), np.nan) for k in (CT, MRI) for c in CHANNELS[1:]}
     return pd.DataFrame.from_dict(out, orient="index").round(1)
 
 
@@ -109,7 +113,7 @@ def contrast_summary(channels: pd.DataFrame, mri_like: Sequence[str]) -> pd.Data
     out = {}
     for row, values in channels.iterrows():
         def dice(chs: list[str], contrast: str) -> list[float]:
-            return [values[f"{c.replace('_', ' ')} ({CONTRAST_NAMES[contrast]})"] for c in chs]
+            return [values[column(c, contrast)] for c in chs]
 
         cells = {}
         for trained, chs in groups.items():
@@ -126,18 +130,17 @@ def contrast_figure(channels: pd.DataFrame, mri_like: Sequence[str]):
     """Dice per channel for each row, tested on CT (left) and MRI-like (right); MRI-like clients' channels shaded."""
     import matplotlib.pyplot as plt
 
-    names = [c.replace("_", " ") for c in CHANNELS[1:]]
-    mri_channels = {c.replace("_", " ") for d in mri_like for c in owned_channels(d)}
+    channels_of_mri = {c for d in mri_like for c in owned_channels(d)}
     fig, axes = plt.subplots(1, 2, figsize=(13, 3.8), sharey=True)
     width = 0.8 / len(channels)
     for ax, contrast in zip(axes, (CT, MRI)):
-        for i, name in enumerate(names):
-            if name in mri_channels:
+        for i, channel in enumerate(CHANNELS[1:]):
+            if channel in channels_of_mri:
                 ax.axvspan(i - 0.45, i + 0.45, color="tab:purple", alpha=0.08, lw=0)
         for k, (row, values) in enumerate(channels.iterrows()):
-            x = np.arange(len(names)) + (k - (len(channels) - 1) / 2) * width
-            ax.bar(x, [values[f"{n} ({CONTRAST_NAMES[contrast]})"] for n in names], width, label=row)
-        ax.set_xticks(np.arange(len(names)), names, rotation=30, ha="right")
+            x = np.arange(len(CHANNELS) - 1) + (k - (len(channels) - 1) / 2) * width
+            ax.bar(x, [values[column(c, contrast)] for c in CHANNELS[1:]], width, label=row)
+        ax.set_xticks(np.arange(len(CHANNELS) - 1), [c.replace("_", " ") for c in CHANNELS[1:]], rotation=30, ha="right")
         ax.set_title(f"tested on {CONTRAST_NAMES[contrast]} (shaded: channels of the MRI-like clients)")
         ax.set_ylim(0, 100)
         ax.grid(axis="y", alpha=0.3)

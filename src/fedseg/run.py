@@ -382,13 +382,13 @@ def run_nodes(profile: str = "laptop", nodes: tuple[int, ...] = (2, 3, 4), *, ru
     return run_dir
 
 
-def run_contrast(profile: str = "laptop", mri_like: tuple[str, ...] = ("liver", "spleen"),
+def run_contrast(profile: str = "laptop", mri_like: tuple[str, ...] | None = None,
                  methods: tuple[str, ...] = ("fedavg", "fedgin"), *, run_name: str | None = None,
                  params: dict[str, Any] | None = None, results: str | Path | None = None,
                  log_output: bool = False) -> Path:
     """FedGIN's cross-contrast experiment (`fedseg.contrast`) into one run folder, resuming what it holds.
 
-    The profile with `mri_like` clients MRI-like is written to `<run>/profile.yaml`; 01 and 02 run on it once,
+    The profile with `mri_like` clients (default `contrast.DEFAULT_MRI_LIKE`) MRI-like is written to `<run>/profile.yaml`; 01 and 02 run on it once,
     then 03 per method into `<run>/<method>/`; then SL, FL global and FL local models are tested on every
     test case in both contrasts: `metrics/contrast_per_case.csv`, `tables/contrast_channels.*`,
     `tables/contrast_summary.*`, `figures/contrast_channels.png`.
@@ -401,6 +401,7 @@ def run_contrast(profile: str = "laptop", mri_like: tuple[str, ...] = ("liver", 
 
     for method in methods:
         check_method(method)
+    mri_like = tuple(mri_like or contrast.DEFAULT_MRI_LIKE)
     params = dict(params or {})
     results = Path(results) if results else repo_root() / "results"
     base = load_profile(profile)
@@ -494,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     gin = sub.add_parser("contrast", help="FedGIN's cross-contrast experiment: some clients MRI-like, every model "
                          "tested in both contrasts")
     _add_common(gin, "folder name under results/ (default: <profile>-mri-<timestamp>)")
-    gin.add_argument("--mri-like", default="liver,spleen", help="comma-separated datasets generated MRI-like")
+    gin.add_argument("--mri-like", default="", help="comma-separated datasets generated MRI-like (default: liver,spleen)")
     gin.add_argument("--methods", default="fedavg,fedgin", help="comma-separated federated methods")
     args = parser.parse_args(argv)
     if args.command in EXPERIMENTS:

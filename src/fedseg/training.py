@@ -208,7 +208,7 @@ def train_model(cfg: dict[str, Any], model: torch.nn.Module, train_records: list
     else:
         seed_everything(seed)
     batches = PatchBatches(cfg, train_records, seed, train["cases_per_step"], volumes)
-    volumes = evaluation_dataset(cfg, val_records)
+    val_volumes = evaluation_dataset(cfg, val_records)
     start, end = state["step"], steps if stop_after is None else min(steps, state["step"] + stop_after)
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(batches, range(start, end)), batch_size=None,
@@ -234,7 +234,7 @@ def train_model(cfg: dict[str, Any], model: torch.nn.Module, train_records: list
             state["step"] = step
             window.append(float(value.detach()))
             if step % train["val_every"] == 0 or step == steps:
-                scores = validate(model, volumes, val_records, cfg, device, task)
+                scores = validate(model, val_volumes, val_records, cfg, device, task)
                 means = channel_means(scores)
                 metric = float(means.mean())
                 entry = {"step": step, "loss": float(np.mean(window)), "val_mean_dice": metric,

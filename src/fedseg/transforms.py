@@ -34,6 +34,11 @@ CT, MRI = "CT", "MRI"
 MRI_PERCENTILES = (0.5, 99.5)
 
 
+def mri_percentiles(pre: Mapping[str, Any]) -> tuple[float, float]:
+    """The profile's `preprocess.mri_percentiles`, else `MRI_PERCENTILES`."""
+    return tuple(pre.get("mri_percentiles") or MRI_PERCENTILES)
+
+
 def mri_datasets(data_root: str | Path) -> frozenset[str]:
     """The datasets a synthetic data root holds in the MRI-like contrast (its `phantom.json`, FedGIN's
     experiment); none for a real data root, since the study's datasets are all CT."""
@@ -110,8 +115,7 @@ def preprocess(cfg: dict[str, Any]) -> mt.Compose:
         mt.LoadImaged(keys=[IMAGE, LABEL], ensure_channel_first=True, image_only=True),
         mt.Orientationd(keys=[IMAGE, LABEL], axcodes="RAS", labels=None),
         mt.Spacingd(keys=[IMAGE, LABEL], pixdim=pre["spacing"], mode=("bilinear", "nearest")),
-        ScaleIntensityByModalityd(keys=IMAGE, hu_window=pre["hu_window"],
-                                  mri_percentiles=pre.get("mri_percentiles") or MRI_PERCENTILES),
+        ScaleIntensityByModalityd(keys=IMAGE, hu_window=pre["hu_window"], mri_percentiles=mri_percentiles(pre)),
         MultiHotd(keys=LABEL),
         mt.EnsureTyped(keys=[IMAGE], dtype=torch.float32, track_meta=False),
         mt.EnsureTyped(keys=[LABEL, FOREGROUND], dtype=torch.uint8, track_meta=False),
@@ -148,7 +152,7 @@ def cache_dir(cfg: dict[str, Any]) -> Path:
     pre = cfg["preprocess"]
     key = json.dumps({"data_root": str(cfg["data_root"]), "spacing": pre["spacing"],
                       "hu_window": pre["hu_window"],
-                      "mri_percentiles": pre.get("mri_percentiles") or MRI_PERCENTILES, "version": PIPELINE_VERSION}, sort_keys=True)
+                      "mri_percentiles": mri_percentiles(pre), "version": PIPELINE_VERSION}, sort_keys=True)
     base = Path(os.environ.get("FEDSEG_CACHE") or Path(os.environ.get("FEDSEG_DATA", repo_root() / "data")) / "cache")
     return base / f"{Path(cfg['data_root']).name}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 

@@ -409,3 +409,25 @@ def test_integer_buffers_stay_integers(tmp_path):
     averaged = arrays.to_torch_state_dict()
     assert averaged["n"].dtype == torch.int64 and int(averaged["n"]) == 5  # (1*3 + 2*6) / 3
     assert averaged["w"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("keep_optimizer", [False, True])
+def test_the_learning_rate_anneals_once_over_the_whole_federation(tiny, keep_optimizer):
+    """A client's learning rate at round r, local step s is the cosine schedule's value at global step
+    (r - 1) * local_steps + s of rounds * local_steps, typed here independently of fedseg.training."""
+    cfg, cases, run_dir = tiny
+    rounds, local_steps, lr = 3, 2, cfg["train"]["lr"]
+    cfg["federated"].update(rounds=rounds, local_steps=local_steps, keep_optimizer=keep_optimizer)
+    cfg["train"].update(schedule="cosine", val_every=1, checkpoint_every=1)
+    horizon = rounds * local_steps
+
+    def cosine(global_step):  # the rate used by the update of global step g (1-based)
+        return lr * 0.5 * (1 + math.cos(math.pi * (global_step - 1) / horizon))
+
+    history = run_dir / "fl" / "liver" / "history.csv"
+    for server_round in range(1, rounds + 1):
+        message, _ = client_message(cfg, "train", server_round)
+        client_app.app(message, client_context(cfg, run_dir, cases, {"dataset": "liver"}))
+        rows = pd.read_csv(history).tail(local_steps)
+        expected = [cosine((server_round - 1) * local_steps + s) for s in range(1, local_steps + 1)]
+        assert rows["lr"].to_numpy() == pytest.approx(expected, rel=1e-6), f"round {server_round}"

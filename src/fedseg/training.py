@@ -85,11 +85,22 @@ def make_optimizer(model: torch.nn.Module, train: dict[str, Any]) -> torch.optim
     return kinds[train["optimizer"]](model.parameters(), lr=train["lr"], weight_decay=train.get("weight_decay", 0.0))
 
 
-def make_schedule(optimizer: torch.optim.Optimizer, train: dict[str, Any], steps: int):
-    """Constant or cosine-annealed learning rate over `steps`."""
-    if train.get("schedule", "constant") == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+def learning_rate(train: dict[str, Any], step: int, horizon: int) -> float:
+    """The learning rate of update `step` (1-based) of a schedule that spans `horizon` updates.
+
+    `constant`, or `cosine`: annealed once from `lr` to 0 over the horizon, after `warmup_steps` linear
+    warm-up steps. A pure function of the step, so a federation's clients anneal once over the whole
+    federation (step = (round - 1) * local_steps + local step, horizon = rounds * local_steps) and a
+    resumed or restarted optimizer gets the same rate as an uninterrupted one.
+    """
+    base, warmup = float(train["lr"]), int(train.get("warmup_steps", 0) or 0)
+    if warmup and step <= warmup:
+        return base * step / warmup
+    if train.get("schedule", "constant") != "cosine":
+        return base
+    span = max(1, horizon - warmup)
+    progress = min(max(step - 1 - warmup, 0), span) / span
+    return base * 0.5 * (1.0 + np.cos(np.pi * progress))
 
 
 def predictor(model: torch.nn.Module, task: str | None) -> Callable:
@@ -170,16 +181,21 @@ def train_model(cfg: dict[str, Any], model: torch.nn.Module, train_records: list
                 loss: str | None = None, task: str | None = None, seed: int | None = None, resume: bool = True,
                 stop_after: int | None = None, progress: bool = True, desc: str = "train",
                 device: torch.device | None = None, extra_loss: ExtraLoss | None = None,
-                volumes: Sequence[dict[str, Any]] | None = None) -> dict[str, Any]:
+                volumes: Sequence[dict[str, Any]] | None = None, schedule_start: int | None = None,
+                schedule_steps: int | None = None) -> dict[str, Any]:
     """Train `model` for `steps` local steps with validation, best-checkpoint tracking and resume.
 
     `extra_loss(model, logits, batch)` is added to the supervised loss every step (the federated methods'
     terms: FedProx's proximal term, distillation from the global model); the logged loss includes it.
     `volumes` replaces the cached training volumes (label completion trains on pseudo-labelled ones).
+    The learning rate follows `learning_rate` over `schedule_steps` updates (default `steps`); the first
+    update of this call is update `schedule_start + 1` of that schedule (default: the resumed step + 1),
+    which is how an FL client anneals once over the whole federation instead of once per round.
 
     Writes `out_dir/last.pt` (everything needed to resume) every `train.checkpoint_every` steps and at the
     end, `out_dir/best.pt` (weights of the best validation mean Dice over owned channels) and
-    `out_dir/history.csv`. With `resume`, an existing `last.pt` is continued. `stop_after` ends the call
+    `out_dir/history.csv` (per validation: step, mean loss since the last one, the learning rate of that
+    step, Dice per channel, and the cumulative seconds spent training and validating). With `resume`, an existing `last.pt` is continued. `stop_after` ends the call
     after that many steps of this call (as an interruption would), for tests and time-boxed runs.
     Returns a summary: steps done, best step and metric, seconds, and the history table.
     """
@@ -194,15 +210,13 @@ def train_model(cfg: dict[str, Any], model: torch.nn.Module, train_records: list
     loss_fn = build_loss(loss or train["loss"], **train.get("loss_options", {}))
     model.to(device).train()
     optimizer = make_optimizer(model, train)
-    schedule = make_schedule(optimizer, train, steps)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and train.get("amp", True))
-    state = {"step": 0, "best_metric": -1.0, "best_step": 0, "history": []}
+    state = {"step": 0, "best_metric": -1.0, "best_step": 0, "history": [], "train_s": 0.0, "val_s": 0.0}
     last = out_dir / "last.pt"
     if resume and last.exists():
         saved = torch.load(last, map_location=device, weights_only=False)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
-        schedule.load_state_dict(saved["schedule"])
         scaler.load_state_dict(saved["scaler"])
         state = saved["state"]
     else:
@@ -210,16 +224,21 @@ def train_model(cfg: dict[str, Any], model: torch.nn.Module, train_records: list
     batches = PatchBatches(cfg, train_records, seed, train["cases_per_step"], volumes)
     val_volumes = evaluation_dataset(cfg, val_records)
     start, end = state["step"], steps if stop_after is None else min(steps, state["step"] + stop_after)
+    schedule_steps = int(schedule_steps or steps)
+    schedule_offset = (start if schedule_start is None else int(schedule_start)) - start
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(batches, range(start, end)), batch_size=None,
         num_workers=cfg["preprocess"].get("num_workers", 0), persistent_workers=False,
     )
-    began = time.perf_counter()
+    began = tick = time.perf_counter()
     window: list[float] = []
     bar = tqdm(loader, total=end - start, initial=0, desc=desc, disable=not progress, leave=False)
     try:
         for batch in bar:
             step = state["step"] + 1
+            rate = learning_rate(train, step + schedule_offset, schedule_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = rate
             image, target = batch[IMAGE].to(device), batch[LABEL].to(device)
             optimizer.zero_grad(set_to_none=True)
             with autocast(device, train):
@@ -230,24 +249,30 @@ def train_model(cfg: dict[str, Any], model: torch.nn.Module, train_records: list
             scaler.scale(value).backward()
             scaler.step(optimizer)
             scaler.update()
-            schedule.step()
             state["step"] = step
             window.append(float(value.detach()))
             if step % train["val_every"] == 0 or step == steps:
+                state["train_s"] += time.perf_counter() - tick
+                tick = time.perf_counter()
                 scores = validate(model, val_volumes, val_records, cfg, device, task)
                 means = channel_means(scores)
                 metric = float(means.mean())
-                entry = {"step": step, "loss": float(np.mean(window)), "val_mean_dice": metric,
-                         "lr": schedule.get_last_lr()[0], **{f"dice_{c}": v for c, v in means.items()}}
+                state["val_s"] += time.perf_counter() - tick
+                entry = {"step": step, "loss": float(np.mean(window)), "val_mean_dice": metric, "lr": rate,
+                         "train_s": round(state["train_s"], 3), "val_s": round(state["val_s"], 3),
+                         **{f"dice_{c}": v for c, v in means.items()}}
                 state["history"].append(entry)
                 window = []
                 if metric > state["best_metric"]:
                     state.update(best_metric=metric, best_step=step)
                     save_checkpoint(model.state_dict(), out_dir / "best.pt", step=step, val_mean_dice=metric)
                 bar.set_postfix(loss=f"{entry['loss']:.3f}", dice=f"{metric:.3f}")
+                tick = time.perf_counter()
             if step % train["checkpoint_every"] == 0 or step == end:
+                state["train_s"] += time.perf_counter() - tick
                 _save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                       "schedule": schedule.state_dict(), "scaler": scaler.state_dict(), "state": state}, last)
+                       "scaler": scaler.state_dict(), "state": state}, last)
+                tick = time.perf_counter()
     except (torch.OutOfMemoryError, RuntimeError) as error:
         if _is_out_of_memory(error):
             raise _memory_hint(cfg, error) from error

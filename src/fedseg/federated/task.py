@@ -205,7 +205,9 @@ def train_locally(cfg: dict[str, Any], model: torch.nn.Module, client: str, serv
 
     Without keep_optimizer every round starts a fresh optimizer (resume=False) on batches seeded by
     (seed, client, round). With it, the last round's optimizer state is resumed under the new global
-    weights, and the step count (hence the batches) continues. Returns train_model's summary plus the
+    weights, and the step count (hence the batches) continues. Either way the learning rate is that of
+    the federation-wide schedule: local step s of round r is update (r - 1) * local_steps + s of a
+    schedule over rounds * local_steps updates, so it anneals once, not once per round. Returns train_model's summary plus the
     mean loss of this round's steps and the validation row of the final (sent) model.
     """
     fl = cfg["federated"]
@@ -223,7 +225,9 @@ def train_locally(cfg: dict[str, Any], model: torch.nn.Module, client: str, serv
     seed = round_seed(cfg["seed"], client, 0 if fl["keep_optimizer"] else server_round)
     summary = train_model(cfg, model, train_records, val_records, out_dir, steps=start + fl["local_steps"],
                           seed=seed, resume=resume, progress=False, desc=f"fl-{client}", task=task,
-                          extra_loss=extra_loss, volumes=volumes)
+                          extra_loss=extra_loss, volumes=volumes,
+                          schedule_start=(server_round - 1) * fl["local_steps"],
+                          schedule_steps=fl["rounds"] * fl["local_steps"])
     history = summary["history"]
     this_round = history[history["step"] > start]
     spans = np.diff(np.concatenate([[start], this_round["step"].to_numpy()]))

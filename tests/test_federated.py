@@ -424,10 +424,12 @@ def test_the_learning_rate_anneals_once_over_the_whole_federation(tiny, keep_opt
     def cosine(global_step):  # the rate used by the update of global step g (1-based)
         return lr * 0.5 * (1 + math.cos(math.pi * (global_step - 1) / horizon))
 
-    history = run_dir / "fl" / "liver" / "history.csv"
+    cfg["run_dir"] = str(run_dir)
+    cfg["federated"] = task.federated_settings(cfg)
+    train, val = task.client_records(cfg, cases, "liver")
     for server_round in range(1, rounds + 1):
-        message, _ = client_message(cfg, "train", server_round)
-        client_app.app(message, client_context(cfg, run_dir, cases, {"dataset": "liver"}))
-        rows = pd.read_csv(history).tail(local_steps)
+        model = build_network(**cfg["model"])
+        summary = task.train_locally(cfg, model, "liver", server_round, train, val)
         expected = [cosine((server_round - 1) * local_steps + s) for s in range(1, local_steps + 1)]
-        assert rows["lr"].to_numpy() == pytest.approx(expected, rel=1e-6), f"round {server_round}"
+        assert summary["learning_rates"] == pytest.approx(expected, rel=1e-6), f"round {server_round}"
+        assert summary["history"]["lr"].iloc[-1] == pytest.approx(expected[-1], rel=1e-6)

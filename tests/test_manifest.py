@@ -146,6 +146,17 @@ def test_subset_manifest_scales_and_caps(manifest: pd.DataFrame) -> None:
     assert tuple(int(big_min.loc["spleen", s]) for s in SPLITS) == (25, 8, 8)
 
 
+def test_subset_manifest_external_minimum(manifest: pd.DataFrame) -> None:
+    """A fourth minimum is the external test set's (BTCV); without it BTCV keeps max(2, test minimum)."""
+    laptop = split_counts(subset_manifest(manifest, scale=0.1, minimum=(3, 2, 4, 8)))
+    assert int(laptop.loc["btcv", "test"]) == 8 and int(laptop.loc["btcv", "train"]) == 0
+    assert tuple(int(laptop.loc["spleen", s]) for s in SPLITS) == (3, 2, 4)
+    assert int(laptop.loc["pancreas", "test"]) == 6  # round(56 * 0.1) is above the minimum
+    assert int(split_counts(subset_manifest(manifest, scale=0.1, minimum=(3, 1, 1))).loc["btcv", "test"]) == 3
+    with pytest.raises(ValueError, match="external"):
+        subset_manifest(manifest, scale=0.1, minimum=(3, 1))
+
+
 def _write_datalists(root, manifest: pd.DataFrame) -> None:
     tag = {"liver": ("Liver", "LVR"), "pancreas": ("Pancreas", "PAN"), "kits19": ("KiTS19", "KITS"),
            "spleen": ("Spleen", "SPL")}

@@ -143,3 +143,26 @@ def test_a_killed_process_resumes_to_the_same_weights(setup):
     train_model(cfg, whole, records[:2], records[2:], root / "whole", progress=False)
     for name, value in whole.state_dict().items():
         assert torch.allclose(value, resumed.state_dict()[name], atol=1e-6), name
+
+
+def test_models_trained_in_parallel_processes_equal_those_trained_one_by_one(setup, monkeypatch):
+    """fit_models with two worker processes (one torch thread each) gives every model the weights it gets
+    trained alone with one thread: the parallelism changes when models train, not how."""
+    from fedseg.training import fit_models
+
+    root, cfg, records = setup
+    cfg["train"].update(steps=4, val_every=2)
+    jobs = {"a": (records[:2], records[2:], 4), "b": (records[1:], records[:1], 3)}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = fit_models(cfg, jobs, root / "alone", workers=1, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)  # one thread per worker, on any machine
+    together = fit_models(cfg, jobs, root / "together", workers=2, progress=False)
+    assert list(together) == ["a", "b"] and [together[n]["steps"] for n in together] == [4, 3]
+    for name in jobs:
+        one = torch.load(alone[name]["best"], weights_only=False)["model"]
+        two = torch.load(together[name]["best"], weights_only=False)["model"]
+        assert all(torch.equal(one[k], two[k]) for k in one), name

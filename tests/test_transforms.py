@@ -137,11 +137,13 @@ def test_owned_channel_mask(dataset, owned):
     assert {CHANNELS[i] for i in np.flatnonzero(mask)} == owned
 
 
-@pytest.mark.parametrize("sampling", ["random", "posneg"])
-def test_training_patches_have_the_patch_size_and_eight_channels(tmp_path, sampling):
+@pytest.mark.parametrize("sampling,spatial_aug", [("random", None), ("posneg", None), ("classes", None),
+                                                  ("posneg", {"prob": 1.0, "rotate": 0.3, "scale": 0.2})])
+def test_training_patches_have_the_patch_size_and_eight_channels(tmp_path, sampling, spatial_aug):
     image, label = blob_volume()
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
     cfg = config(sampling=sampling)
+    cfg["preprocess"]["spatial_aug"] = spatial_aug
     case = run(cfg, write(tmp_path / "i.nii.gz", image, affine), write(tmp_path / "l.nii.gz", label, affine))
     patches = augment(cfg)(case)
     assert len(patches) == 2
@@ -149,6 +151,7 @@ def test_training_patches_have_the_patch_size_and_eight_channels(tmp_path, sampl
         assert tuple(patch[IMAGE].shape) == (1, 8, 8, 8)
         assert tuple(patch[LABEL].shape) == (8, 8, 8, 8)
         assert "foreground" not in patch
+        assert patch[LABEL].dtype == torch.uint8 and set(np.unique(np.asarray(patch[LABEL]))) <= {0, 1}
 
 
 def test_training_reads_the_cache_and_never_decodes_nifti_again(tmp_path, monkeypatch):
@@ -168,3 +171,42 @@ def test_training_reads_the_cache_and_never_decodes_nifti_again(tmp_path, monkey
     assert len(patches) == 2 and tuple(patches[0][LABEL].shape) == (8, 8, 8, 8)
     assert torch.equal(patches[0]["owned"] if isinstance(patches[0]["owned"], torch.Tensor)
                        else torch.as_tensor(patches[0]["owned"]), torch.as_tensor(owned_mask("liver").astype(np.uint8)))
+
+
+def test_class_balanced_patches_centre_on_the_tumour_as_often_as_on_the_organ(tmp_path):
+    """`classes` sampling: centres drawn equally from background and each channel the case contains, so
+    the two-voxel-wide tumour channel is in far more patches than under random sampling."""
+    image, label = blob_volume((40, 40, 40))
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    hits = {}
+    for sampling in ("random", "classes"):
+        cfg = config(sampling=sampling)
+        cfg["preprocess"]["patches_per_volume"] = 60
+        case = run(cfg, write(tmp_path / "i.nii.gz", image, affine), write(tmp_path / "l.nii.gz", label, affine))
+        transform = augment(cfg)
+        transform.set_random_state(seed=0)
+        patches = transform(case)
+        hits[sampling] = np.mean([bool(p[LABEL][CHANNEL_INDEX["liver_tumor"]].any()) for p in patches])
+    assert hits["classes"] >= 0.3 and hits["classes"] > hits["random"] + 0.15, hits
+
+
+def test_in_memory_training_volumes_give_the_batches_of_the_cache(tmp_path, monkeypatch):
+    """`preprocess.in_memory` keeps each volume and its foreground/background positions: the posneg
+    sampler then draws exactly the patches it draws when it reads the cache and searches every time."""
+    from fedseg.training import PatchBatches
+
+    monkeypatch.setenv("FEDSEG_CACHE", str(tmp_path / "cache"))
+    image, label = blob_volume((24, 20, 16))
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    records = [{IMAGE: write(tmp_path / f"i{k}.nii.gz", np.roll(image, 3 * k, axis=0), affine),
+                LABEL: write(tmp_path / f"l{k}.nii.gz", np.roll(label, 3 * k, axis=0), affine),
+                "dataset": "liver", "case_id": f"liver_{k}", "owned": owned_mask("liver").astype(np.uint8)}
+               for k in range(3)]
+    cfg = {**config(sampling="posneg"), "data_root": str(tmp_path / "root")}
+    cached = PatchBatches(cfg, records, seed=1, cases_per_step=2)
+    kept = PatchBatches({**cfg, "preprocess": {**cfg["preprocess"], "in_memory": True}}, records, seed=1,
+                        cases_per_step=2)
+    for step in range(6):
+        a, b = cached[step], kept[step]
+        assert torch.equal(a[IMAGE], b[IMAGE]) and torch.equal(a[LABEL], b[LABEL]), step
+    assert len(kept.memory) == 3 and not cached.memory

@@ -146,20 +146,23 @@ def split_counts(df: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def subset_manifest(df: pd.DataFrame, scale: float, minimum: tuple[int, int, int] = (2, 1, 1)) -> pd.DataFrame:
+def subset_manifest(df: pd.DataFrame, scale: float, minimum: Sequence[int] = (2, 1, 1)) -> pd.DataFrame:
     """First n cases of each (dataset, split) in manifest order, n = min(count, max(minimum, round(count * scale))).
 
-    Used for small synthetic datasets whose case ids and splits are a subset of the real ones; a
-    test-only dataset (BTCV) keeps at least max(2, minimum[2]) cases. Empty splits stay empty.
+    Used for small synthetic datasets whose case ids and splits are a subset of the real ones.
+    `minimum` is (train, val, test) or (train, val, test, external): a test-only dataset (BTCV) keeps at
+    least `external` cases, else max(2, test). Empty splits stay empty.
     """
     if scale < 0:
         raise ValueError(f"scale must be >= 0, got {scale}.")
+    if len(minimum) not in (3, 4):
+        raise ValueError(f"minimum cases {list(minimum)}: give (train, val, test) or (train, val, test, external).")
     test_only = {d for d, s in df.groupby("dataset")["split"] if set(s) == {"test"}}
     limits: dict[tuple[str, str], int] = {}
     for (dataset, split), count in df.groupby(["dataset", "split"]).size().items():
         low = minimum[SPLITS.index(split)]
         if dataset in test_only:
-            low = max(2, low)
+            low = int(minimum[3]) if len(minimum) == 4 else max(2, low)
         limits[(dataset, split)] = min(int(count), max(low, round(count * scale)))
     rank = df.groupby(["dataset", "split"], sort=False).cumcount()
     keep = [r < limits[(d, s)] for r, d, s in zip(rank, df["dataset"], df["split"])]

@@ -204,9 +204,9 @@ def segviz_figure(scores: pd.DataFrame, paper: Mapping[tuple[str, str], Mapping[
 
 
 def train_central(cfg: dict[str, Any], run_dir: str | Path, cases: pd.DataFrame, nodes: int) -> dict[str, Any]:
-    """The node set's central aggregation model (02's recipe: the profile's loss and `central_steps`) into
-    `<run>/nodes-<n>/checkpoints/central/`."""
-    from fedseg.training import fit
+    """The node set's central aggregation model (02's recipe: the profile's loss; `central_steps`, by default
+    the node set's SL models' steps together) into `<run>/nodes-<n>/checkpoints/central/`."""
+    from fedseg.training import central_budget, fit
     from fedseg.transforms import case_records
 
     datasets = NODE_SETS[nodes]
@@ -215,4 +215,4 @@ def train_central(cfg: dict[str, Any], run_dir: str | Path, cases: pd.DataFrame,
         return case_records(cfg["data_root"], cases[cases["dataset"].isin(datasets) & (cases["split"] == split)])
 
     return fit(cfg, "central", records("train"), records("val"), Path(run_dir) / f"nodes-{nodes}",
-               steps=cfg["train"]["central_steps"], loss=cfg["train"]["loss"])
+               steps=central_budget(cfg["train"], len(datasets)), loss=cfg["train"]["loss"])

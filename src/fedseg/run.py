@@ -117,6 +117,47 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo, else platform.processor())."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def host_record() -> dict[str, Any]:
+    """What a run's numbers depend on beyond the code and settings: the CPU, the thread counts the
+    notebooks' kernels inherit (OMP/MKL variables; torch's own default is the number of cores) and
+    torch's deterministic settings. Float sums in convolutions differ with the thread count, so two
+    machines agree to rounding, not bit for bit (see the README's reproducibility section)."""
+    import torch
+
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "cpu_model": cpu_model(),
+            "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
+            "thread_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ},
+            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+            "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
+            "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def portable(value: Any, run_dir: Path) -> Any:
+    """`value` with this machine's absolute paths replaced by placeholders (`<run_dir>`, `<repo>`,
+    `<home>`), so a committed run.json names no machine's folders."""
+    if isinstance(value, dict):
+        return {k: portable(v, run_dir) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable(v, run_dir) for v in value]
+    if isinstance(value, str):
+        for path, name in ((str(run_dir), "<run_dir>"), (str(repo_root()), "<repo>"), (str(Path.home()), "<home>")):
+            if path and path != "/":
+                value = value.replace(path, name)
+    return value
+
+
 def git_commit() -> dict[str, Any]:
     """The checkout's commit and whether it had uncommitted changes (a run is only as reproducible)."""
     def git(*args: str) -> str:
@@ -169,7 +210,7 @@ def _now() -> str:
 
 def _write_json(path: Path, record: dict[str, Any]) -> None:
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str))
+    tmp.write_text(json.dumps(portable(record, path.parent.resolve()), indent=2, default=str))
     os.replace(tmp, path)
 
 
@@ -217,7 +258,7 @@ def run_chain(profile: str = "laptop", *, run_name: str | None = None, params: d
     record.update({
         "profile": cfg["name"], "profile_config": cfg, "seed": cfg["seed"], "data_root": cfg["data_root"],
         "parameters": params, "versions": package_versions(), "git": git_commit(),
-        "host": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "host": host_record(),
         "status": "running", "started": _now(), "ended": None,
     })
     _write_json(record_path, record)

@@ -27,6 +27,7 @@ from fedseg.labels import owned_mask, to_multihot
 from fedseg.run import repo_root
 
 IMAGE, LABEL, FOREGROUND = "image", "label", "foreground"
+FG_INDICES, BG_INDICES = f"{FOREGROUND}_fg", f"{FOREGROUND}_bg"  # voxel positions, when precomputed
 #: Bump when the deterministic pipeline changes, so old caches are not reused.
 PIPELINE_VERSION = 2  # 2: MRI(-like) cases scaled by their own percentiles, not the HU window
 CT, MRI = "CT", "MRI"
@@ -132,9 +133,15 @@ def augment(cfg: dict[str, Any]) -> mt.Compose:
         crop = mt.RandSpatialCropSamplesd(keys=keys, roi_size=patch, num_samples=count, random_size=False)
     elif pre["patch_sampling"] == "posneg":
         crop = mt.RandCropByPosNegLabeld(keys=keys, label_key=FOREGROUND, spatial_size=patch, pos=1, neg=1,
-                                         num_samples=count)
+                                         num_samples=count, fg_indices_key=FG_INDICES, bg_indices_key=BG_INDICES)
+    elif pre["patch_sampling"] == "classes":
+        # class-balanced centres: background and each channel the case contains equally often, so a
+        # tumour of a few hundred voxels is the centre of as many patches as its organ (nnU-Net-style
+        # foreground oversampling); the multi-hot label is MONAI's one-hot layout, absent channels skipped
+        crop = mt.RandCropByLabelClassesd(keys=keys, label_key=LABEL, spatial_size=patch, num_classes=None,
+                                          num_samples=count, warn=False)
     else:
-        raise ValueError(f"preprocess.patch_sampling={pre['patch_sampling']!r}: use 'random' or 'posneg'.")
+        raise ValueError(f"preprocess.patch_sampling={pre['patch_sampling']!r}: use 'random', 'posneg' or 'classes'.")
     shift = pre["intensity_shift"]
     # FedGIN (seed 004): random shallow-network intensity remapping of each patch, when the profile asks
     gin = [RandGINd(keys=IMAGE, **pre["gin"])] if pre.get("gin") else []
@@ -142,9 +149,35 @@ def augment(cfg: dict[str, Any]) -> mt.Compose:
         mt.SpatialPadd(keys=[*keys, FOREGROUND], spatial_size=patch),
         crop,
         mt.DeleteItemsd(keys=FOREGROUND),
+        *spatial_augmentation(pre.get("spatial_aug")),
         *gin,
         mt.RandShiftIntensityd(keys=IMAGE, offsets=shift["offset"], prob=shift["prob"]),
     ])
+
+
+def sampling_indices(cfg: dict[str, Any]) -> mt.Compose:
+    """What a volume kept in memory for training gets once: the positions of its foreground and
+    background voxels (MONAI's FgBgToIndicesd), which the `posneg` patch sampler then reads instead of
+    searching the whole volume for every patch. Nothing for the other samplers. Positions are taken on
+    the volume as `augment` pads it, so a patch drawn from them is the one the search would draw."""
+    if cfg["preprocess"]["patch_sampling"] != "posneg":
+        return mt.Compose([])
+    return mt.Compose([mt.SpatialPadd(keys=[IMAGE, LABEL, FOREGROUND], spatial_size=cfg["preprocess"]["patch_size"]),
+                       mt.FgBgToIndicesd(keys=FOREGROUND, fg_postfix="_fg", bg_postfix="_bg")])
+
+
+def spatial_augmentation(settings: Mapping[str, Any] | None) -> list[mt.MapTransform]:
+    """Random rotation and scaling of each patch (MONAI's RandAffined; image bilinear, labels nearest),
+    when the profile's `preprocess.spatial_aug` asks: `{prob, rotate (radians, about each axis), scale
+    (fraction)}`. No flips: left and right differ in the abdomen. With a few training cases per task a
+    network otherwise memorises each case's organ shapes and tumour positions instead of learning them."""
+    if not settings:
+        return []
+    rotate, scale = float(settings.get("rotate", 0.0)), float(settings.get("scale", 0.0))
+    return [mt.RandAffined(keys=[IMAGE, LABEL], prob=float(settings.get("prob", 0.5)), rotate_range=[rotate] * 3,
+                           scale_range=[scale] * 3, mode=("bilinear", "nearest"), padding_mode="border"),
+            mt.EnsureTyped(keys=[LABEL], dtype=torch.uint8, track_meta=False),
+            mt.EnsureTyped(keys=[IMAGE], dtype=torch.float32, track_meta=False)]
 
 
 def cache_dir(cfg: dict[str, Any]) -> Path:

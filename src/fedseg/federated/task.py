@@ -213,7 +213,10 @@ def train_locally(cfg: dict[str, Any], model: torch.nn.Module, client: str, serv
     fl = cfg["federated"]
     # A data-loading worker per client and round costs more than it hides in a short local round, and
     # multiplies the memory of every virtual client: clients load in-process unless the profile says.
-    cfg = {**cfg, "preprocess": {**cfg["preprocess"], "num_workers": int(fl["client_workers"])}}
+    # The sent model is validated once, after the round's last local step (the FL local best is chosen
+    # among these); a validation inside the round would only cost time.
+    cfg = {**cfg, "preprocess": {**cfg["preprocess"], "num_workers": int(fl["client_workers"])},
+           "train": {**cfg["train"], "validations": None, "val_every": 10**9}}
     out_dir = Path(cfg["run_dir"]) / "fl" / client
     last = out_dir / "last.pt"
     start, resume = 0, False

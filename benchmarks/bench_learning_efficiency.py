@@ -1,0 +1,121 @@
+"""Learning per CPU-second: validation Dice against training seconds for standalone models, several
+settings side by side in one run (default: the laptop profile as it was before the convergence work,
+`old`, and the laptop profile as it is, `new`), each on SL liver and SL kidney (KiTS19).
+
+Validation (sliding-window inference on the dataset's validation split) runs every `--every` steps and
+is not counted in the clock: the x-axis is the seconds spent training, the y-axis the mean validation
+Dice over the dataset's channels. Only validation splits are read.
+
+    .venv/bin/python benchmarks/bench_learning_efficiency.py --profile laptop
+    .venv/bin/python benchmarks/bench_learning_efficiency.py --variant 'lr5e3={"train": {"lr": 5e-3}}'
+
+Writes `<out>/learning_efficiency.csv` (every validation), `.md` (the table) and `.png` (the plot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from fedseg import datasets, transforms  # noqa: E402
+from fedseg.models import build_network  # noqa: E402
+from fedseg.run import resolve  # noqa: E402
+from fedseg.training import seed_everything, train_model  # noqa: E402
+
+#: The laptop profile's training settings before the convergence work (2026-11-26 reference run).
+OLD_LAPTOP = {
+    "preprocess": {"patch_size": [32, 32, 32], "patches_per_volume": 2, "num_workers": 1},
+    "model": {"name": "UNet", "channels": [16, 32, 64, 128], "strides": [2, 2, 2], "num_res_units": 1},
+    "train": {"loss": "dice_ce", "lr": 2.0e-3, "schedule": "cosine", "warmup_steps": 0, "cases_per_step": 2,
+              "steps": 200, "threads": 0, "bf16": False},
+}
+
+
+def merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        out[key] = merge(out.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+def run_variant(cfg: dict, name: str, dataset: str, cases: pd.DataFrame, every: int, out: Path) -> pd.DataFrame:
+    """Train one SL model under `cfg`, validating every `every` steps; returns its history."""
+    def records(split):
+        return transforms.case_records(cfg["data_root"], cases[(cases.dataset == dataset) & (cases.split == split)])
+
+    train, val = records("train"), records("val")
+    transforms.build_cache(cfg, train + val, progress=False)
+    cfg = merge(cfg, {"train": {"val_every": every, "validations": None, "checkpoint_every": 10**9}})
+    seed_everything(cfg["seed"])
+    model = build_network(**cfg["model"])
+    began = time.perf_counter()
+    summary = train_model(cfg, model, train, val, out / f"{name}-{dataset}", resume=False, progress=False)
+    wall = time.perf_counter() - began
+    history = summary["history"].assign(variant=name, dataset=dataset, wall_s=round(wall, 1),
+                                        threads=torch.get_num_threads())
+    print(f"{name:>12} {dataset:>8}: best val Dice {summary['best_val_mean_dice']:.3f} at step {summary['best_step']}, "
+          f"training {history['train_s'].iloc[-1]:.1f} s, validation {history['val_s'].iloc[-1]:.1f} s, wall {wall:.1f} s")
+    return history
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="laptop")
+    parser.add_argument("--datasets", default="liver,kits19")
+    parser.add_argument("--every", type=int, default=0, help="validate every N steps (default: steps / 8)")
+    parser.add_argument("--variant", action="append", default=[], metavar='NAME={"train": {...}}',
+                        help="a named settings override (JSON) of the profile; default: old and new")
+    parser.add_argument("--no-old", action="store_true", help="without the `old` reference variant")
+    parser.add_argument("--out", default="results/bench-learning-efficiency")
+    args = parser.parse_args()
+    base = resolve(args.profile)
+    variants = {} if args.no_old else {"old": merge(base, OLD_LAPTOP)}
+    variants["new"] = base
+    for text in args.variant:
+        name, _, override = text.partition("=")
+        variants[name] = merge(base, json.loads(override))
+    if args.variant:
+        variants.pop("new")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data_root = datasets.obtain_data(base, progress=False)
+    cases = datasets.manifest_for(data_root)
+    rows = []
+    for name, cfg in variants.items():
+        every = args.every or max(1, int(cfg["train"]["steps"]) // 8)
+        for dataset in args.datasets.split(","):
+            rows.append(run_variant(cfg, name, dataset, cases, every, out))
+    table = pd.concat(rows, ignore_index=True)
+    table.to_csv(out / "learning_efficiency.csv", index=False)
+    summary = (table.groupby(["dataset", "variant"], sort=False)
+               .agg(steps=("step", "max"), train_s=("train_s", "max"), val_s=("val_s", "max"), wall_s=("wall_s", "max"),
+                    best_val_dice=("val_mean_dice", "max"), final_val_dice=("val_mean_dice", "last")))
+    text = summary.to_markdown(floatfmt=".3f")
+    (out / "learning_efficiency.md").write_text(
+        f"Validation Dice (mean over the dataset's channels) against training seconds, profile {args.profile}, "
+        f"{torch.get_num_threads()} torch threads in this process.\n\n{text}\n")
+    print(text)
+    fig, axes = plt.subplots(1, len(table.dataset.unique()), figsize=(5.5 * len(table.dataset.unique()), 4), squeeze=False)
+    for ax, (dataset, part) in zip(axes[0], table.groupby("dataset", sort=False)):
+        for name, curve in part.groupby("variant", sort=False):
+            ax.plot(curve["train_s"], curve["val_mean_dice"], marker="o", label=name)
+        ax.set(title=f"SL {dataset}", xlabel="training seconds (validation excluded)", ylabel="validation Dice",
+               ylim=(0, 1))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "learning_efficiency.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()

@@ -93,3 +93,14 @@ def test_a_failing_notebook_stops_the_chain_naming_notebook_and_cell(tmp_path, m
     assert record["notebooks"]["02_bad"]["status"] == "failed"
     assert "03_never" not in record["notebooks"]
     assert record["versions"]["torch"].startswith("2.13")
+    host = record["host"]  # what a run's numbers depend on beyond code and settings
+    assert host["cpus"] >= 1 and host["torch_threads"] >= 1 and host["cpu_model"]
+    assert host["deterministic_algorithms"] in (True, False) and "thread_env" in host
+    text = (run_dir / "run.json").read_text()  # no machine's folders in a record meant to be shared
+    assert str(tmp_path) not in text and record["notebooks"]["01_good"]["parameters"]["run_dir"] == "<run_dir>"
+
+
+def test_portable_replaces_machine_paths(tmp_path):
+    record = {"a": str(tmp_path / "results" / "r" / "x.csv"), "b": [str(run.repo_root() / "data")], "c": 3}
+    clean = run.portable(record, tmp_path / "results" / "r")
+    assert clean == {"a": "<run_dir>/x.csv", "b": ["<repo>/data"], "c": 3}

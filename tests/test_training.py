@@ -166,3 +166,29 @@ def test_models_trained_in_parallel_processes_equal_those_trained_one_by_one(set
         one = torch.load(alone[name]["best"], weights_only=False)["model"]
         two = torch.load(together[name]["best"], weights_only=False)["model"]
         assert all(torch.equal(one[k], two[k]) for k in one), name
+
+
+def test_learning_rate_schedule_and_budget_rules():
+    from fedseg.training import budget_note, central_budget, learning_rate, validation_interval
+
+    train = {"lr": 0.01, "schedule": "cosine", "warmup_steps": 0, "steps": 100, "val_every": 7}
+    assert learning_rate(train, 1, 100) == pytest.approx(0.01)
+    assert learning_rate(train, 51, 100) == pytest.approx(0.005)  # half-way down the cosine
+    assert learning_rate(train, 101, 100) == pytest.approx(0.0)  # past the horizon it stays at 0
+    warm = {**train, "warmup_steps": 10}
+    assert [learning_rate(warm, s, 110) for s in (1, 5, 10, 11)] == pytest.approx([0.001, 0.005, 0.01, 0.01])
+    assert learning_rate(warm, 61, 110) == pytest.approx(0.005)
+    assert learning_rate({**train, "schedule": "constant"}, 99, 100) == 0.01
+    assert validation_interval(train, 100) == 7
+    assert validation_interval({**train, "validations": 5}, 900) == 180
+    assert validation_interval({**train, "validations": 5}, 3) == 1
+    assert central_budget({"steps": 900, "central_steps": None}, 4) == 3600
+    assert central_budget({"steps": 900, "central_steps": 500}, 4) == 500
+    cfg = {"preprocess": {"patch_size": [32, 32, 32]}, "train": {**train, "steps": 900, "cases_per_step": 2,
+                                                               "central_steps": None},
+           }
+    cfg["preprocess"]["patches_per_volume"] = 2
+    note = budget_note(cfg, 4, {"rounds": 9, "local_steps": 100})
+    assert "each SL model 900 steps" in note and "central model 3600 steps (the SL models together)" in note
+    assert "9 rounds x 100 local steps = 900 (its SL model)" in note and "batches of 4 patches" in note
+    assert "(its SL model)" not in budget_note(cfg, 4, {"rounds": 8, "local_steps": 25})

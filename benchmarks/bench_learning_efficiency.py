@@ -9,7 +9,8 @@ Dice over the dataset's channels. Only validation splits are read.
     .venv/bin/python benchmarks/bench_learning_efficiency.py --profile laptop
     .venv/bin/python benchmarks/bench_learning_efficiency.py --variant 'lr5e3={"train": {"lr": 5e-3}}'
 
-Writes `<out>/learning_efficiency.csv` (every validation), `.md` (the table) and `.png` (the plot).
+Writes `<out>/learning_efficiency.csv` (every validation), `.md` (the table) and `.png` (the plot); the reference
+copy is `results/reference/learning_efficiency.*`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -50,7 +52,7 @@ def merge(base: dict, override: dict) -> dict:
     return out
 
 
-def run_variant(cfg: dict, name: str, dataset: str, cases: pd.DataFrame, every: int, out: Path) -> pd.DataFrame:
+def run_variant(cfg: dict, name: str, dataset: str, cases: pd.DataFrame, every: int) -> pd.DataFrame:
     """Train one SL model under `cfg`, validating every `every` steps; returns its history."""
     def records(split):
         return transforms.case_records(cfg["data_root"], cases[(cases.dataset == dataset) & (cases.split == split)])
@@ -61,7 +63,9 @@ def run_variant(cfg: dict, name: str, dataset: str, cases: pd.DataFrame, every: 
     seed_everything(cfg["seed"])
     model = build_network(**cfg["model"])
     began = time.perf_counter()
-    summary = train_model(cfg, model, train, val, out / f"{name}-{dataset}", resume=False, progress=False)
+    with tempfile.TemporaryDirectory() as scratch:  # checkpoints are not kept: only the curves matter here
+        summary = train_model(cfg, model, train, val, Path(scratch) / f"{name}-{dataset}", resume=False,
+                              progress=False)
     wall = time.perf_counter() - began
     history = summary["history"].assign(variant=name, dataset=dataset, wall_s=round(wall, 1),
                                         threads=torch.get_num_threads())
@@ -79,7 +83,12 @@ def main() -> None:
                         help="a named settings override (JSON) of the profile; default: old and new")
     parser.add_argument("--no-old", action="store_true", help="without the `old` reference variant")
     parser.add_argument("--out", default="results/bench-learning-efficiency")
+    parser.add_argument("--replot", metavar="CSV", help="only redraw the plot of an earlier run's CSV into --out")
     args = parser.parse_args()
+    if args.replot:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        plot(pd.read_csv(args.replot)).savefig(Path(args.out) / "learning_efficiency.png", dpi=120)
+        return
     base = resolve(args.profile)
     variants = {} if args.no_old else {"old": merge(base, OLD_LAPTOP)}
     variants["new"] = base
@@ -96,27 +105,41 @@ def main() -> None:
     for name, cfg in variants.items():
         every = args.every or max(1, int(cfg["train"]["steps"]) // 8)
         for dataset in args.datasets.split(","):
-            rows.append(run_variant(cfg, name, dataset, cases, every, out))
+            rows.append(run_variant(cfg, name, dataset, cases, every))
     table = pd.concat(rows, ignore_index=True)
     table.to_csv(out / "learning_efficiency.csv", index=False)
     summary = (table.groupby(["dataset", "variant"], sort=False)
                .agg(steps=("step", "max"), train_s=("train_s", "max"), val_s=("val_s", "max"), wall_s=("wall_s", "max"),
                     best_val_dice=("val_mean_dice", "max"), final_val_dice=("val_mean_dice", "last")))
+    channels = [c for c in table.columns if c.startswith("dice_")]
+    finals = table.groupby(["dataset", "variant"], sort=False)[channels].last().dropna(axis=1, how="all")
+    summary = summary.join(finals.rename(columns=lambda c: f"final {c[5:]}"))
     text = summary.to_markdown(floatfmt=".3f")
     (out / "learning_efficiency.md").write_text(
         f"Validation Dice (mean over the dataset's channels) against training seconds, profile {args.profile}, "
         f"{torch.get_num_threads()} torch threads in this process.\n\n{text}\n")
     print(text)
-    fig, axes = plt.subplots(1, len(table.dataset.unique()), figsize=(5.5 * len(table.dataset.unique()), 4), squeeze=False)
-    for ax, (dataset, part) in zip(axes[0], table.groupby("dataset", sort=False)):
+    plot(table).savefig(out / "learning_efficiency.png", dpi=120)
+
+
+def plot(table: pd.DataFrame):
+    """One panel per dataset: each channel's validation Dice (organ solid, tumour dashed) per variant."""
+    datasets = list(table.dataset.unique())
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False)
+    colours = dict(zip(table.variant.unique(), plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for ax, dataset in zip(axes[0], datasets):
+        part = table[table.dataset == dataset]
+        channels = [c for c in part.columns if c.startswith("dice_") and part[c].notna().any()]
         for name, curve in part.groupby("variant", sort=False):
-            ax.plot(curve["train_s"], curve["val_mean_dice"], marker="o", label=name)
+            for channel in channels:
+                ax.plot(curve["train_s"], curve[channel], marker="o", markersize=3, color=colours[name],
+                        linestyle="--" if "tumor" in channel else "-", label=f"{name}: {channel[5:].replace('_', ' ')}")
         ax.set(title=f"SL {dataset}", xlabel="training seconds (validation excluded)", ylabel="validation Dice",
                ylim=(0, 1))
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "learning_efficiency.png", dpi=120)
+    return fig
 
 
 if __name__ == "__main__":

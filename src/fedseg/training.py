@@ -396,6 +396,9 @@ def fit_models(cfg: dict[str, Any], jobs: dict[str, tuple[list[dict[str, Any]], 
                    disable=not progress)
         for future in bar:
             name = futures[future]
-            results[name] = future.result()
-            bar.set_postfix_str(f"{name}: best val Dice {results[name]['best_val_mean_dice']:.3f}")
+            results[name] = done = future.result()
+            bar.set_postfix_str(f"{name}: best val Dice {done['best_val_mean_dice']:.3f}")
+            if progress:  # a line per model that stays readable in a saved notebook, where the bar does not
+                print(f"{name}: {done['steps']} steps, best validation Dice {done['best_val_mean_dice']:.3f} at step "
+                      f"{done['best_step']} ({done['seconds']:.0f} s)", flush=True)
     return {name: results[name] for name in jobs}

@@ -56,7 +56,7 @@ def main() -> None:
     records = transforms.case_records(data_root, train_cases)
     transforms.build_cache(cfg, records, progress=False)  # the loop reads the cache, as in the study
     pre, train = cfg["preprocess"], cfg["train"]
-    cfg["train"] = {**train, "val_every": 10**9, "checkpoint_every": 20}
+    cfg["train"] = {**train, "val_every": 10**9, "validations": None, "checkpoint_every": 20}
     voxels = train["cases_per_step"] * pre["patches_per_volume"] * int(torch.tensor(pre["patch_size"]).prod())
     with tempfile.TemporaryDirectory() as out:
         model = build_network(**cfg["model"])

@@ -59,13 +59,13 @@ def run_variant(cfg: dict, name: str, dataset: str, cases: pd.DataFrame, every: 
 
     train, val = records("train"), records("val")
     transforms.build_cache(cfg, train + val, progress=False)
-    cfg = merge(cfg, {"train": {"val_every": every, "validations": None, "checkpoint_every": 10**9}})
+    cfg = merge(cfg, {"train": {"checkpoint_every": 10**9}})
     seed_everything(cfg["seed"])
     model = build_network(**cfg["model"])
     began = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:  # checkpoints are not kept: only the curves matter here
         summary = train_model(cfg, model, train, val, Path(scratch) / f"{name}-{dataset}", resume=False,
-                              progress=False)
+                              progress=False, val_every=every)
     wall = time.perf_counter() - began
     history = summary["history"].assign(variant=name, dataset=dataset, wall_s=round(wall, 1),
                                         threads=torch.get_num_threads())

@@ -56,15 +56,15 @@ def main() -> None:
     records = transforms.case_records(data_root, train_cases)
     transforms.build_cache(cfg, records, progress=False)  # the loop reads the cache, as in the study
     pre, train = cfg["preprocess"], cfg["train"]
-    cfg["train"] = {**train, "val_every": 10**9, "validations": None, "checkpoint_every": 20}
+    cfg["train"] = {**train, "checkpoint_every": 20}
     voxels = train["cases_per_step"] * pre["patches_per_volume"] * int(torch.tensor(pre["patch_size"]).prod())
     with tempfile.TemporaryDirectory() as out:
         model = build_network(**cfg["model"])
-        train_model(cfg, model, records, [], out, steps=3, progress=False)  # warm-up (imports, first reads)
+        train_model(cfg, model, records, [], out, steps=3, progress=False, val_every=10**9)  # warm-up (imports, first reads)
     with tempfile.TemporaryDirectory() as out:
         model = build_network(**cfg["model"])
         start = time.perf_counter()
-        train_model(cfg, model, records, [], out, steps=args.steps, progress=False)
+        train_model(cfg, model, records, [], out, steps=args.steps, progress=False, val_every=10**9)
         loop = (time.perf_counter() - start) / args.steps
     bare = bare_steps(cfg, args.steps, device)
     table = pd.DataFrame({

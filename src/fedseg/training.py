@@ -237,7 +237,7 @@ def train_model(cfg: dict[str, Any], model: torch.nn.Module, train_records: list
                 stop_after: int | None = None, progress: bool = True, desc: str = "train",
                 device: torch.device | None = None, extra_loss: ExtraLoss | None = None,
                 volumes: Sequence[dict[str, Any]] | None = None, schedule_start: int | None = None,
-                schedule_steps: int | None = None) -> dict[str, Any]:
+                schedule_steps: int | None = None, val_every: int | None = None) -> dict[str, Any]:
     """Train `model` for `steps` local steps with validation, best-checkpoint tracking and resume.
 
     `extra_loss(model, logits, batch)` is added to the supervised loss every step (the federated methods'
@@ -246,6 +246,7 @@ def train_model(cfg: dict[str, Any], model: torch.nn.Module, train_records: list
     The learning rate follows `learning_rate` over `schedule_steps` updates (default `steps`); the first
     update of this call is update `schedule_start + 1` of that schedule (default: the resumed step + 1),
     which is how an FL client anneals once over the whole federation instead of once per round.
+    Validation runs every `val_every` steps (default: the profile's, `validation_interval`) and after the last.
 
     Writes `out_dir/last.pt` (everything needed to resume) every `train.checkpoint_every` steps and at the
     end, `out_dir/best.pt` (weights of the best validation mean Dice over owned channels) and
@@ -281,7 +282,7 @@ def train_model(cfg: dict[str, Any], model: torch.nn.Module, train_records: list
     val_volumes = evaluation_dataset(cfg, val_records)
     start, end = state["step"], steps if stop_after is None else min(steps, state["step"] + stop_after)
     schedule_steps = int(schedule_steps or steps)
-    val_every = validation_interval(train, steps)
+    val_every = int(val_every or validation_interval(train, steps))
     schedule_offset = (start if schedule_start is None else int(schedule_start)) - start
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(batches, range(start, end)), batch_size=None,

@@ -27,7 +27,8 @@ from fedseg.labels import owned_mask, to_multihot
 from fedseg.run import repo_root
 
 IMAGE, LABEL, FOREGROUND = "image", "label", "foreground"
-FG_INDICES, BG_INDICES = f"{FOREGROUND}_fg", f"{FOREGROUND}_bg"  # voxel positions, when precomputed
+FG_POSTFIX, BG_POSTFIX = "_fg", "_bg"
+FG_INDICES, BG_INDICES = FOREGROUND + FG_POSTFIX, FOREGROUND + BG_POSTFIX  # voxel positions, when precomputed
 #: Bump when the deterministic pipeline changes, so old caches are not reused.
 PIPELINE_VERSION = 2  # 2: MRI(-like) cases scaled by their own percentiles, not the HU window
 CT, MRI = "CT", "MRI"
@@ -163,7 +164,7 @@ def sampling_indices(cfg: dict[str, Any]) -> mt.Compose:
     if cfg["preprocess"]["patch_sampling"] != "posneg":
         return mt.Compose([])
     return mt.Compose([mt.SpatialPadd(keys=[IMAGE, LABEL, FOREGROUND], spatial_size=cfg["preprocess"]["patch_size"]),
-                       mt.FgBgToIndicesd(keys=FOREGROUND, fg_postfix="_fg", bg_postfix="_bg")])
+                       mt.FgBgToIndicesd(keys=FOREGROUND, fg_postfix=FG_POSTFIX, bg_postfix=BG_POSTFIX)])
 
 
 def spatial_augmentation(settings: Mapping[str, Any] | None) -> list[mt.MapTransform]:

@@ -213,10 +213,7 @@ def train_locally(cfg: dict[str, Any], model: torch.nn.Module, client: str, serv
     fl = cfg["federated"]
     # A data-loading worker per client and round costs more than it hides in a short local round, and
     # multiplies the memory of every virtual client: clients load in-process unless the profile says.
-    # The sent model is validated once, after the round's last local step (the FL local best is chosen
-    # among these); a validation inside the round would only cost time.
-    cfg = {**cfg, "preprocess": {**cfg["preprocess"], "num_workers": int(fl["client_workers"])},
-           "train": {**cfg["train"], "validations": None, "val_every": 10**9}}
+    cfg = {**cfg, "preprocess": {**cfg["preprocess"], "num_workers": int(fl["client_workers"])}}
     out_dir = Path(cfg["run_dir"]) / "fl" / client
     last = out_dir / "last.pt"
     start, resume = 0, False
@@ -230,7 +227,10 @@ def train_locally(cfg: dict[str, Any], model: torch.nn.Module, client: str, serv
                           seed=seed, resume=resume, progress=False, desc=f"fl-{client}", task=task,
                           extra_loss=extra_loss, volumes=volumes,
                           schedule_start=(server_round - 1) * fl["local_steps"],
-                          schedule_steps=fl["rounds"] * fl["local_steps"])
+                          schedule_steps=fl["rounds"] * fl["local_steps"],
+                          # validated once a round, after its last local step (the FL local best is
+                          # chosen among these); a validation inside the round would only cost time
+                          val_every=fl["local_steps"])
     history = summary["history"]
     this_round = history[history["step"] > start]
     spans = np.diff(np.concatenate([[start], this_round["step"].to_numpy()]))

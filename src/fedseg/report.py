@@ -458,7 +458,7 @@ def results_readme(run_dir: str | Path) -> Path:
     cfg = record.get("profile_config", {})
     lines = [f"# Run `{run_dir.name}`", ""]
     if record:
-        git = record.get("git", {})
+        git, host = record.get("git", {}), record.get("host", {})
         phantom = cfg.get("data", {}).get("phantom", {})
         source = cfg.get("data", {}).get("source", "?")
         data = (f"synthetic CT (fedseg.phantom, case_scale {phantom.get('case_scale')}, seed {record.get('seed')})"
@@ -470,8 +470,8 @@ def results_readme(run_dir: str | Path) -> Path:
             f"- **code**: commit `{str(git.get('commit', '?'))[:12]}`{' (uncommitted changes)' if git.get('dirty') else ''}, "
             f"torch {record.get('versions', {}).get('torch')}, monai {record.get('versions', {}).get('monai')}, "
             f"flwr {record.get('versions', {}).get('flwr')}",
-            f"- **host**: {record.get('host', {}).get('cpus')} CPUs ({record.get('host', {}).get('cpu_model', '?')}), "
-            f"torch threads {record.get('host', {}).get('torch_threads', '?')}, {record.get('host', {}).get('platform')}",
+            f"- **host**: {host.get('cpus')} CPUs ({host.get('cpu_model', '?')}), "
+            f"torch threads {host.get('torch_threads', '?')}, {host.get('platform')}",
             f"- **status** {record.get('status')}, started {record.get('started')}, ended {record.get('ended')}",
             "", "| notebook | status | wall time (s) | peak memory (MB) |", "|---|---|---|---|",
         ]

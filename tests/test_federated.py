@@ -386,6 +386,16 @@ def test_a_two_client_federation_runs_in_simulation(tiny):
     for dataset in ("liver", "spleen"):
         assert torch.load(result["local_best"][dataset], weights_only=False)["step"] in (1, 2)
     assert (run_dir / "fl" / "config.json").exists()
+    # dilution, measured on real local training: with the masked loss a client leaves the output weights of
+    # the channels it does not own exactly as it got them, so FedAvg moves an owned channel by exactly its
+    # owner's share (2 of 4 cases) of the owner's update
+    dilution = pd.read_csv(run_dir / "metrics" / "fl_dilution.csv")
+    assert len(dilution) == 2 * 7
+    owned = dilution[dilution["owners"].notna()]
+    assert set(owned["channel"]) == {"liver", "liver_tumor", "spleen"}
+    assert (owned["others_move"] == 0).all() and (owned["owner_move"] > 0).all()
+    assert np.allclose(owned["ratio"], 0.5, rtol=1e-5) and np.allclose(owned["owner_share"], 0.5)
+    assert dilution[dilution["owners"].isna()]["ratio"].isna().all()  # kidney, pancreas: nobody trains them
 
 
 @pytest.mark.slow

@@ -1,12 +1,13 @@
 """The federated methods' core arithmetic (SegViz selective aggregation, FedProx) and their wiring."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from flwr.app import ArrayRecord
 
 from fedseg.federated import client_app, methods, task
-from fedseg.federated.strategies import StudySegViz
+from fedseg.federated.strategies import StudyFedAvg, StudyOwnerFedAvg, StudySegViz
 from fedseg.labels import owned_mask
 from fedseg.models import SharedTaskUNet, build_network, split_state_dict
 from test_federated import client_context, client_message, reply, tiny  # noqa: F401 (fixture)
@@ -229,3 +230,114 @@ def test_a_segviz_client_scores_the_meta_model_with_its_own_task_block_alone():
             assert torch.equal(model(x, task=block)[:, owned], meta[:, owned])
     assert methods.evaluation_block(model, "liver-2of3") == "liver"  # a shard scores with its dataset's block
     assert methods.evaluation_block(build_network("UNet", channels=(4, 8), strides=(2,)), "liver") is None
+
+
+# --------------------------------------------------------------------------------------------------
+# ownerfedavg and the dilution of FedAvg (the output layer of channel c owned by c's annotators only)
+# --------------------------------------------------------------------------------------------------
+
+OUTPUT_AXES = {"out.weight": 1, "out.bias": 0}  # a ConvTranspose head: weight (in, out, k, k, k)
+
+
+def head(value, body=0.0):
+    """A fake network: a body array and an 8-channel transposed-convolution head, every entry `value`."""
+    return {"body": torch.full((3,), float(body)), "out.weight": torch.full((2, 8, 1, 1, 1), float(value)),
+            "out.bias": torch.full((8,), float(value))}
+
+
+def channel_values(array, axis, channel):
+    return np.take(np.asarray(array), channel, axis=axis)
+
+
+def test_owner_output_average_averages_each_channel_over_its_owners_only():
+    previous = {k: v.numpy() for k, v in head(-7.0).items()}
+    states = [{k: v.numpy() for k, v in head(value).items()} for value in (1.0, 5.0, 11.0)]
+    names = ["liver-1of2", "liver-2of2", "pancreas"]
+    out = methods.owner_output_average(states, [3, 1, 2], names, OUTPUT_AXES, previous)
+    assert set(out) == set(OUTPUT_AXES)
+    for key, axis in OUTPUT_AXES.items():
+        assert out[key].dtype == np.float32 and out[key].shape == previous[key].shape
+        for channel in range(8):
+            values = channel_values(out[key], axis, channel)
+            if owned_mask("liver")[channel]:  # the two liver shards, weighted 3 : 1
+                assert np.array_equal(values, np.full_like(values, 0.75 * 1.0 + 0.25 * 5.0)), (key, channel)
+            elif owned_mask("pancreas")[channel]:  # its one owner, exactly
+                assert np.array_equal(values, np.full_like(values, 11.0)), (key, channel)
+            else:  # background, kidney, spleen: nobody replying owns them
+                assert np.array_equal(values, np.full_like(values, -7.0)), (key, channel)
+
+
+def test_the_ownerfedavg_strategy_averages_the_body_by_n_k_and_the_head_by_owners(tmp_path):
+    strategy = StudyOwnerFedAvg(tmp_path, num_clients=2, output_axes=OUTPUT_AXES)
+    strategy.previous_arrays = ArrayRecord(head(0.0))
+    arrays, _ = strategy.aggregate_train(1, [reply(11, "spleen", head(4.0, body=4.0), num_examples=1),
+                                             reply(10, "liver", head(2.0, body=2.0), num_examples=3)])
+    result = {k: v.numpy() for k, v in arrays.to_torch_state_dict().items()}
+    assert np.array_equal(result["body"], np.full(3, 0.75 * 2.0 + 0.25 * 4.0, dtype=np.float32))  # FedAvg
+    for key, axis in OUTPUT_AXES.items():
+        for channel in range(8):
+            expected = 2.0 if owned_mask("liver")[channel] else 4.0 if owned_mask("spleen")[channel] else 0.0
+            assert np.all(channel_values(result[key], axis, channel) == expected), (key, channel)
+    with pytest.raises(ValueError, match="output layer"):
+        StudyOwnerFedAvg(tmp_path, num_clients=2)
+
+
+def test_output_moves_gives_the_owner_share_under_fedavg_and_sees_others_pulling_against():
+    previous = {k: v.numpy() for k, v in head(0.0).items()}
+    liver, pancreas = head(1.0), head(0.0)  # masked loss: pancreas leaves the liver head as it got it
+    states = [{k: v.numpy() for k, v in s.items()} for s in (liver, pancreas)]
+    averaged = {k: 0.25 * states[0][k] + 0.75 * states[1][k] for k in OUTPUT_AXES}
+    rows = {r["channel"]: r for r in methods.output_moves(previous, states, [1, 3], ["liver", "pancreas"], averaged,
+                                                          OUTPUT_AXES)}
+    assert len(rows) == 7 and rows["liver"]["owners"] == "liver"
+    assert rows["liver"]["owner_share"] == 0.25 and rows["liver"]["others_move"] == 0.0
+    assert rows["liver"]["ratio"] == pytest.approx(0.25) and rows["liver"]["cosine"] == pytest.approx(1.0)
+    assert rows["liver"]["owner_move"] == pytest.approx(np.sqrt(3.0))  # 2 weights + 1 bias of channel 1, each +1
+    assert np.isnan(rows["spleen"]["ratio"]) and rows["spleen"]["owners"] == ""
+    # a literal loss: the pancreas client teaches "no liver" and pulls the liver head the other way, harder
+    states[1] = {k: v.numpy() for k, v in head(-1.0).items()}
+    averaged = {k: 0.25 * states[0][k] + 0.75 * states[1][k] for k in OUTPUT_AXES}
+    rows = {r["channel"]: r for r in methods.output_moves(previous, states, [1, 3], ["liver", "pancreas"], averaged,
+                                                          OUTPUT_AXES)}
+    assert rows["liver"]["others_move"] == pytest.approx(np.sqrt(3.0))
+    assert rows["liver"]["cosine"] == pytest.approx(-1.0) and rows["liver"]["ratio"] == pytest.approx(0.5)
+
+
+def test_the_strategy_writes_the_dilution_of_every_round(tmp_path):
+    strategy = StudyFedAvg(tmp_path, num_clients=2, output_axes=OUTPUT_AXES)
+    for server_round in (1, 2):
+        strategy.previous_arrays = ArrayRecord(head(0.0))
+        strategy.aggregate_train(server_round, [reply(10, "liver", head(1.0), num_examples=1),
+                                                reply(11, "spleen", head(0.0), num_examples=3)])
+    table = pd.read_csv(tmp_path / "metrics" / "fl_dilution.csv")
+    assert list(table["round"].unique()) == [1, 2] and len(table) == 14
+    liver = table[table["channel"] == "liver"]
+    assert np.allclose(liver["ratio"], 0.25) and np.allclose(liver["owner_share"], 0.25)
+
+
+def test_output_layer_finds_the_logit_convolution_and_its_channel_axis():
+    from fedseg.models import output_layer
+
+    transposed = build_network("UNet", channels=[8, 16], strides=[2], num_res_units=0)
+    residual = build_network("UNet", channels=[8, 16], strides=[2], num_res_units=1)
+    axes = output_layer(transposed)
+    assert axes == {"model.2.conv.weight": 1, "model.2.conv.bias": 0}
+    assert transposed.state_dict()["model.2.conv.weight"].shape[1] == 8
+    assert output_layer(residual) == {"model.2.1.conv.unit0.conv.weight": 0, "model.2.1.conv.unit0.conv.bias": 0}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, loss", [("ownerfedavg", "masked_dice"), ("fedavg", "literal_dice_ce")])
+def test_the_head_moves_as_each_method_and_loss_predict_in_simulation(tiny, method, loss):
+    """ownerfedavg keeps the owner's whole update (ratio 1); a literal loss makes non-owners move every head."""
+    from fedseg.federated.simulation import run_federation
+
+    cfg, cases, run_dir = tiny
+    cfg["federated"]["method"], cfg["train"]["loss"] = method, loss
+    run_federation(cfg, run_dir, cases, clients=("liver", "spleen"), progress=False)
+    dilution = pd.read_csv(run_dir / "metrics" / "fl_dilution.csv")
+    owned = dilution[dilution["owners"].notna()]
+    if method == "ownerfedavg":
+        assert (owned["others_move"] == 0).all() and np.allclose(owned["ratio"], 1.0, rtol=1e-5)
+    else:
+        assert (dilution["others_move"] > 0).all()  # every channel, owned or not, is taught by the non-owners

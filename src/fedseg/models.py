@@ -167,6 +167,24 @@ def split_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, dict[s
     return groups
 
 
+def output_layer(model: nn.Module) -> dict[str, int]:
+    """The state_dict keys of the layer that gives the logits, each with the axis that indexes the output channel.
+
+    The output layer is the last convolution (in module order) with `NUM_CHANNELS` outputs: its weight row
+    (Conv: axis 0; ConvTranspose: axis 1, its weight is (in, out, ...)) and bias entry c are all that channel
+    c alone owns. Every alias of the same tensor in the state_dict is listed. Dilution is measured on these
+    (`methods.output_moves`) and `ownerfedavg` averages them over each channel's owners only.
+    """
+    convolutions = [m for m in model.modules()
+                    if isinstance(m, nn.modules.conv._ConvNd) and m.out_channels == NUM_CHANNELS]
+    if not convolutions:
+        raise ValueError(f"{type(model).__name__} has no convolution with {NUM_CHANNELS} outputs to take as its output layer.")
+    layer = convolutions[-1]
+    weight_axis = 1 if layer.transposed else 0
+    tensors = {id(layer.weight): weight_axis, **({id(layer.bias): 0} if layer.bias is not None else {})}
+    return {key: tensors[id(value)] for key, value in model.state_dict(keep_vars=True).items() if id(value) in tensors}
+
+
 def count_parameters(model: nn.Module) -> int:
     """Number of parameters (trainable or not) of `model`: the size a client sends per round."""
     return sum(p.numel() for p in model.parameters())

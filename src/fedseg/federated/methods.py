@@ -1,6 +1,11 @@
 """The federated methods beyond FedAvg (STUDY.md Experiments 4-7), as a profile's `federated.method`.
 
 - `fedavg`: conventional FL (seed 000), every parameter averaged with n_k / n.
+- `ownerfedavg`: FedAvg, except the output layer: each channel's weights and bias are the n_k-weighted mean
+  over the clients whose dataset annotates that channel (its owners) only; a channel nobody owns keeps its
+  previous value. With a masked loss a non-owner sends that channel's output weights back unchanged, so
+  FedAvg moves them by only n_owner / n of their owner's update (dilution); this removes the dilution and
+  nothing else.
 - `fedprox`: FedAvg with FedProx's proximal term (Li et al., MLSys 2020) in each client's local loss,
   mu/2 * ||w - w_global||^2, pulling local training towards the received global weights; mu = `federated.mu`.
 - `segviz`: SegViz (seeds 001/002): the `SharedTaskUNet`; each client trains the shared block and its own
@@ -30,7 +35,7 @@ import torch
 
 from fedseg.models import parameter_group
 
-METHODS: tuple[str, ...] = ("fedavg", "fedprox", "segviz", "fedgin", "distill", "pseudo")
+METHODS: tuple[str, ...] = ("fedavg", "ownerfedavg", "fedprox", "segviz", "fedgin", "distill", "pseudo")
 #: GIN settings of `fedgin` when the profile's `preprocess.gin` gives none.
 GIN_DEFAULT: dict[str, Any] = {"prob": 0.5}
 #: Defaults of each method's knobs in a profile's `federated:` section.
@@ -132,6 +137,85 @@ def selective_average(states: Sequence[Mapping[str, np.ndarray]], num_examples: 
         dtype = states[0][key].dtype
         out[key] = (np.rint(mean) if np.issubdtype(dtype, np.integer) else mean).astype(dtype)
     return out
+
+
+def _channel(array: np.ndarray, axis: int, channel: int) -> np.ndarray:
+    return np.take(array, channel, axis=axis).astype(np.float64).ravel()
+
+
+def channel_owners(datasets: Sequence[str], channel: int) -> list[int]:
+    """Indices of the clients whose dataset annotates `channel` (client names of shards map to their dataset)."""
+    from fedseg.federated.task import parse_client
+    from fedseg.labels import owned_mask
+
+    return [k for k, name in enumerate(datasets) if owned_mask(parse_client(name)[0])[channel]]
+
+
+def owner_output_average(states: Sequence[Mapping[str, np.ndarray]], num_examples: Sequence[int],
+                         datasets: Sequence[str], output_axes: Mapping[str, int],
+                         previous: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`ownerfedavg`'s output layer: for each key of `output_axes` (`models.output_layer`) and each channel c
+    along its axis, the n_k-weighted mean over the clients owning c (`channel_owners`, weights n_k / sum of
+    the owners' n_k); a channel no replying client owns (background always) keeps `previous`."""
+    if not (len(states) == len(num_examples) == len(datasets)) or not states:
+        raise ValueError(f"owner_output_average needs one state, size and dataset per client: got {len(states)}, "
+                         f"{len(num_examples)}, {len(datasets)}.")
+    out = {}
+    for key, axis in output_axes.items():
+        reference = np.asarray(previous[key])
+        result = reference.astype(np.float64, copy=True)
+        for channel in range(reference.shape[axis]):
+            owners = channel_owners(datasets, channel)
+            if not owners:
+                continue
+            weight = float(sum(num_examples[k] for k in owners))
+            index = [slice(None)] * reference.ndim
+            index[axis] = channel
+            result[tuple(index)] = sum((num_examples[k] / weight) * np.asarray(states[k][key], dtype=np.float64)[tuple(index)]
+                                       for k in owners)
+        out[key] = result.astype(reference.dtype)
+    return out
+
+
+def output_moves(previous: Mapping[str, np.ndarray], states: Sequence[Mapping[str, np.ndarray]],
+                 num_examples: Sequence[int], datasets: Sequence[str], averaged: Mapping[str, np.ndarray],
+                 output_axes: Mapping[str, int]) -> list[dict[str, Any]]:
+    """How far one round moved each foreground channel's output weights (weight row and bias together).
+
+    Per channel c: `owner_move`, the L2 norm of the owners' n_k-weighted mean update (w_k - w_previous);
+    `others_move`, the same over the clients that do not own c (0 with a masked loss: their gradient on c is
+    exactly zero); `global_move`, the norm of the aggregated model's change; `ratio` = global / owner move,
+    which FedAvg makes n_owner / n (`owner_share`) when the others do not move c; `cosine` between the global
+    and the owners' update (negative: the others pull c the other way, as a literal loss teaching "absent" does).
+    """
+    from fedseg.labels import CHANNELS
+
+    keys = list(output_axes)
+    before = {c: np.concatenate([_channel(np.asarray(previous[k]), output_axes[k], c) for k in keys])
+              for c in range(1, len(CHANNELS))}
+    total = float(sum(num_examples))
+    rows = []
+    for channel, start in before.items():
+        def update(members: list[int]) -> np.ndarray:
+            weight = float(sum(num_examples[k] for k in members))
+            if not members or weight <= 0:
+                return np.zeros_like(start)
+            return sum((num_examples[k] / weight) *
+                       (np.concatenate([_channel(np.asarray(states[k][key]), output_axes[key], channel) for key in keys]) - start)
+                       for k in members)
+
+        owners = channel_owners(datasets, channel)
+        others = [k for k in range(len(states)) if k not in owners]
+        owner, other = update(owners), update(others)
+        moved = np.concatenate([_channel(np.asarray(averaged[k]), output_axes[k], channel) for k in keys]) - start
+        owner_norm, global_norm = float(np.linalg.norm(owner)), float(np.linalg.norm(moved))
+        rows.append({"channel": CHANNELS[channel], "owners": ",".join(datasets[k] for k in owners),
+                     "owner_share": sum(num_examples[k] for k in owners) / total, "owner_move": owner_norm,
+                     "others_move": float(np.linalg.norm(other)), "global_move": global_norm,
+                     "ratio": global_norm / owner_norm if owner_norm > 0 else float("nan"),
+                     "cosine": float(owner @ moved / (owner_norm * global_norm)) if owner_norm > 0 and global_norm > 0
+                     else float("nan")})
+    return rows
 
 
 def distillation_term(teacher: torch.nn.Module, weight: float):

@@ -18,7 +18,10 @@ from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedseg.federated import task
-from fedseg.federated.strategies import StudyFedAvg, StudySegViz
+from fedseg.federated.strategies import StudyFedAvg, StudyOwnerFedAvg, StudySegViz
+
+#: The strategy of each method; the others train differently on the clients and aggregate with FedAvg.
+STRATEGIES = {"segviz": StudySegViz, "ownerfedavg": StudyOwnerFedAvg}
 
 app = ServerApp()
 
@@ -26,7 +29,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run `rounds` rounds of FedAvg with federated evaluation; keep the global best and the final model."""
-    from fedseg.models import build_network
+    from fedseg.models import build_network, output_layer
     from fedseg.training import seed_everything
 
     began = time.perf_counter()
@@ -40,9 +43,11 @@ def main(grid: Grid, context: Context) -> None:
     random.seed(cfg["seed"])  # Flower samples clients with the global `random`
     seed_everything(cfg["seed"])
     model = build_network(**cfg["model"])
-    strategy_class = StudySegViz if fl["method"] == "segviz" else StudyFedAvg
+    strategy_class = STRATEGIES.get(fl["method"], StudyFedAvg)
+    # SegViz has one head per task block: its dilution is not measured (each block is kept as its owner sent it)
+    axes = None if fl["method"] == "segviz" else output_layer(model)
     strategy = strategy_class(run_dir, num_clients=fl["min_clients"], fraction_train=float(fl["fraction_train"]),
-                           progress=bool(context.run_config.get("progress", False)))
+                              progress=bool(context.run_config.get("progress", False)), output_axes=axes)
     result = strategy.start(grid=grid, initial_arrays=ArrayRecord(task.state_dict_cpu(model)),
                             num_rounds=fl["rounds"], timeout=float(fl["round_timeout"]), evaluate_fn=None)
 

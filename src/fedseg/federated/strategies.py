@@ -11,7 +11,10 @@
   mean Dice is saved to `<run_dir>/checkpoints/fl-global/best.pt`. The metric is the mean over the seven
   foreground channels of each channel's mean Dice over the validation cases that have it, i.e. exactly
   the `val_mean_dice` that `training.train_model` computes for the central model on the pooled
-  validation cases (each channel is owned by one client); it is not the mean of the client means.
+  validation cases (each channel is owned by one client); it is not the mean of the client means;
+- dilution: given the network's output layer (`models.output_layer`), every round writes to
+  `<run_dir>/metrics/fl_dilution.csv` how far each channel's output weights moved in the global model
+  against how far its owner(s) moved them (`methods.output_moves`).
 """
 
 from __future__ import annotations
@@ -88,7 +91,8 @@ def aggregate_study_metrics(records: list[RecordDict], weighted_by_key: str) -> 
 class StudyFedAvg(FedAvg):
     """FedAvg over `num_clients` sites with sorted, fail-loud aggregation and the FL global best."""
 
-    def __init__(self, run_dir: str | Path, num_clients: int, fraction_train: float = 1.0, progress: bool = False):
+    def __init__(self, run_dir: str | Path, num_clients: int, fraction_train: float = 1.0, progress: bool = False,
+                 output_axes: dict[str, int] | None = None):
         super().__init__(fraction_train=fraction_train, fraction_evaluate=1.0,
                          min_train_nodes=max(1, math.ceil(fraction_train * num_clients)),
                          min_evaluate_nodes=num_clients, min_available_nodes=num_clients,
@@ -100,11 +104,18 @@ class StudyFedAvg(FedAvg):
         self.sent: dict[str, set[int]] = {}
         self.node_names: dict[int, str] = {}
         self.global_arrays: ArrayRecord | None = None
+        self.previous_arrays: ArrayRecord | None = None
+        self.output_axes = dict(output_axes or {})
+        self.dilution: list[dict[str, Any]] = []
         self._started = time.perf_counter()
 
     @property
     def rounds_csv(self) -> Path:
         return self.run_dir / "metrics" / "fl_rounds.csv"
+
+    @property
+    def dilution_csv(self) -> Path:
+        return self.run_dir / "metrics" / "fl_dilution.csv"
 
     @property
     def global_best_path(self) -> Path:
@@ -113,6 +124,7 @@ class StudyFedAvg(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self._started = time.perf_counter()
+        self.previous_arrays = arrays  # the global model this round's clients start from
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.sent["train"] = {m.metadata.dst_node_id for m in messages}
         return messages
@@ -131,7 +143,28 @@ class StudyFedAvg(FedAvg):
         for m in replies:
             self.rows.append(self._row(server_round, "train", m, loss=float(_metrics(m)["train-loss"])))
         self._write_rows()
+        if self.output_axes and arrays is not None:
+            self._measure_dilution(server_round, replies, arrays)
         return arrays, metrics
+
+    def _replies(self, replies: list[Message]) -> tuple[list[dict[str, np.ndarray]], list[int], list[str]]:
+        """Each reply's arrays (numpy), number of training cases and client name, in reply order."""
+        states = [{k: a.numpy() for k, a in m.content["arrays"].items()} for m in replies]
+        return states, [int(_metrics(m)["num-examples"]) for m in replies], [_dataset_name(_metrics(m)) for m in replies]
+
+    def _measure_dilution(self, server_round: int, replies: list[Message], arrays: ArrayRecord) -> None:
+        from fedseg.federated.methods import output_moves
+
+        states, sizes, names = self._replies(replies)
+        keys = self.output_axes
+        previous = {k: self.previous_arrays[k].numpy() for k in keys}
+        averaged = {k: arrays[k].numpy() for k in keys}
+        for row in output_moves(previous, [{k: s[k] for k in keys} for s in states], sizes, names, averaged, keys):
+            self.dilution.append({"round": server_round, **row})
+        self.dilution_csv.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.dilution_csv.with_suffix(".csv.tmp")
+        pd.DataFrame(self.dilution).to_csv(tmp, index=False)
+        os.replace(tmp, self.dilution_csv)
 
     def _average(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The new global weights and the train metrics of checked, sorted replies: FedAvg, each array kept
@@ -245,19 +278,33 @@ class StudySegViz(StudyFedAvg):
     """SegViz's selective aggregation (seeds 001/002) on the study's fail-loud, sorted FedAvg: the shared block
     is averaged with n_k / n, each task block is kept as its owner sent it (`methods.selective_average`)."""
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        self.previous_arrays = arrays
-        return super().configure_train(server_round, arrays, config, grid)
-
     def _average(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         from fedseg.federated.methods import selective_average
         from fedseg.federated.task import parse_client
 
         metrics = self.train_metrics_aggr_fn([m.content for m in replies], self.weighted_by_key)
-        states = [{k: a.numpy() for k, a in m.content["arrays"].items()} for m in replies]
-        sizes = [int(_metrics(m)["num-examples"]) for m in replies]
-        datasets = [parse_client(_dataset_name(_metrics(m)))[0] for m in replies]
+        states, sizes, names = self._replies(replies)
+        datasets = [parse_client(name)[0] for name in names]
         previous = {k: a.numpy() for k, a in self.previous_arrays.items()}
         averaged = selective_average(states, sizes, datasets, previous)
         return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in averaged.items()}), metrics
+
+
+class StudyOwnerFedAvg(StudyFedAvg):
+    """`ownerfedavg`: the study's FedAvg, then each output channel's weights and bias replaced by their mean
+    over that channel's owners (`methods.owner_output_average`); needs the network's `output_axes`."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if not self.output_axes:
+            raise ValueError("ownerfedavg needs the network's output layer (models.output_layer) as output_axes.")
+
+    def _average(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        from fedseg.federated.methods import owner_output_average
+
+        arrays, metrics = super()._average(server_round, replies)
+        states, sizes, names = self._replies(replies)
+        previous = {k: self.previous_arrays[k].numpy() for k in self.output_axes}
+        owned = owner_output_average(states, sizes, names, self.output_axes, previous)
+        merged = {k: Array(np.ascontiguousarray(owned[k])) if k in owned else a for k, a in arrays.items()}
+        return ArrayRecord(merged), metrics

@@ -421,6 +421,7 @@ def figure3(image_path: str | Path, fused_path: str | Path, title: str = "", ste
 
 #: Tables of a run, in reading order, with a heading each (those a run does not have are skipped).
 README_TABLES = {
+    "claims": "The papers' claims, decided by this run's numbers",
     "table1": "Table 1: cases per dataset and split",
     "table2": "Table 2: Dice (%) on each task's test split",
     "table3": "Table 3: Dice (%) on the external BTCV set",
@@ -453,7 +454,10 @@ def results_readme(run_dir: str | Path) -> Path:
     """
     import json
 
+    from fedseg.claims import save_claims
+
     run_dir = Path(run_dir)
+    save_claims(run_dir, seed=0)  # from the scores the run wrote, before the README shows them
     record = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
     cfg = record.get("profile_config", {})
     lines = [f"# Run `{run_dir.name}`", ""]

@@ -150,28 +150,41 @@ def test_ensemble_takes_each_channel_from_the_client_that_owns_it():
         ensemble_logits({"liver": fake["liver"], "spleen": fake["spleen"][:, :1]})
 
 
-def test_postprocess_keeps_the_largest_component_of_each_channel_independently():
+def test_postprocess_keeps_both_kidneys_and_the_largest_component_of_every_other_channel():
     mask = np.zeros((NUM_CHANNELS, 20, 20, 20), dtype=bool)
-    liver, spleen, kidney = CHANNEL_INDEX["liver"], CHANNEL_INDEX["spleen"], CHANNEL_INDEX["kidney"]
+    liver, spleen = CHANNEL_INDEX["liver"], CHANNEL_INDEX["spleen"]
+    kidney, kidney_tumor = CHANNEL_INDEX["kidney"], CHANNEL_INDEX["kidney_tumor"]
     mask[liver, 2:10, 2:10, 2:10] = True  # largest liver component
     mask[liver, 14:16, 14:16, 14:16] = True  # smaller, detached: removed
     mask[spleen, 14:15, 2:4, 2:4] = True  # smaller than the liver's big component, but alone in its channel
-    mask[kidney, 2:6, 14:18, 2:6] = True  # two kidneys
-    mask[kidney, 12:15, 14:18, 2:6] = True
+    mask[kidney, 2:6, 14:18, 2:6] = True  # larger kidney (64 voxels)
+    mask[kidney, 12:15, 14:18, 2:6] = True  # smaller kidney (48 voxels)
+    two_kidneys = mask[kidney].copy()
+    mask[kidney, 17:19, 17:19, 17:19] = True  # a stray third blob (8 voxels): removed
+    mask[kidney_tumor, 3:5, 15:17, 3:5] = True  # larger tumour, inside the larger kidney
+    mask[kidney_tumor, 13, 15, 3] = True  # one-voxel tumour in the other kidney: the tumour channel keeps one
     mask[0] = ~mask[1:].any(0)
     original = mask.copy()
 
     cleaned = postprocess(torch.as_tensor(mask))
     assert cleaned.dtype == bool and cleaned.shape == mask.shape
+    assert np.array_equal(cleaned[kidney], two_kidneys)  # both kidneys, and nothing of the stray blob
+    assert not cleaned[kidney, 17:19, 17:19, 17:19].any()
     assert cleaned[liver, 2:10, 2:10, 2:10].all() and not cleaned[liver, 14:16, 14:16, 14:16].any()
+    assert cleaned[liver].sum() == 8 ** 3
     assert np.array_equal(cleaned[spleen], mask[spleen])
-    assert cleaned[kidney].sum() == 64 and cleaned[kidney, 2:6, 14:18, 2:6].all()
-    assert np.array_equal(cleaned[0], ~cleaned[1:].any(0)) and cleaned[0, 15, 15, 15]
+    assert cleaned[kidney_tumor].sum() == 8 and cleaned[kidney_tumor, 3:5, 15:17, 3:5].all()
+    assert np.array_equal(cleaned[0], ~cleaned[1:].any(0)) and cleaned[0, 15, 15, 15] and cleaned[0, 18, 18, 18]
     assert np.array_equal(mask, original)  # the input is left alone
 
-    both_kidneys = postprocess(mask, num_components={"kidney": 2})
-    assert np.array_equal(both_kidneys[kidney], mask[kidney])
-    assert not both_kidneys[liver, 14:16, 14:16, 14:16].any()
+    one_kidney = postprocess(mask, num_components={"kidney": 1})  # the old default
+    assert one_kidney[kidney].sum() == 64 and one_kidney[kidney, 2:6, 14:18, 2:6].all()
+    assert not one_kidney[kidney, 12:15, 14:18, 2:6].any() and not one_kidney[kidney, 17:19, 17:19, 17:19].any()
+    assert np.array_equal(one_kidney[liver], cleaned[liver])
+
+    untouched_liver = postprocess(mask, num_components={"liver": None})  # overrides one channel, not the rest
+    assert np.array_equal(untouched_liver[liver], mask[liver])
+    assert np.array_equal(untouched_liver[kidney], two_kidneys)
     with pytest.raises(ValueError, match="num_components"):
         postprocess(mask, num_components={"kidneys": 2})
 

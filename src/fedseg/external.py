@@ -7,8 +7,8 @@ Each model runs once per case; the methods are combinations of those passes:
 
 - **FL global model**: the server's best model alone.
 - **FL local model (ensemble)**: each channel from the local best of the client that owns it.
-- **FL local model (processed)**: the ensemble, then the largest connected component per channel and fusion
-  in seed 000's order (a later label overrides an earlier one).
+- **FL local model (processed)**: the ensemble, then the largest connected component per channel (both
+  kidneys kept) and fusion in seed 000's order (a later label overrides an earlier one).
 - **SL (ensemble)** / **SL (processed)**: the standalone models combined the same way.
 - **Central aggregation**: the one model trained on the pooled data.
 - **... coarse-to-fine**: the processed FL local ensemble where a half-resolution pass first finds the organs'

@@ -51,6 +51,10 @@ BTCV_ORGANS: dict[str, tuple[str, ...]] = {
     "kidney": ("kidney", "kidney_tumor"),
     "spleen": ("spleen",),
 }
+#: `postprocess`'s default: connected components kept per foreground channel where not 1. The kidney channel
+#: keeps its 2 largest (two kidneys); seed 000's Table 3 shows its post-processing did not lower kidney Dice
+#: (80.5 -> 80.2), so it cannot have dropped a kidney.
+POSTPROCESS_COMPONENTS: dict[str, int | None] = {"kidney": 2}
 #: What `inference_transform` records in a MetaTensor's applied_operations, in order (MONAI 1.6: Orientationd
 #: records its inner `Orientation`, Spacingd its inner `SpatialResample`, not `Spacing`).
 _TRACED = ("Orientation", "SpatialResample")
@@ -183,16 +187,20 @@ def _check_multihot(mask: np.ndarray) -> None:
 
 
 def postprocess(mask: torch.Tensor | np.ndarray, num_components: Mapping[str, int | None] | None = None) -> np.ndarray:
-    """Seed 000's post-processing: the largest connected component of each foreground channel, independently.
+    """Seed 000's post-processing: the largest connected component of each foreground channel, independently,
+    with both kidneys kept.
 
-    Uses MONAI's KeepLargestConnectedComponent (full 26-connectivity). `num_components` overrides the count
-    per channel name (e.g. {"kidney": 2} keeps both kidneys; None leaves a channel as it is); the default
-    is the paper's one component everywhere. Background is recomputed as "no foreground channel".
-    Returns an (8, X, Y, Z) bool array.
+    By default (`POSTPROCESS_COMPONENTS`) the kidney channel keeps its 2 largest components and every other
+    foreground channel its largest one. The kidney channel holds two organs, and seed 000's Table 3 shows that
+    its processing did not lower kidney Dice (ensemble 80.5, processed 80.2), so its post-processing cannot
+    have dropped a kidney; one component would cap kidney Dice near 0.67. `num_components` overrides the
+    count per channel name on top of that default (e.g. {"kidney": 1} keeps only the larger kidney, the old
+    behaviour; None leaves a channel as it is). Uses MONAI's KeepLargestConnectedComponent (full
+    26-connectivity). Background is recomputed as "no foreground channel". Returns an (8, X, Y, Z) bool array.
     """
     array = _bool_array(mask)
     _check_multihot(array)
-    counts: dict[str, int | None] = {name: 1 for name in FOREGROUND}
+    counts: dict[str, int | None] = {name: 1 for name in FOREGROUND} | POSTPROCESS_COMPONENTS
     for name, count in (num_components or {}).items():
         if name not in counts:
             raise ValueError(f"num_components names {name!r}: use foreground channels {', '.join(FOREGROUND)}.")

@@ -192,3 +192,30 @@ def test_learning_rate_schedule_and_budget_rules():
     assert "each SL model 900 steps" in note and "central model 3600 steps (the SL models together)" in note
     assert "9 rounds x 100 local steps = 900 (its SL model)" in note and "batches of 4 patches" in note
     assert "(its SL model)" not in budget_note(cfg, 4, {"rounds": 8, "local_steps": 25})
+
+
+def test_the_localiser_trains_at_coarser_voxels_and_records_its_settings(setup):
+    """Coarse-to-fine's first stage: the profile's network on voxels `factor` times larger (its own cache), its
+    settings written beside it; 04 refuses it for another voxel size."""
+    import json
+
+    from fedseg.external import load_localiser
+    from fedseg.training import fit_localiser, localiser_config
+
+    tmp_path, cfg, records = setup
+    cfg = {**cfg, "localiser": {"factor": 2.0, "steps": 2}}
+    coarse = localiser_config(cfg)
+    assert coarse["preprocess"]["spacing"] == [2 * VOXEL] * 3 and coarse["train"]["steps"] == 2
+    assert cfg["preprocess"]["spacing"] == [VOXEL] * 3  # the profile itself is left as it was
+    result = fit_localiser(cfg, records[:2], records[2:], tmp_path / "run", progress=False)
+    assert result["steps"] == 2 and result["best"].exists()
+    record = json.loads((tmp_path / "run" / "checkpoints" / "localiser" / "localiser.json").read_text())
+    assert record["factor"] == 2.0 and record["fine_spacing"] == [VOXEL] * 3 and record["model"] == cfg["model"]
+    models, factor = load_localiser(tmp_path / "run", cfg, torch.device("cpu"))
+    assert factor == 2.0 and set(models) == {"localiser"}
+    other = {**cfg, "preprocess": {**cfg["preprocess"], "spacing": [VOXEL / 2] * 3}}
+    with pytest.raises(ValueError, match="retrain it"):
+        load_localiser(tmp_path / "run", other, torch.device("cpu"))
+    assert load_localiser(tmp_path / "nothing", cfg, torch.device("cpu")) is None
+    with pytest.raises(ValueError, match="at least as large"):
+        localiser_config({**cfg, "localiser": {"factor": 0.5}})

@@ -11,8 +11,10 @@ Each model runs once per case; the methods are combinations of those passes:
   kidneys kept) and fusion in seed 000's order (a later label overrides an earlier one).
 - **SL (ensemble)** / **SL (processed)**: the standalone models combined the same way.
 - **Central aggregation**: the one model trained on the pooled data.
-- **... coarse-to-fine**: the processed FL local ensemble where a half-resolution pass first finds the organs'
-  box and the fine pass runs only there; timed against the full sliding window.
+- **... coarse-to-fine**: the processed FL local ensemble where a first stage finds the organs' box and the fine
+  pass runs only there (Wang & Ma's two stages); timed against the full sliding window. The first stage is the
+  run's localiser (02: a network of the same design trained on the pooled data at twice the voxel size) when the
+  run has one; without it, the FL local models themselves at half resolution (which loses small organs).
 
 Every prediction is written as a NIfTI label map (fused, values = channel index) beside the metrics.
 """
@@ -63,6 +65,25 @@ def run_checkpoints(run_dir: str | Path) -> dict[str, dict[str, Path]]:
     return groups
 
 
+def load_localiser(run_dir: str | Path, cfg: dict[str, Any], device: torch.device) -> tuple[dict[str, torch.nn.Module], float] | None:
+    """The run's coarse-to-fine localiser (`training.fit_localiser`) and its voxel size over the profile's, or
+    None when the run has none. Refuses a localiser trained for another voxel size or network than `cfg`'s."""
+    import json
+
+    from fedseg.training import LOCALISER_NAME
+
+    folder = Path(run_dir) / "checkpoints" / LOCALISER_NAME
+    if not (folder / "best.pt").exists():
+        return None
+    record = json.loads((folder / "localiser.json").read_text())
+    if [float(s) for s in record["fine_spacing"]] != [float(s) for s in cfg["preprocess"]["spacing"]] \
+            or record["model"] != cfg["model"]:
+        raise ValueError(f"{folder} was trained for {record['fine_spacing']} mm voxels and network {record['model']}, "
+                         f"not this run's {cfg['preprocess']['spacing']} mm and {cfg['model']}: retrain it (02) or "
+                         "evaluate with coarse_to_fine=False.")
+    return {LOCALISER_NAME: load_best(cfg, folder / "best.pt", device)}, float(record["factor"])
+
+
 def _methods(groups: Mapping[str, Any]) -> list[str]:
     needs = {SL: "sl", SL_PP: "sl", CENTRAL: "central", GLOBAL: "fl-global", LOCAL: "fl-local", LOCAL_PP: "fl-local"}
     return [m for m in METHODS if needs[m] in groups]
@@ -106,6 +127,8 @@ def evaluate_btcv(cfg: dict[str, Any], cases: pd.DataFrame, run_dir: str | Path,
     Returns {"scores": per case and organ (method, case_id, organ, dice, nsd, hd95, pred_empty, truth_empty),
     "timing": per case and method (seconds of inference incl. inversion and post-processing, fraction of
     voxels the fine pass covered)}. Predictions go to `<run_dir>/predictions/btcv/<method>/<case>.nii.gz`.
+    Coarse-to-fine's first stage is the run's localiser when it has one (its own voxel factor replaces
+    `coarse_factor`), else the FL local models at `coarse_factor` times the voxel size.
     """
     from tqdm.auto import tqdm
 
@@ -119,6 +142,10 @@ def evaluate_btcv(cfg: dict[str, Any], cases: pd.DataFrame, run_dir: str | Path,
     models = {group: {name: load_best(cfg, path, device) for name, path in paths.items()}
               for group, paths in groups.items()}
     transform = inference.inference_transform(cfg)
+    localiser = load_localiser(run_dir, cfg, device) if coarse_to_fine else None
+    coarse_models = None
+    if localiser is not None:
+        coarse_models, coarse_factor = localiser
     scores, timing = [], []
     for _, row in tqdm(list(btcv.iterrows()), desc="BTCV cases", disable=not progress):
         image_path, image, truth, spacing = load_btcv_case(cfg, row, transform)
@@ -135,7 +162,8 @@ def evaluate_btcv(cfg: dict[str, Any], cases: pd.DataFrame, run_dir: str | Path,
             covered = 1.0
             if coarse_group:
                 result = inference.coarse_to_fine_logits(models[coarse_group], image, cfg, device,
-                                                         coarse_factor=coarse_factor, margin_mm=margin_mm)
+                                                         coarse_factor=coarse_factor, margin_mm=margin_mm,
+                                                         coarse_models=coarse_models)
                 mask = _masks(LOCAL_PP, {"fl-local": result.logits}, image, cfg)
                 covered, model_seconds = result.covered, 0.0
             else:

@@ -361,6 +361,40 @@ def fit(cfg: dict[str, Any], name: str, train_records: list[dict[str, Any]], val
     return {**summary, "best": out_dir / "best.pt", "name": name}
 
 
+#: Wang & Ma's first stage (coarse-to-fine): a network of the profile's design trained on the pooled data at
+#: `factor` times the profile's voxel size, for `steps` steps; a profile's `localiser:` section overrides these.
+LOCALISER: dict[str, Any] = {"factor": 2.0, "steps": 300}
+LOCALISER_NAME = "localiser"
+
+
+def localiser_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The configuration the localiser trains and runs under: the profile's, voxels `factor` times larger (its
+    own preprocessed cache) and its own step budget; the settings are kept under `localiser`."""
+    settings = {**LOCALISER, **(cfg.get("localiser") or {})}
+    factor = float(settings["factor"])
+    if factor < 1:
+        raise ValueError(f"localiser.factor={factor}: the localiser works on voxels at least as large as the profile's.")
+    spacing = [float(s) * factor for s in cfg["preprocess"]["spacing"]]
+    return {**cfg, "preprocess": {**cfg["preprocess"], "spacing": spacing},
+            "train": {**cfg["train"], "steps": int(settings["steps"])},
+            "localiser": {**settings, "factor": factor, "spacing": spacing}}
+
+
+def fit_localiser(cfg: dict[str, Any], train_records: list[dict[str, Any]], val_records: list[dict[str, Any]],
+                  run_dir: str | Path, *, loss: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train the coarse-to-fine localiser (`localiser_config`) on pooled records into
+    `run_dir/checkpoints/localiser/`, beside a `localiser.json` with the settings it was trained under."""
+    import json
+
+    coarse = localiser_config(cfg)
+    result = fit(coarse, LOCALISER_NAME, train_records, val_records, run_dir, steps=coarse["train"]["steps"],
+                 loss=loss, progress=progress)
+    record = {**coarse["localiser"], "model": coarse["model"], "loss": loss or coarse["train"]["loss"],
+              "fine_spacing": cfg["preprocess"]["spacing"], "patch_size": coarse["preprocess"]["patch_size"]}
+    (Path(run_dir) / "checkpoints" / LOCALISER_NAME / "localiser.json").write_text(json.dumps(record, indent=1))
+    return result
+
+
 def _worker_threads(threads: int) -> None:
     """Initializer of a `fit_models` worker process: its share of the cores, no oversubscription."""
     torch.set_num_threads(threads)

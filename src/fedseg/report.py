@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import matplotlib.pyplot as plt
@@ -196,7 +197,7 @@ def sweep_table(run_dir: str | Path, methods: tuple[str, ...]) -> pd.DataFrame:
             rows[f"{method}: {kind}"] = {**table.loc[f"{kind} (this run)"].to_dict(), "03 wall time (s)": seconds}
     columns = [c.replace("_", " ") for c in TABLE2_CHANNELS] + ["Avg."]
     for name, values in PAPER_TABLE2.items():
-        if name == "SL" or "fedavg" in methods:
+        if name == "SL" or any(m == "fedavg" or m.startswith("fedavg-") for m in methods):
             label = "SL" if name == "SL" else f"fedavg: {name}"
             rows[f"{label} (paper, seed 000)"] = {**dict(zip(columns, values)), "03 wall time (s)": np.nan}
     return pd.DataFrame.from_dict(rows, orient="index")
@@ -240,6 +241,46 @@ def fl_curves(rounds: pd.DataFrame) -> plt.Figure:
         left.plot(overall["round"], overall["mean_dice"], color="k", lw=2, label="mean of 7 channels")
     left.set_ylabel("validation Dice (owned channels)")
     left.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def dilution_summary(dilution: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """Per federation (name -> its `metrics/fl_dilution.csv`) and channel, over the rounds: the owners' share of
+    the training cases, the mean of global move / owner move (FedAvg with a masked loss: the share), the mean
+    move of the non-owners relative to the owners', and the mean cosine between the global and the owners' update."""
+    rows = []
+    for name, table in dilution.items():
+        for channel, part in table.groupby("channel", sort=False):
+            owned = part[part["owner_move"] > 0]
+            rows.append({"federation": name, "channel": channel.replace("_", " "),
+                         "owners": part["owners"].fillna("").iloc[0] or "-",
+                         "owner share": part["owner_share"].iloc[0],
+                         "global / owner move": owned["ratio"].mean(),
+                         "others / owner move": (owned["others_move"] / owned["owner_move"]).mean(),
+                         "cosine(global, owner)": owned["cosine"].mean()})
+    return pd.DataFrame(rows).set_index(["federation", "channel"]).round(3)
+
+
+def dilution_figure(dilution: Mapping[str, pd.DataFrame]) -> plt.Figure:
+    """Per federation (a column): top, how far each channel's output weights moved in the global model as a
+    fraction of their owners' update, per round, with the owners' share of cases dashed (FedAvg's dilution when
+    the other clients leave the channel alone); bottom, the cosine between the global and the owners' update
+    (below 0: the other clients pull the channel the other way)."""
+    fig, axes = plt.subplots(2, len(dilution), figsize=(5.5 * len(dilution), 6.4), squeeze=False, sharex=True)
+    for column, (name, table) in enumerate(dilution.items()):
+        top, bottom = axes[0, column], axes[1, column]
+        for index, (channel, part) in enumerate(table[table["owner_move"] > 0].groupby("channel", sort=False)):
+            color = f"C{index}"
+            top.plot(part["round"], part["ratio"], marker="o", ms=3, color=color, label=channel.replace("_", " "))
+            top.axhline(part["owner_share"].iloc[0], color=color, ls="--", lw=1)
+            bottom.plot(part["round"], part["cosine"], marker="o", ms=3, color=color)
+        top.set(title=name, ylabel="global move / owners' move", yscale="log")
+        bottom.set(xlabel="round", ylabel="cosine(global, owners' update)", ylim=(-1.05, 1.05))
+        bottom.axhline(0, color="k", lw=0.8)
+        for ax in (top, bottom):
+            ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8, title="dashed: owners' share of cases", title_fontsize=8)
     fig.tight_layout()
     return fig
 

@@ -310,22 +310,34 @@ def _write_readme(run_dir: Path) -> None:
     results_readme(run_dir)
 
 
-def run_sweep(profile: str = "laptop", methods: tuple[str, ...] = ("fedavg",), *, run_name: str | None = None,
-              params: dict[str, Any] | None = None, overwrite: bool = False, results: str | Path | None = None,
-              log_output: bool = False) -> Path:
-    """The federated methods side by side in one run folder: 01 and 02 once, then 03 once per method into
-    `<run>/<method>/` (its own checkpoints, rounds, tables), then `tables/sweep_methods.*` collecting every
-    method's FL global and local Dice per channel with the SL row and each method's wall time."""
+def run_sweep(profile: str = "laptop", methods: tuple[str, ...] = ("fedavg",), *, losses: tuple[str, ...] = (),
+              run_name: str | None = None, params: dict[str, Any] | None = None, overwrite: bool = False,
+              results: str | Path | None = None, log_output: bool = False) -> Path:
+    """The federated methods side by side in one run folder: 01 and 02 once, then 03 once per method (and per
+    loss of `losses`, default the profile's) into `<run>/<method>/` or `<run>/<method>-<loss>/` (its own
+    checkpoints, rounds, dilution, tables), then `tables/sweep_methods.*` collecting every federation's FL
+    global and local Dice per channel with the SL row and its wall time. 03's own second federation
+    (`compare_loss`) is switched off here: the sweep's losses say what runs."""
     from fedseg.federated.methods import check_method
     from fedseg.report import save_table, sweep_table
 
+    from fedseg.losses import LOSSES
+
     for method in methods:
         check_method(method)
+    unknown = [loss for loss in losses if loss not in LOSSES]
+    if unknown:
+        raise ValueError(f"Unknown loss {', '.join(unknown)}: use {', '.join(LOSSES)}.")
     run_dir = run_chain(profile, run_name=run_name, params=params, overwrite=overwrite, results=results,
                         notebooks=CHAIN[:2], log_output=log_output)
+    folders = []
     for method in methods:
-        _run_federation_notebook(profile, run_dir, run_dir / method, {**(params or {}), "method": method}, log_output)
-    table = sweep_table(run_dir, methods)
+        for loss in losses or (None,):
+            folder = method if loss is None else f"{method}-{loss}"
+            extra = {"method": method, **({"loss": loss} if loss else {})}
+            _run_federation_notebook(profile, run_dir, run_dir / folder, {**(params or {}), **extra}, log_output)
+            folders.append(folder)
+    table = sweep_table(run_dir, tuple(folders))
     save_table(table, run_dir, "sweep_methods", note="Dice (%) on each task's test split; Avg. = mean of the 7 "
                "channels. Each method trained from the same seed, data and 02 baselines (SL row).")
     _write_readme(run_dir)
@@ -334,11 +346,14 @@ def run_sweep(profile: str = "laptop", methods: tuple[str, ...] = ("fedavg",), *
 
 def _run_federation_notebook(profile: str, run_dir: Path, folder: Path, params: dict[str, Any],
                              log_output: bool) -> Path:
-    """03 alone into `folder` (a sub-run of `run_dir`), reading 01's cases and 02's SL test metrics."""
+    """03 alone into `folder` (a sub-run of `run_dir`), reading 01's cases and 02's SL test metrics. Its second
+    federation (`compare_loss`) is off unless `params` asks: the experiments say which federations they run."""
+    params = {"compare_loss": "", **params}
     (folder / "data").mkdir(parents=True, exist_ok=True)
     (folder / "metrics").mkdir(exist_ok=True)
     shutil.copy(run_dir / "data" / "cases.csv", folder / "data" / "cases.csv")
-    shutil.copy(run_dir / "metrics" / "test_dice_per_channel.csv", folder / "metrics")  # the SL row
+    for name in ("test_dice_per_channel.csv", "test_dice_per_case.csv"):  # the SL row, and its cases for the claims
+        shutil.copy(run_dir / "metrics" / name, folder / "metrics")
     return run_chain(profile, run_name=folder.name, params=params, only="03", results=folder.parent,
                      notebooks=CHAIN, log_output=log_output)
 
@@ -509,7 +524,8 @@ def _names(text: str) -> tuple[str, ...]:
 
 #: The experiments beyond the chain: how each starts from its arguments, and the table it prints at the end.
 EXPERIMENTS: dict[str, tuple[Any, str, str]] = {
-    "sweep": (lambda a, common: run_sweep(a.profile, _names(a.methods), overwrite=a.overwrite, **common),
+    "sweep": (lambda a, common: run_sweep(a.profile, _names(a.methods), losses=_names(a.losses) if a.losses else (),
+                                          overwrite=a.overwrite, **common),
               "sweep_methods", "sweep {run_dir} finished"),
     "nodes": (lambda a, common: run_nodes(a.profile, tuple(int(n) for n in _names(a.nodes)), **common),
               "segviz_nodes", "SegViz node sets in {run_dir}"),
@@ -527,7 +543,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--overwrite", action="store_true", help="replace an existing run folder of that name")
     sweep = sub.add_parser("sweep", help="01 and 02 once, then 03 once per federated method, into one run folder")
     _add_common(sweep, "folder name under results/ (default: <profile>-<timestamp>)")
-    sweep.add_argument("--methods", default="fedavg,fedprox,segviz", help="comma-separated federated methods")
+    sweep.add_argument("--methods", default="fedavg,ownerfedavg,fedprox,segviz", help="comma-separated federated methods")
+    sweep.add_argument("--losses", default="", help="comma-separated client losses, each method run with each "
+                       "(e.g. dice_ce,literal_dice_ce); default: the profile's loss")
     sweep.add_argument("--overwrite", action="store_true", help="replace an existing run folder of that name")
     nodes = sub.add_parser("nodes", help="SegViz's 2-, 3-, 4-node table (central, FedAvg, SegViz on BTCV) into a run folder")
     _add_common(nodes, "run folder under results/ to add to (e.g. a sweep's), or a new one")

@@ -28,7 +28,7 @@ FOREGROUND = CHANNELS[1:]
 #: `local_steps` None: `train.steps // rounds`, i.e. the SL model's budget spread over the rounds.
 FL_DEFAULTS: dict[str, Any] = {"rounds": 2, "local_steps": None, "fraction_train": 1.0, "min_clients": 4,
                                "client_cpus": 1, "client_gpus": 0.0, "keep_optimizer": False, "client_workers": 0,
-                               "round_timeout": 86400, **METHOD_DEFAULTS}
+                               "round_timeout": 86400, "compare_loss": None, **METHOD_DEFAULTS}
 #: run_config keys (kebab-case) that override a knob; their "unset" value (0, 0.0, "") keeps the profile's.
 RUN_CONFIG_KNOBS = {"rounds": "rounds", "local-steps": "local_steps", "fraction-train": "fraction_train",
                     "min-clients": "min_clients", "keep-optimizer": "keep_optimizer", "method": "method", "mu": "mu",

@@ -317,7 +317,8 @@ def run_sweep(profile: str = "laptop", methods: tuple[str, ...] = ("fedavg",), *
     loss of `losses`, default the profile's) into `<run>/<method>/` or `<run>/<method>-<loss>/` (its own
     checkpoints, rounds, dilution, tables), then `tables/sweep_methods.*` collecting every federation's FL
     global and local Dice per channel with the SL row and its wall time. 03's own second federation
-    (`compare_loss`) is switched off here: the sweep's losses say what runs."""
+    (`compare_loss`) is switched off here: the sweep's losses say what runs. A folder that already holds 01 and
+    02 (a chain's run) keeps them, and federations that finished there are not run again."""
     from fedseg.federated.methods import check_method
     from fedseg.report import save_table, sweep_table
 
@@ -328,14 +329,18 @@ def run_sweep(profile: str = "laptop", methods: tuple[str, ...] = ("fedavg",), *
     unknown = [loss for loss in losses if loss not in LOSSES]
     if unknown:
         raise ValueError(f"Unknown loss {', '.join(unknown)}: use {', '.join(LOSSES)}.")
-    run_dir = run_chain(profile, run_name=run_name, params=params, overwrite=overwrite, results=results,
-                        notebooks=CHAIN[:2], log_output=log_output)
+    results = Path(results) if results else repo_root() / "results"
+    run_dir = (results / (run_name or default_run_name(load_profile(profile)["name"]))).resolve()
+    if overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+    _run_baselines(profile, run_dir, dict(params or {}), log_output)  # kept when the folder has them (e.g. a chain's)
     folders = []
     for method in methods:
         for loss in losses or (None,):
             folder = method if loss is None else f"{method}-{loss}"
-            extra = {"method": method, **({"loss": loss} if loss else {})}
-            _run_federation_notebook(profile, run_dir, run_dir / folder, {**(params or {}), **extra}, log_output)
+            if "03_federated_training" not in finished_notebooks(run_dir / folder):  # a rerun resumes the sweep
+                extra = {"method": method, **({"loss": loss} if loss else {})}
+                _run_federation_notebook(profile, run_dir, run_dir / folder, {**(params or {}), **extra}, log_output)
             folders.append(folder)
     table = sweep_table(run_dir, tuple(folders))
     save_table(table, run_dir, "sweep_methods", note="Dice (%) on each task's test split; Avg. = mean of the 7 "

@@ -111,6 +111,24 @@ def test_a_sweep_runs_the_methods_side_by_side_and_the_segviz_node_sets_add_to_i
         assert (run_dir / method / "checkpoints" / "fl-global" / "best.pt").exists()
     assert json.loads((run_dir / "segviz" / "fl" / "config.json").read_text())["model"]["name"] == "SharedTaskUNet"
 
+    # another loss into the same folder: 01/02 and the finished federations are kept, the new one runs, and the
+    # mechanism of each federation is drawn side by side
+    stamp = (run_dir / "fedavg" / "run.json").stat().st_mtime
+    done = subprocess.run([sys.executable, "-m", "fedseg", "sweep", "--profile", "smoke", "--methods", "fedavg,ownerfedavg",
+                           "--losses", "literal_dice_ce", "--run-name", "sweep", "--results", str(tmp_path / "results")],
+                          env=env, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (run_dir / "fedavg" / "run.json").stat().st_mtime == stamp
+    for folder in ("fedavg-literal_dice_ce", "ownerfedavg-literal_dice_ce"):
+        config = json.loads((run_dir / folder / "fl" / "config.json").read_text())
+        assert config["train"]["loss"] == "literal_dice_ce" and config["federated"]["method"] == folder.split("-")[0]
+    dilution = pd.read_csv(run_dir / "tables" / "sweep_dilution.csv", index_col=[0, 1])
+    assert set(dilution.index.get_level_values(0)) == {"fedavg-literal_dice_ce", "ownerfedavg-literal_dice_ce"}
+    assert (dilution.loc["fedavg-literal_dice_ce", "others / owner move"] > 0).all()
+    assert (run_dir / "figures" / "sweep_dilution.png").exists()
+    claims = pd.read_csv(run_dir / "tables" / "claims.csv")
+    assert "test splits, ownerfedavg, loss literal_dice_ce" in set(claims["tested on"])
+
     # SegViz's node sets into the same folder: 01/02 and the sweep's 4-node federations are reused
     done = subprocess.run([sys.executable, "-m", "fedseg", "nodes", "--profile", "smoke", "--nodes", "2,4",
                            "--run-name", "sweep", "--results", str(tmp_path / "results")],

@@ -267,7 +267,7 @@ def dilution_figure(dilution: Mapping[str, pd.DataFrame]) -> plt.Figure:
     fraction of their owners' update, per round, with the owners' share of cases dashed (FedAvg's dilution when
     the other clients leave the channel alone); bottom, the cosine between the global and the owners' update
     (below 0: the other clients pull the channel the other way)."""
-    fig, axes = plt.subplots(2, len(dilution), figsize=(5.5 * len(dilution), 6.4), squeeze=False, sharex=True)
+    fig, axes = plt.subplots(2, len(dilution), figsize=(5.5 * len(dilution) + 1.3, 6.4), squeeze=False, sharex=True)
     for column, (name, table) in enumerate(dilution.items()):
         top, bottom = axes[0, column], axes[1, column]
         for index, (channel, part) in enumerate(table[table["owner_move"] > 0].groupby("channel", sort=False)):
@@ -280,8 +280,10 @@ def dilution_figure(dilution: Mapping[str, pd.DataFrame]) -> plt.Figure:
         bottom.axhline(0, color="k", lw=0.8)
         for ax in (top, bottom):
             ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=8, title="dashed: owners' share of cases", title_fontsize=8)
-    fig.tight_layout()
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8, title="channel\n(dashed: owners'\nshare of cases)",
+               title_fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1 - 1.3 / fig.get_figwidth(), 1))
     return fig
 
 
@@ -471,6 +473,8 @@ README_TABLES = {
     "btcv_inference_time": "BTCV: inference time per case, full sliding window vs coarse-to-fine",
     "segviz_nodes": "SegViz table: Dice on BTCV per node set (`python -m fedseg nodes`)",
     "sweep_methods": "Every federated method side by side (`python -m fedseg sweep`)",
+    "sweep_dilution": "How far each channel's head moves, per swept federation (label conflict vs dilution)",
+    "dilution": "How far each channel's head moves in the global model (FedAvg's dilution)",
     "contrast_summary": "FedGIN: in- and cross-contrast Dice (%) (`python -m fedseg contrast`)",
     "contrast_channels": "FedGIN: Dice (%) per channel, tested on CT and on MRI-like",
     "table2_baselines": "Baselines (02): SL and central aggregation",
@@ -479,6 +483,8 @@ README_FIGURES = {
     "fig1_datasets": "Fig. 1: one case per dataset",
     "learning_curves_baselines": "Learning curves of the SL and central models",
     "fl_learning_curves": "FL learning curves, global and local",
+    "fl_dilution": "How far each channel's head moves: global vs owners' update, per round",
+    "sweep_dilution": "How far each channel's head moves, per swept federation",
     "btcv_dice_bars": "BTCV Dice with bootstrap 95% confidence intervals",
     "btcv_nsd_bars": "BTCV normalized surface Dice with bootstrap 95% confidence intervals",
     "fig3_btcv": "Fig. 3: a BTCV case, post-processed ensemble of the FL local models",

@@ -135,3 +135,18 @@ def test_the_stratified_bootstrap_resamples_within_each_group():
     assert estimate == 6.0  # (2 + 10) / 2
     assert 5.5 - 1e-9 <= low <= estimate <= high <= 6.5 + 1e-9  # only a's mean varies, between 1 and 3
     assert np.isnan(claims.stratified_mean_difference({"a": np.array([1.0])})[1])
+
+
+def test_a_federation_is_labelled_from_its_run_record_when_its_fl_folder_is_not_kept(tmp_path):
+    """The committed reference keeps run.json, not fl/ (absolute paths): the label comes from 03's parameters
+    over the profile."""
+    folder = tmp_path / "sub"
+    folder.mkdir()
+    (folder / "run.json").write_text(json.dumps({
+        "profile_config": {"federated": {"method": "fedavg"}, "train": {"loss": "dice_ce"}},
+        "notebooks": {"03_federated_training": {"parameters": {"method": "ownerfedavg", "loss": "literal_dice_ce"}}}}))
+    assert claims.federation_label(folder) == "ownerfedavg, loss literal_dice_ce"
+    (folder / "run.json").write_text(json.dumps({"profile_config": {"federated": {"method": "fedavg"},
+                                                                     "train": {"loss": "dice_ce"}}}))
+    assert claims.federation_label(folder) == "fedavg, loss dice_ce"
+    assert claims.federation_label(tmp_path / "nothing") == "FL"

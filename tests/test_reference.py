@@ -122,3 +122,16 @@ def test_the_reference_cross_contrast_run_tests_every_model_in_both_contrasts():
     liver = scores[(scores.model == "fedgin-global") & (scores.channel == "liver") & (scores.dataset == "liver")]
     assert channels.loc["fedgin: FL global model", "liver (CT)"] == pytest.approx(
         100 * liver[liver.contrast == "CT"]["dice"].mean(), abs=0.06)
+
+
+def test_the_reference_claims_are_what_its_scores_decide():
+    """The claims table of the README is recomputed from the committed per-case scores: nothing in it was typed."""
+    from fedseg.claims import claims_table
+
+    committed = pd.read_csv(REFERENCE / "tables" / "claims.csv")
+    again = claims_table(REFERENCE, seed=0)
+    assert list(again["verdict"]) == list(committed["verdict"])
+    assert list(again["evidence"]) == list(committed["evidence"])
+    assert list(again["tested on"]) == list(committed["tested on"])
+    readme = (REFERENCE / "README.md").read_text()
+    assert all(verdict in readme for verdict in committed["verdict"])

@@ -94,12 +94,21 @@ def _paired(a: pd.DataFrame, b: pd.DataFrame, group: str, value: str = "dice") -
 
 
 def federation_label(folder: Path) -> str:
-    """"FedAvg, loss dice_ce" (method and loss of the federation whose files are in `folder`)."""
-    config = folder / "fl" / "config.json"
-    if not config.exists():
+    """"fedavg, loss dice_ce": method and loss of the federation whose files are in `folder`, from its resolved
+    configuration (`fl/config.json`), else from its `run.json` (the profile, then 03's parameters over it)."""
+    config, record = folder / "fl" / "config.json", folder / "run.json"
+    if config.exists():
+        cfg = json.loads(config.read_text())
+        method, loss = cfg.get("federated", {}).get("method"), cfg.get("train", {}).get("loss")
+    elif record.exists():
+        run = json.loads(record.read_text())
+        profile = run.get("profile_config", {})
+        params = run.get("notebooks", {}).get("03_federated_training", {}).get("parameters", {})
+        method = params.get("method") or profile.get("federated", {}).get("method") or "fedavg"
+        loss = params.get("loss") or profile.get("train", {}).get("loss")
+    else:
         return "FL"
-    cfg = json.loads(config.read_text())
-    return f"{cfg.get('federated', {}).get('method', 'fedavg')}, loss {cfg.get('train', {}).get('loss', '?')}"
+    return f"{method or 'fedavg'}, loss {loss or '?'}"
 
 
 def shen_test_split_claims(sl_scores: pd.DataFrame | None, fl_scores: pd.DataFrame, tested_on: str,

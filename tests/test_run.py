@@ -104,3 +104,27 @@ def test_portable_replaces_machine_paths(tmp_path):
     record = {"a": str(tmp_path / "results" / "r" / "x.csv"), "b": [str(run.repo_root() / "data")], "c": 3}
     clean = run.portable(record, tmp_path / "results" / "r")
     assert clean == {"a": "<run_dir>/x.csv", "b": ["<repo>/data"], "c": 3}
+
+
+def test_a_run_rewriting_results_does_not_mark_the_code_dirty(tmp_path, monkeypatch):
+    """Regenerating the committed reference rewrites tracked files under results/: the run's commit still names
+    the code that ran; a changed source file does make it dirty."""
+    import subprocess
+
+    from fedseg import run
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "table.md").write_text("old\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    monkeypatch.setattr(run, "repo_root", lambda: tmp_path)
+    (tmp_path / "results" / "table.md").write_text("new\n")
+    record = run.git_commit()
+    assert record["commit"] and record["dirty"] is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert run.git_commit()["dirty"] is True

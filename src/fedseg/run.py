@@ -165,7 +165,10 @@ def git_commit() -> dict[str, Any]:
         return out.stdout.strip() if out.returncode == 0 else ""
 
     commit = git("rev-parse", "HEAD")
-    return {"commit": commit or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    # results/ is what runs write (regenerating the committed reference rewrites tracked files there): only
+    # changes to the code, notebooks and profiles make a run's commit an incomplete record of what ran
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")
+    return {"commit": commit or None, "dirty": bool(changed)}
 
 
 class PeakMemory:

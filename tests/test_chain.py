@@ -127,7 +127,7 @@ def test_a_sweep_runs_the_methods_side_by_side_and_the_segviz_node_sets_add_to_i
     assert (dilution.loc["fedavg-literal_dice_ce", "others / owner move"] > 0).all()
     assert (run_dir / "figures" / "sweep_dilution.png").exists()
     claims = pd.read_csv(run_dir / "tables" / "claims.csv")
-    assert "test splits, ownerfedavg, loss literal_dice_ce" in set(claims["tested on"])
+    assert "test splits, ownerfedavg, loss literal_dice_ce (`ownerfedavg-literal_dice_ce/`)" in set(claims["tested on"])
 
     # SegViz's node sets into the same folder: 01/02 and the sweep's 4-node federations are reused
     done = subprocess.run([sys.executable, "-m", "fedseg", "nodes", "--profile", "smoke", "--nodes", "2,4",

@@ -126,7 +126,7 @@ def test_each_federation_of_a_run_gets_its_own_test_split_claims(tmp_path):
     table = claims.claims_table(folder, n_boot=200)
     failing = table[table["claim"].str.startswith("the FL global model fails")]
     assert list(failing["verdict"]) == [claims.HELD, claims.NOT_HELD]
-    assert failing.iloc[1]["tested on"] == "test splits, fedavg, loss literal_dice_ce"
+    assert failing.iloc[1]["tested on"] == "test splits, fedavg, loss literal_dice_ce (`loss-literal_dice_ce/`)"
 
 
 def test_the_stratified_bootstrap_resamples_within_each_group():

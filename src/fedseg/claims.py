@@ -249,8 +249,9 @@ def claims_table(run_dir: str | Path, n_boot: int = 2000, seed: int = 0) -> pd.D
     rows: list[dict[str, Any]] = []
     folders = federation_folders(run_dir)
     for folder in folders:
+        where = "" if folder == run_dir else f" (`{folder.name}/`)"  # a sub-run: a compared loss, a swept method
         rows += shen_test_split_claims(sl, pd.read_csv(folder / "metrics" / "fl_test_dice_per_case.csv"),
-                                       f"test splits, {federation_label(folder)}", n_boot, seed)
+                                       f"test splits, {federation_label(folder)}{where}", n_boot, seed)
     if not folders:
         for claim in ("FL local > SL on average (test splits)",
                       "the FL global model fails (< 10 Dice) on liver, liver tumor and spleen, and not elsewhere"):

@@ -135,3 +135,14 @@ def test_the_reference_claims_are_what_its_scores_decide():
     assert list(again["tested on"]) == list(committed["tested on"])
     readme = (REFERENCE / "README.md").read_text()
     assert all(verdict in readme for verdict in committed["verdict"])
+
+
+def test_the_readme_shows_the_reference_claims():
+    """The project README's claims table is the reference's claims.csv, row by row."""
+    committed = pd.read_csv(REFERENCE / "tables" / "claims.csv")
+    readme = (REFERENCE.parents[1] / "README.md").read_text()
+    for _, row in committed.iterrows():
+        assert f"| {row['paper']} | {row['claim']} | {row['tested on']} |" in readme, row["tested on"]
+        line = next(line for line in readme.splitlines()
+                    if line.startswith(f"| {row['paper']} | {row['claim']} | {row['tested on']} |"))
+        assert line.rstrip().endswith(f"| {row['verdict']} |")

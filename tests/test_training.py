@@ -219,3 +219,34 @@ def test_the_localiser_trains_at_coarser_voxels_and_records_its_settings(setup):
     assert load_localiser(tmp_path / "nothing", cfg, torch.device("cpu")) is None
     with pytest.raises(ValueError, match="at least as large"):
         localiser_config({**cfg, "localiser": {"factor": 0.5}})
+
+
+def test_a_checkpoint_is_never_resumed_under_other_settings(setup):
+    """Issue: `-p loss masked_dice` on an existing run resumed the other loss's checkpoints and reported them as
+    the new loss's; `-p steps 6` below the saved step crashed with a negative progress total. Every checkpoint
+    now carries its training settings, and a resume under others is refused, naming each difference."""
+    from fedseg.training import StaleCheckpointError
+
+    tmp_path, cfg, records = setup
+    out = tmp_path / "model"
+    train_model(cfg, new_model(cfg), records[:2], records[2:], out, stop_after=4, progress=False)
+    saved = torch.load(out / "last.pt", weights_only=False)
+    assert saved["settings"]["loss"] == "masked_dice" and saved["settings"]["budget"] == 12
+    assert torch.load(out / "best.pt", weights_only=False)["settings"] == saved["settings"]
+    with pytest.raises(StaleCheckpointError, match=r"loss: 'masked_dice' -> 'dice_ce'.*--overwrite"):
+        train_model(cfg, new_model(cfg), records[:2], records[2:], out, loss="dice_ce", progress=False)
+    with pytest.raises(StaleCheckpointError, match=r"budget: 12 -> 6"):
+        train_model(cfg, new_model(cfg), records[:2], records[2:], out, steps=6, progress=False)
+    other = {**cfg, "train": {**cfg["train"], "lr": 0.5}}
+    with pytest.raises(StaleCheckpointError, match=r"train.lr: 0.01 -> 0.5"):
+        train_model(other, new_model(cfg), records[:2], records[2:], out, progress=False)
+    with pytest.raises(StaleCheckpointError, match="train_cases"):
+        train_model(cfg, new_model(cfg), records[:1], records[2:], out, progress=False)
+    # what does not change the training may differ: a resume under it finishes the same model
+    neutral = {**cfg, "train": {**cfg["train"], "checkpoint_every": 3}}
+    done = train_model(neutral, new_model(cfg), records[:2], records[2:], out, progress=False)
+    assert done["steps"] == 12 and done["finished"]
+    del saved["settings"]
+    torch.save(saved, out / "last.pt")
+    with pytest.raises(StaleCheckpointError, match="records no training settings"):
+        train_model(cfg, new_model(cfg), records[:2], records[2:], out, progress=False)

@@ -13,7 +13,7 @@ import functools
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -231,13 +231,73 @@ def _is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error) or "out of memory" in str(error)
 
 
+class StaleCheckpointError(RuntimeError):
+    """A checkpoint was made under other settings than those a run now asks for: resuming it would mix two trainings."""
+
+
+#: Settings that change neither the weights a training produces nor which checkpoint is kept as the best.
+NEUTRAL_TRAIN_KEYS = ("checkpoint_every", "parallel_models", "sw_batch_size", "steps", "central_steps")
+NEUTRAL_PREPROCESS_KEYS = ("num_workers", "in_memory")
+
+
+def _case_list(records: Sequence[Mapping[str, Any]]) -> str:
+    """A short, order-free fingerprint of the cases a model trains or validates on: their count and a hash."""
+    import hashlib
+
+    ids = sorted(f"{r['dataset']}/{r['case_id']}" for r in records)
+    return f"{len(ids)} cases, sha256 {hashlib.sha256(chr(10).join(ids).encode()).hexdigest()[:12]}"
+
+
+def training_settings(cfg: dict[str, Any], *, loss: str, budget: int, seed: int, task: str | None,
+                      train_records: Sequence[Mapping[str, Any]], val_records: Sequence[Mapping[str, Any]],
+                      extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What a model's training depends on, stored in its checkpoints (`train_model`): the network, the loss,
+    the optimisation and preprocessing settings, the step budget its schedule runs over, the seed, the data (root
+    folder name and the training and validation cases) and `extra` (e.g. an FL method's knobs). A checkpoint is
+    resumed only under equal settings."""
+    train, pre = cfg["train"], cfg["preprocess"]
+    return {"model": dict(cfg["model"]), "loss": loss, "budget": int(budget), "seed": int(seed), "task": task,
+            "train": {k: v for k, v in train.items() if k not in NEUTRAL_TRAIN_KEYS},
+            "preprocess": {k: v for k, v in pre.items() if k not in NEUTRAL_PREPROCESS_KEYS},
+            "data": Path(str(cfg.get("data_root", ""))).name, "train_cases": _case_list(train_records),
+            "val_cases": _case_list(val_records), **({"extra": dict(extra)} if extra else {})}
+
+
+def _json_equal(a: Any, b: Any) -> bool:
+    """Equal once both went through JSON (tuples and lists, int and float keys alike)."""
+    import json
+
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+
+def check_resumable(path: Path, saved: Mapping[str, Any] | None, settings: Mapping[str, Any]) -> None:
+    """Raise `StaleCheckpointError` naming every setting in which `saved` differs from `settings`, and the fix."""
+    fix = (f"Start a new run folder (another --run-name), pass --overwrite to replace this one, or delete "
+           f"{path.parent} to train this model afresh.")
+    if saved is None:
+        raise StaleCheckpointError(f"{path} records no training settings (it predates them), so resuming it could "
+                                   f"mix two trainings. {fix}")
+    differing = []
+    for key in sorted(set(saved) | set(settings)):
+        old, new = saved.get(key), settings.get(key)
+        if isinstance(old, Mapping) and isinstance(new, Mapping):
+            differing += [f"{key}.{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                          if not _json_equal(old.get(k), new.get(k))]
+        elif not _json_equal(old, new):
+            differing.append(f"{key}: {old!r} -> {new!r}")
+    if differing:
+        raise StaleCheckpointError(f"{path} was trained under other settings than this run asks for "
+                                   f"({'; '.join(differing)}); resuming it would mix two trainings. {fix}")
+
+
 def train_model(cfg: dict[str, Any], model: torch.nn.Module, train_records: list[dict[str, Any]],
                 val_records: list[dict[str, Any]], out_dir: str | Path, *, steps: int | None = None,
                 loss: str | None = None, task: str | None = None, seed: int | None = None, resume: bool = True,
                 stop_after: int | None = None, progress: bool = True, desc: str = "train",
                 device: torch.device | None = None, extra_loss: ExtraLoss | None = None,
                 volumes: Sequence[dict[str, Any]] | None = None, schedule_start: int | None = None,
-                schedule_steps: int | None = None, val_every: int | None = None) -> dict[str, Any]:
+                schedule_steps: int | None = None, val_every: int | None = None,
+                settings_extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Train `model` for `steps` local steps with validation, best-checkpoint tracking and resume.
 
     `extra_loss(model, logits, batch)` is added to the supervised loss every step (the federated methods'
@@ -251,7 +311,9 @@ def train_model(cfg: dict[str, Any], model: torch.nn.Module, train_records: list
     Writes `out_dir/last.pt` (everything needed to resume) every `train.checkpoint_every` steps and at the
     end, `out_dir/best.pt` (weights of the best validation mean Dice over owned channels) and
     `out_dir/history.csv` (per validation: step, mean loss since the last one, the learning rate of that
-    step, Dice per channel, and the cumulative seconds spent training and validating). With `resume`, an existing `last.pt` is continued. `stop_after` ends the call
+    step, Dice per channel, and the cumulative seconds spent training and validating). With `resume`, an existing
+    `last.pt` is continued, but only if it was made under the same `training_settings` (plus `settings_extra`):
+    otherwise `StaleCheckpointError` names the settings that differ and the fix. `stop_after` ends the call
     after that many steps of this call (as an interruption would), for tests and time-boxed runs.
     Returns a summary: steps done, best step and metric, seconds, the history table and the learning rate
     of each step of this call.
@@ -265,6 +327,8 @@ def train_model(cfg: dict[str, Any], model: torch.nn.Module, train_records: list
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     loss_fn = build_loss(loss or train["loss"], **train.get("loss_options", {}))
+    settings = training_settings(cfg, loss=loss or train["loss"], budget=int(schedule_steps or steps), seed=seed,
+                                 task=task, train_records=train_records, val_records=val_records, extra=settings_extra)
     model.to(device).train()
     optimizer = make_optimizer(model, train)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and train.get("amp", True))
@@ -272,6 +336,7 @@ def train_model(cfg: dict[str, Any], model: torch.nn.Module, train_records: list
     last = out_dir / "last.pt"
     if resume and last.exists():
         saved = torch.load(last, map_location=device, weights_only=False)
+        check_resumable(last, saved.get("settings"), settings)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scaler.load_state_dict(saved["scaler"])
@@ -325,13 +390,14 @@ def train_model(cfg: dict[str, Any], model: torch.nn.Module, train_records: list
                 window = []
                 if metric > state["best_metric"]:
                     state.update(best_metric=metric, best_step=step)
-                    save_checkpoint(model.state_dict(), out_dir / "best.pt", step=step, val_mean_dice=metric)
+                    save_checkpoint(model.state_dict(), out_dir / "best.pt", step=step, val_mean_dice=metric,
+                                    settings=settings)
                 bar.set_postfix(loss=f"{entry['loss']:.3f}", dice=f"{metric:.3f}")
                 tick = time.perf_counter()
             if step % train["checkpoint_every"] == 0 or step == end:
                 state["train_s"] += time.perf_counter() - tick
                 _save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                       "scaler": scaler.state_dict(), "state": state}, last)
+                       "scaler": scaler.state_dict(), "state": state, "settings": settings}, last)
                 tick = time.perf_counter()
     except (torch.OutOfMemoryError, RuntimeError) as error:
         if _is_out_of_memory(error):

@@ -381,7 +381,12 @@ def test_a_two_client_federation_runs_in_simulation(tiny):
     assert set(train["num_examples"]) == {2}
     assert (table[table["kind"] == "global"]["global_best"]).any()
     best = torch.load(result["global_best"], weights_only=False)
-    assert set(best) == {"model", "step", "val_mean_dice"} and best["step"] == result["best_round"]
+    assert set(best) == {"model", "step", "val_mean_dice", "settings"} and best["step"] == result["best_round"]
+    # every checkpoint of the federation names the settings that made it
+    assert best["settings"]["loss"] == "masked_dice" and best["settings"]["model"] == cfg["model"]
+    assert best["settings"]["federated"]["rounds"] == 2 and "client_cpus" not in best["settings"]["federated"]
+    for path in (result["global_final"], *result["local_best"].values()):
+        assert torch.load(path, weights_only=False)["settings"] == best["settings"], path
     assert torch.load(result["global_final"], weights_only=False)["step"] == 2
     for dataset in ("liver", "spleen"):
         assert torch.load(result["local_best"][dataset], weights_only=False)["step"] in (1, 2)

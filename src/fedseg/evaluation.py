@@ -20,9 +20,15 @@ from fedseg.training import select_device, validate
 from fedseg.transforms import case_records, evaluation_dataset
 
 
-def trained_network(cfg: dict[str, Any], checkpoint: str | Path) -> dict[str, Any]:
-    """The network a checkpoint was trained as: for the federation's checkpoints (`checkpoints/fl-*/`) the one
-    recorded in `<run_dir>/fl/config.json` (SegViz trains its own), else the profile's `model`."""
+def trained_network(cfg: dict[str, Any], checkpoint: str | Path, saved: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The network a checkpoint was trained as: the one its own settings record (checkpoints carry them), else
+    for an older federation checkpoint (`checkpoints/fl-*/`) the one in `<run_dir>/fl/config.json` (SegViz
+    trains its own), else the profile's `model`."""
+    if saved is None:
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    recorded_settings = saved.get("settings") or {}
+    if recorded_settings.get("model"):
+        return dict(recorded_settings["model"])
     folder = Path(checkpoint).parent
     recorded = folder.parent.parent / "fl" / "config.json"
     if folder.name.startswith("fl-") and folder.parent.name == "checkpoints" and recorded.exists():
@@ -33,8 +39,8 @@ def trained_network(cfg: dict[str, Any], checkpoint: str | Path) -> dict[str, An
 def load_best(cfg: dict[str, Any], checkpoint: str | Path, device: torch.device | None = None) -> torch.nn.Module:
     """The network of a `best.pt` checkpoint (`trained_network`) with its weights, ready for inference."""
     device = device or select_device()
-    model = build_network(**trained_network(cfg, checkpoint))
     saved = torch.load(checkpoint, map_location=device, weights_only=False)
+    model = build_network(**trained_network(cfg, checkpoint, saved))
     model.load_state_dict(saved["model"])
     return model.to(device).eval()
 

@@ -77,7 +77,8 @@ def _keep_local_best(context: Context, cfg: dict, dataset: str, server_round: in
         best = task.saved_metric(path)
     if not metric > best:
         return False
-    task.save_checkpoint(task.state_dict_cpu(model), path, step=server_round, val_mean_dice=metric)
+    task.save_checkpoint(task.state_dict_cpu(model), path, step=server_round, val_mean_dice=metric,
+                         settings=task.federation_settings(cfg))
     context.state["local-best"] = MetricRecord({"val-mean-dice": metric, "round": server_round})
     return True
 

@@ -92,7 +92,7 @@ class StudyFedAvg(FedAvg):
     """FedAvg over `num_clients` sites with sorted, fail-loud aggregation and the FL global best."""
 
     def __init__(self, run_dir: str | Path, num_clients: int, fraction_train: float = 1.0, progress: bool = False,
-                 output_axes: dict[str, int] | None = None):
+                 output_axes: dict[str, int] | None = None, settings: dict[str, Any] | None = None):
         super().__init__(fraction_train=fraction_train, fraction_evaluate=1.0,
                          min_train_nodes=max(1, math.ceil(fraction_train * num_clients)),
                          min_evaluate_nodes=num_clients, min_available_nodes=num_clients,
@@ -106,6 +106,7 @@ class StudyFedAvg(FedAvg):
         self.global_arrays: ArrayRecord | None = None
         self.previous_arrays: ArrayRecord | None = None
         self.output_axes = dict(output_axes or {})
+        self.settings = settings  # what the global checkpoints carry (`task.federation_settings`)
         self.dilution: list[dict[str, Any]] = []
         self._started = time.perf_counter()
 
@@ -184,7 +185,7 @@ class StudyFedAvg(FedAvg):
 
             self.best_metric, self.best_round = metric, server_round
             save_checkpoint(self.global_arrays.to_torch_state_dict(), self.global_best_path, step=server_round,
-                            val_mean_dice=metric)
+                            val_mean_dice=metric, **({"settings": self.settings} if self.settings else {}))
         self.rows.extend(self._row(server_round, "evaluate", m) for m in replies)
         train_losses = [r["loss"] for r in self.rows if r["round"] == server_round and r["kind"] == "train"]
         self.rows.append({"round": server_round, "kind": "global", "dataset": "all", "partition_id": -1,

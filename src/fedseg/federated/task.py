@@ -249,6 +249,24 @@ def state_dict_cpu(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
+#: Federated knobs that change neither the weights nor the chosen bests (resources, time-outs).
+NEUTRAL_FL_KEYS = ("client_cpus", "client_gpus", "client_workers", "round_timeout", "compare_loss")
+
+
+def federation_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """What every checkpoint of a federation carries (its FL global and local bests, the final model): the
+    network, the loss, the training and preprocessing settings that change the weights, the federation's knobs,
+    the seed and the data root's name; the clients' cases are in `fl/cases.csv` beside them."""
+    from fedseg.training import NEUTRAL_PREPROCESS_KEYS, NEUTRAL_TRAIN_KEYS
+
+    train, pre = cfg["train"], cfg["preprocess"]
+    return {"model": dict(cfg["model"]), "loss": train["loss"], "seed": int(cfg["seed"]),
+            "train": {k: v for k, v in train.items() if k not in NEUTRAL_TRAIN_KEYS},
+            "preprocess": {k: v for k, v in pre.items() if k not in NEUTRAL_PREPROCESS_KEYS},
+            "federated": {k: v for k, v in cfg["federated"].items() if k not in NEUTRAL_FL_KEYS},
+            "data": Path(str(cfg.get("data_root", ""))).name}
+
+
 def local_best_path(run_dir: str | Path, client: str) -> Path:
     return Path(run_dir) / "checkpoints" / f"fl-local-{client}" / "best.pt"
 

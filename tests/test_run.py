@@ -128,3 +128,13 @@ def test_a_run_rewriting_results_does_not_mark_the_code_dirty(tmp_path, monkeypa
     assert record["commit"] and record["dirty"] is False
     (tmp_path / "code.py").write_text("x = 2\n")
     assert run.git_commit()["dirty"] is True
+
+
+def test_an_unknown_parameter_is_refused_naming_the_closest(tmp_path):
+    """Issue: `-p stepz 5` printed one easily missed papermill line and ran with the defaults."""
+    with pytest.raises(ValueError, match=r"Unknown parameter 'stepz' \(did you mean 'steps'\?\)"):
+        run.run_chain("smoke", run_name="r", results=tmp_path / "results", params={"stepz": 5})
+    assert not (tmp_path / "results" / "r").exists()  # refused before anything ran or was created
+    with pytest.raises(ValueError, match=r"'compare_los' \(did you mean 'compare_loss'\?\)"):
+        run.run_chain("smoke", run_name="r", results=tmp_path / "results", params={"compare_los": ""}, only="03")
+    run.check_parameters({"steps": 5, "seed": 1, "method": "fedavg"}, run.CHAIN)  # every notebook's, and seed

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from importlib import metadata, resources
 from pathlib import Path
 from typing import Any
@@ -237,6 +238,26 @@ def new_run_dir(results: Path, run_name: str | None, profile: str, overwrite: bo
     return run_dir
 
 
+def check_parameters(params: Mapping[str, Any], notebooks: Sequence[str]) -> None:
+    """Refuse a parameter that none of `notebooks` has (papermill would only warn and run with the default),
+    naming the closest parameter they do have."""
+    import difflib
+
+    import papermill as pm
+
+    known: set[str] = {"seed", "data_root"}
+    for name in notebooks:
+        known |= set(pm.inspect_notebook(str(notebooks_dir() / f"{name}.ipynb")))
+    unknown = sorted(set(params) - known)
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ValueError(f"Unknown parameter {', '.join(hints)}: {', '.join(notebooks)} take "
+                         f"{', '.join(sorted(known))}.")
+
+
 def run_chain(profile: str = "laptop", *, run_name: str | None = None, params: dict[str, Any] | None = None,
               only: str | None = None, overwrite: bool = False, results: str | Path | None = None,
               notebooks: tuple[str, ...] = CHAIN, log_output: bool = False) -> Path:
@@ -244,9 +265,6 @@ def run_chain(profile: str = "laptop", *, run_name: str | None = None, params: d
     import papermill as pm
 
     params = dict(params or {})
-    seed = params.pop("seed", None)
-    data_root = params.pop("data_root", None)
-    cfg = resolve(profile, seed, data_root)
     names = notebooks
     if only:
         stem = Path(only).stem
@@ -254,6 +272,10 @@ def run_chain(profile: str = "laptop", *, run_name: str | None = None, params: d
         if len(matches) != 1:
             raise ValueError(f"--only {only!r} names no single notebook of the chain: use one of {', '.join(notebooks)}.")
         names = tuple(matches)
+    check_parameters(params, notebooks)  # a parameter of any notebook of the chain (sweeps pass 02 and 03 theirs)
+    seed = params.pop("seed", None)
+    data_root = params.pop("data_root", None)
+    cfg = resolve(profile, seed, data_root)
     results = Path(results) if results else repo_root() / "results"
     run_dir = new_run_dir(results, run_name, cfg["name"], overwrite, only).resolve()
     record_path = run_dir / "run.json"

@@ -2,6 +2,7 @@
 a client sends (weights and scalars only), and a 2-client federation through Flower's simulation engine."""
 
 import itertools
+import json
 import math
 import time
 
@@ -391,6 +392,8 @@ def test_a_two_client_federation_runs_in_simulation(tiny):
     for dataset in ("liver", "spleen"):
         assert torch.load(result["local_best"][dataset], weights_only=False)["step"] in (1, 2)
     assert (run_dir / "fl" / "config.json").exists()
+    assert json.loads((run_dir / "fl" / "status.json").read_text())["status"] == "finished"
+    task.require_finished(run_dir)
     # dilution, measured on real local training: with the masked loss a client leaves the output weights of
     # the channels it does not own exactly as it got them, so FedAvg moves an owned channel by exactly its
     # owner's share (2 of 4 cases) of the owner's update
@@ -414,6 +417,11 @@ def test_a_client_failure_stops_the_simulation(tiny):
         run_federation(cfg, run_dir, broken, clients=("liver", "spleen"), progress=False)
     assert "Round 1 (train)" in str(caught.value) and "absent.nii.gz" in str(caught.value)
     assert not (run_dir / "fl" / "summary.json").exists()
+    # the folder says the federation failed, and why; 04 refuses to evaluate it
+    status = json.loads((run_dir / "fl" / "status.json").read_text())
+    assert status["status"] == "failed" and "spleen" in status["reason"]
+    with pytest.raises(RuntimeError, match="(?s)is failed.*rerun 03"):
+        task.require_finished(run_dir)
 
 
 def test_integer_buffers_stay_integers(tmp_path):
@@ -448,3 +456,16 @@ def test_the_learning_rate_anneals_once_over_the_whole_federation(tiny, keep_opt
         expected = [cosine((server_round - 1) * local_steps + s) for s in range(1, local_steps + 1)]
         assert summary["learning_rates"] == pytest.approx(expected, rel=1e-6), f"round {server_round}"
         assert summary["history"]["lr"].iloc[-1] == pytest.approx(expected[-1], rel=1e-6)
+
+
+def test_a_federation_that_did_not_finish_is_not_evaluated(tmp_path):
+    """Issue: after a failure the folder held round 1's rows and valid bests and nothing said the run failed."""
+    task.require_finished(tmp_path)  # no status: a folder from before statuses were written
+    task.write_status(tmp_path, "running")
+    with pytest.raises(RuntimeError, match="is running"):
+        task.require_finished(tmp_path)
+    task.write_status(tmp_path, "failed", "FederationError: Round 2 (train): no reply from client 'spleen'")
+    with pytest.raises(RuntimeError, match="is failed .*no reply from client 'spleen'"):
+        task.require_finished(tmp_path)
+    task.write_status(tmp_path, "finished")
+    task.require_finished(tmp_path)

@@ -132,7 +132,10 @@ def evaluate_btcv(cfg: dict[str, Any], cases: pd.DataFrame, run_dir: str | Path,
     """
     from tqdm.auto import tqdm
 
+    from fedseg.federated.task import require_finished
+
     run_dir = Path(run_dir)
+    require_finished(run_dir)  # never score the bests of a federation that failed half-way
     groups = run_checkpoints(run_dir)
     methods = _methods(groups)
     if not methods:

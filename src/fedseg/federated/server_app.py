@@ -4,7 +4,8 @@ Each round: every client trains `local_steps` from the global weights, the repli
 (sorted, failing loudly on any client failure, see `strategies.StudyFedAvg`), then every client
 scores the new global model on its validation cases and the FL global best is kept. Writes
 `<run_dir>/fl/config.json` (the resolved configuration) at the start, and at the end
-`<run_dir>/checkpoints/fl-global/final.pt` and `<run_dir>/fl/summary.json`.
+`<run_dir>/checkpoints/fl-global/final.pt` and `<run_dir>/fl/summary.json`. `<run_dir>/fl/status.json` says
+all along whether the federation is running, finished or failed (with the reason).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def main(grid: Grid, context: Context) -> None:
     (run_dir / "fl" / "config.json").write_text(json.dumps(cfg, indent=1, default=str))
     summary_file = run_dir / "fl" / "summary.json"
     summary_file.unlink(missing_ok=True)
+    task.write_status(run_dir, "running")
 
     random.seed(cfg["seed"])  # Flower samples clients with the global `random`
     seed_everything(cfg["seed"])
@@ -49,8 +51,12 @@ def main(grid: Grid, context: Context) -> None:
     strategy = strategy_class(run_dir, num_clients=fl["min_clients"], fraction_train=float(fl["fraction_train"]),
                               progress=bool(context.run_config.get("progress", False)), output_axes=axes,
                               settings=task.federation_settings(cfg))
-    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(task.state_dict_cpu(model)),
-                            num_rounds=fl["rounds"], timeout=float(fl["round_timeout"]), evaluate_fn=None)
+    try:
+        result = strategy.start(grid=grid, initial_arrays=ArrayRecord(task.state_dict_cpu(model)),
+                                num_rounds=fl["rounds"], timeout=float(fl["round_timeout"]), evaluate_fn=None)
+    except BaseException as error:  # the folder keeps round 1's rows and bests: say that it did not finish
+        task.write_status(run_dir, "failed", f"{type(error).__name__}: {error}")
+        raise
 
     final = task.save_checkpoint(result.arrays.to_torch_state_dict(),
                                  run_dir / "checkpoints" / "fl-global" / "final.pt",
@@ -62,3 +68,4 @@ def main(grid: Grid, context: Context) -> None:
                "global_final": str(final), "rounds_csv": str(strategy.rounds_csv),
                "seconds": round(time.perf_counter() - began, 2)}
     summary_file.write_text(json.dumps(summary, indent=1))
+    task.write_status(run_dir, "finished")

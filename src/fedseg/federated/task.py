@@ -267,6 +267,41 @@ def federation_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
             "data": Path(str(cfg.get("data_root", ""))).name}
 
 
+def status_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "fl" / "status.json"
+
+
+def write_status(run_dir: str | Path, status: str, reason: str = "") -> None:
+    """`<run_dir>/fl/status.json`: running, finished or failed (with the reason), written atomically."""
+    import datetime
+    import json
+    import os
+
+    path = status_path(run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"status": status, "reason": reason[:4000],
+              "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, path)
+
+
+def require_finished(run_dir: str | Path) -> None:
+    """Refuse to evaluate a federation that did not finish: its folder holds the rounds and bests it reached,
+    which look like a finished run's. A folder without a status (made before it was written) passes."""
+    import json
+
+    path = status_path(run_dir)
+    if not path.exists():
+        return
+    record = json.loads(path.read_text())
+    if record.get("status") != "finished":
+        why = f": {record['reason']}" if record.get("reason") else ""
+        raise RuntimeError(f"The federation in {Path(run_dir)} is {record.get('status')} ({path}){why}. Its "
+                           "checkpoints are those of an unfinished run: rerun 03 into this folder (--only 03) "
+                           "before evaluating it.")
+
+
 def local_best_path(run_dir: str | Path, client: str) -> Path:
     return Path(run_dir) / "checkpoints" / f"fl-local-{client}" / "best.pt"
 

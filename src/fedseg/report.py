@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
@@ -243,6 +243,20 @@ def fl_curves(rounds: pd.DataFrame) -> plt.Figure:
     left.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+#: The note under a dilution table (`dilution_summary`), in 03 and in the sweep.
+DILUTION_NOTE = ("Per federation and channel, means over the rounds in which the owners moved the channel: how much "
+                 "of its owners' update the global model kept (FedAvg with a masked loss: the owners' share of cases), "
+                 "how far the other clients moved it, and the cosine between the global and the owners' update "
+                 "(below 0: the others pull it towards 'absent').")
+
+
+def read_dilution(folders: Mapping[str, str | Path]) -> dict[str, pd.DataFrame]:
+    """Name -> `metrics/fl_dilution.csv` of each federation folder that has one (SegViz keeps its task heads
+    as their owners sent them, so its federations measure none)."""
+    paths = {name: Path(folder) / "metrics" / "fl_dilution.csv" for name, folder in folders.items()}
+    return {name: pd.read_csv(path) for name, path in paths.items() if path.exists()}
 
 
 def dilution_summary(dilution: Mapping[str, pd.DataFrame]) -> pd.DataFrame:

@@ -344,12 +344,10 @@ def run_sweep(profile: str = "laptop", methods: tuple[str, ...] = ("fedavg",), *
     global and local Dice per channel with the SL row and its wall time. 03's own second federation
     (`compare_loss`) is switched off here: the sweep's losses say what runs. A folder that already holds 01 and
     02 (a chain's run) keeps them, and federations that finished there are not run again."""
-    import pandas as pd
-
     from fedseg.federated.methods import check_method
-    from fedseg.report import save_table, sweep_table
-
     from fedseg.losses import LOSSES
+    from fedseg.report import (DILUTION_NOTE, dilution_figure, dilution_summary, read_dilution, save_figure, save_table,
+                               sweep_table)
 
     for method in methods:
         check_method(method)
@@ -370,15 +368,9 @@ def run_sweep(profile: str = "laptop", methods: tuple[str, ...] = ("fedavg",), *
                 _run_federation_notebook(profile, run_dir, run_dir / folder, {**(params or {}), **extra}, log_output)
             folders.append(folder)
     table = sweep_table(run_dir, tuple(folders))
-    dilution = {f: pd.read_csv(run_dir / f / "metrics" / "fl_dilution.csv") for f in folders
-                if (run_dir / f / "metrics" / "fl_dilution.csv").exists()}
-    if dilution:  # the mechanism of each swept federation side by side (SegViz keeps its task heads: none)
-        from fedseg.report import dilution_figure, dilution_summary, save_figure
-
-        save_table(dilution_summary(dilution), run_dir, "sweep_dilution", note="Per federation and channel, means "
-                   "over the rounds: how much of its owners' update the global model kept (FedAvg with a masked loss: "
-                   "the owners' share of cases), how far the other clients moved it, and the cosine between the "
-                   "global and the owners' update (below 0: the others pull it towards 'absent').")
+    dilution = read_dilution({folder: run_dir / folder for folder in folders})
+    if dilution:  # the mechanism of each swept federation side by side
+        save_table(dilution_summary(dilution), run_dir, "sweep_dilution", note=DILUTION_NOTE)
         save_figure(dilution_figure(dilution), run_dir, "sweep_dilution")
     save_table(table, run_dir, "sweep_methods", note="Dice (%) on each task's test split; Avg. = mean of the 7 "
                "channels. Each method trained from the same seed, data and 02 baselines (SL row).")

@@ -248,19 +248,25 @@ def _case_list(records: Sequence[Mapping[str, Any]]) -> str:
     return f"{len(ids)} cases, sha256 {hashlib.sha256(chr(10).join(ids).encode()).hexdigest()[:12]}"
 
 
-def training_settings(cfg: dict[str, Any], *, loss: str, budget: int, seed: int, task: str | None,
-                      train_records: Sequence[Mapping[str, Any]], val_records: Sequence[Mapping[str, Any]],
-                      extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """What a model's training depends on, stored in its checkpoints (`train_model`): the network, the loss,
-    the optimisation and preprocessing settings, the step budget its schedule runs over, the seed, the data (root
-    folder name and the training and validation cases) and `extra` (e.g. an FL method's knobs). A checkpoint is
-    resumed only under equal settings."""
+def weight_settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The settings of `cfg` that change the weights a training produces: the network, the training and
+    preprocessing settings (less the neutral keys) and the data root's name. Every checkpoint carries them
+    (`training_settings`, and a federation's `task.federation_settings`)."""
     train, pre = cfg["train"], cfg["preprocess"]
-    return {"model": dict(cfg["model"]), "loss": loss, "budget": int(budget), "seed": int(seed), "task": task,
+    return {"model": dict(cfg["model"]),
             "train": {k: v for k, v in train.items() if k not in NEUTRAL_TRAIN_KEYS},
             "preprocess": {k: v for k, v in pre.items() if k not in NEUTRAL_PREPROCESS_KEYS},
-            "data": Path(str(cfg.get("data_root", ""))).name, "train_cases": _case_list(train_records),
-            "val_cases": _case_list(val_records), **({"extra": dict(extra)} if extra else {})}
+            "data": Path(str(cfg.get("data_root", ""))).name}
+
+
+def training_settings(cfg: dict[str, Any], *, loss: str, budget: int, seed: int, task: str | None,
+                      train_records: Sequence[Mapping[str, Any]],
+                      val_records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """What a model's training depends on, stored in its checkpoints (`train_model`): `weight_settings`, the
+    loss, the step budget its schedule runs over, the seed, the task block and the training and validation
+    cases. A checkpoint is resumed only under equal settings."""
+    return {**weight_settings(cfg), "loss": loss, "budget": int(budget), "seed": int(seed), "task": task,
+            "train_cases": _case_list(train_records), "val_cases": _case_list(val_records)}
 
 
 def _json_equal(a: Any, b: Any) -> bool:
@@ -296,8 +302,7 @@ def train_model(cfg: dict[str, Any], model: torch.nn.Module, train_records: list
                 stop_after: int | None = None, progress: bool = True, desc: str = "train",
                 device: torch.device | None = None, extra_loss: ExtraLoss | None = None,
                 volumes: Sequence[dict[str, Any]] | None = None, schedule_start: int | None = None,
-                schedule_steps: int | None = None, val_every: int | None = None,
-                settings_extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                schedule_steps: int | None = None, val_every: int | None = None) -> dict[str, Any]:
     """Train `model` for `steps` local steps with validation, best-checkpoint tracking and resume.
 
     `extra_loss(model, logits, batch)` is added to the supervised loss every step (the federated methods'
@@ -312,7 +317,7 @@ def train_model(cfg: dict[str, Any], model: torch.nn.Module, train_records: list
     end, `out_dir/best.pt` (weights of the best validation mean Dice over owned channels) and
     `out_dir/history.csv` (per validation: step, mean loss since the last one, the learning rate of that
     step, Dice per channel, and the cumulative seconds spent training and validating). With `resume`, an existing
-    `last.pt` is continued, but only if it was made under the same `training_settings` (plus `settings_extra`):
+    `last.pt` is continued, but only if it was made under the same `training_settings`:
     otherwise `StaleCheckpointError` names the settings that differ and the fix. `stop_after` ends the call
     after that many steps of this call (as an interruption would), for tests and time-boxed runs.
     Returns a summary: steps done, best step and metric, seconds, the history table and the learning rate
@@ -328,7 +333,7 @@ def train_model(cfg: dict[str, Any], model: torch.nn.Module, train_records: list
     out_dir.mkdir(parents=True, exist_ok=True)
     loss_fn = build_loss(loss or train["loss"], **train.get("loss_options", {}))
     settings = training_settings(cfg, loss=loss or train["loss"], budget=int(schedule_steps or steps), seed=seed,
-                                 task=task, train_records=train_records, val_records=val_records, extra=settings_extra)
+                                 task=task, train_records=train_records, val_records=val_records)
     model.to(device).train()
     optimizer = make_optimizer(model, train)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and train.get("amp", True))

@@ -190,24 +190,25 @@ def output_moves(previous: Mapping[str, np.ndarray], states: Sequence[Mapping[st
     """
     from fedseg.labels import CHANNELS
 
-    keys = list(output_axes)
-    before = {c: np.concatenate([_channel(np.asarray(previous[k]), output_axes[k], c) for k in keys])
-              for c in range(1, len(CHANNELS))}
+    def vector(arrays: Mapping[str, np.ndarray], channel: int) -> np.ndarray:
+        """Channel `channel`'s output weights (its weight row and bias) as one float64 vector."""
+        return np.concatenate([_channel(np.asarray(arrays[k]), axis, channel) for k, axis in output_axes.items()])
+
     total = float(sum(num_examples))
     rows = []
-    for channel, start in before.items():
+    for channel in range(1, len(CHANNELS)):
+        start = vector(previous, channel)
+
         def update(members: list[int]) -> np.ndarray:
             weight = float(sum(num_examples[k] for k in members))
             if not members or weight <= 0:
                 return np.zeros_like(start)
-            return sum((num_examples[k] / weight) *
-                       (np.concatenate([_channel(np.asarray(states[k][key]), output_axes[key], channel) for key in keys]) - start)
-                       for k in members)
+            return sum((num_examples[k] / weight) * (vector(states[k], channel) - start) for k in members)
 
         owners = channel_owners(datasets, channel)
         others = [k for k in range(len(states)) if k not in owners]
         owner, other = update(owners), update(others)
-        moved = np.concatenate([_channel(np.asarray(averaged[k]), output_axes[k], channel) for k in keys]) - start
+        moved = vector(averaged, channel) - start
         owner_norm, global_norm = float(np.linalg.norm(owner)), float(np.linalg.norm(moved))
         rows.append({"channel": CHANNELS[channel], "owners": ",".join(datasets[k] for k in owners),
                      "owner_share": sum(num_examples[k] for k in owners) / total, "owner_move": owner_norm,

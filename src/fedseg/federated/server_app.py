@@ -45,12 +45,13 @@ def main(grid: Grid, context: Context) -> None:
     random.seed(cfg["seed"])  # Flower samples clients with the global `random`
     seed_everything(cfg["seed"])
     model = build_network(**cfg["model"])
+    settings = task.federation_settings(cfg)  # what every checkpoint of this federation carries
     strategy_class = STRATEGIES.get(fl["method"], StudyFedAvg)
     # SegViz has one head per task block: its dilution is not measured (each block is kept as its owner sent it)
     axes = None if fl["method"] == "segviz" else output_layer(model)
     strategy = strategy_class(run_dir, num_clients=fl["min_clients"], fraction_train=float(fl["fraction_train"]),
                               progress=bool(context.run_config.get("progress", False)), output_axes=axes,
-                              settings=task.federation_settings(cfg))
+                              settings=settings)
     try:
         result = strategy.start(grid=grid, initial_arrays=ArrayRecord(task.state_dict_cpu(model)),
                                 num_rounds=fl["rounds"], timeout=float(fl["round_timeout"]), evaluate_fn=None)
@@ -60,8 +61,7 @@ def main(grid: Grid, context: Context) -> None:
 
     final = task.save_checkpoint(result.arrays.to_torch_state_dict(),
                                  run_dir / "checkpoints" / "fl-global" / "final.pt",
-                                 step=fl["rounds"], val_mean_dice=strategy.last_metric,
-                                 settings=task.federation_settings(cfg))
+                                 step=fl["rounds"], val_mean_dice=strategy.last_metric, settings=settings)
     summary = {"num_rounds": fl["rounds"], "local_steps": fl["local_steps"], "clients": fl["min_clients"],
                "best_round": strategy.best_round, "best_val_mean_dice": strategy.best_metric,
                "final_val_mean_dice": strategy.last_metric, "global_best": str(strategy.global_best_path),

@@ -148,19 +148,23 @@ class StudyFedAvg(FedAvg):
             self._measure_dilution(server_round, replies, arrays)
         return arrays, metrics
 
-    def _replies(self, replies: list[Message]) -> tuple[list[dict[str, np.ndarray]], list[int], list[str]]:
-        """Each reply's arrays (numpy), number of training cases and client name, in reply order."""
-        states = [{k: a.numpy() for k, a in m.content["arrays"].items()} for m in replies]
+    def _replies(self, replies: list[Message], keys: Iterable[str] | None = None
+                 ) -> tuple[list[dict[str, np.ndarray]], list[int], list[str]]:
+        """Each reply's arrays (numpy; only `keys` when given), number of training cases and client name, in
+        reply order."""
+        records = [m.content["arrays"] for m in replies]
+        states = [{k: a.numpy() for k, a in r.items()} if keys is None else {k: r[k].numpy() for k in keys}
+                  for r in records]
         return states, [int(_metrics(m)["num-examples"]) for m in replies], [_dataset_name(_metrics(m)) for m in replies]
 
     def _measure_dilution(self, server_round: int, replies: list[Message], arrays: ArrayRecord) -> None:
         from fedseg.federated.methods import output_moves
 
-        states, sizes, names = self._replies(replies)
         keys = self.output_axes
+        states, sizes, names = self._replies(replies, keys)  # the output layer alone
         previous = {k: self.previous_arrays[k].numpy() for k in keys}
         averaged = {k: arrays[k].numpy() for k in keys}
-        for row in output_moves(previous, [{k: s[k] for k in keys} for s in states], sizes, names, averaged, keys):
+        for row in output_moves(previous, states, sizes, names, averaged, keys):
             self.dilution.append({"round": server_round, **row})
         self.dilution_csv.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.dilution_csv.with_suffix(".csv.tmp")
@@ -304,7 +308,7 @@ class StudyOwnerFedAvg(StudyFedAvg):
         from fedseg.federated.methods import owner_output_average
 
         arrays, metrics = super()._average(server_round, replies)
-        states, sizes, names = self._replies(replies)
+        states, sizes, names = self._replies(replies, self.output_axes)  # the output layer alone
         previous = {k: self.previous_arrays[k].numpy() for k in self.output_axes}
         owned = owner_output_average(states, sizes, names, self.output_axes, previous)
         merged = {k: Array(np.ascontiguousarray(owned[k])) if k in owned else a for k, a in arrays.items()}

@@ -255,16 +255,12 @@ NEUTRAL_FL_KEYS = ("client_cpus", "client_gpus", "client_workers", "round_timeou
 
 def federation_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """What every checkpoint of a federation carries (its FL global and local bests, the final model): the
-    network, the loss, the training and preprocessing settings that change the weights, the federation's knobs,
-    the seed and the data root's name; the clients' cases are in `fl/cases.csv` beside them."""
-    from fedseg.training import NEUTRAL_PREPROCESS_KEYS, NEUTRAL_TRAIN_KEYS
+    settings that change the weights (`training.weight_settings`), the loss, the seed and the federation's
+    knobs; the clients' cases are in `fl/cases.csv` beside them."""
+    from fedseg.training import weight_settings
 
-    train, pre = cfg["train"], cfg["preprocess"]
-    return {"model": dict(cfg["model"]), "loss": train["loss"], "seed": int(cfg["seed"]),
-            "train": {k: v for k, v in train.items() if k not in NEUTRAL_TRAIN_KEYS},
-            "preprocess": {k: v for k, v in pre.items() if k not in NEUTRAL_PREPROCESS_KEYS},
-            "federated": {k: v for k, v in cfg["federated"].items() if k not in NEUTRAL_FL_KEYS},
-            "data": Path(str(cfg.get("data_root", ""))).name}
+    return {**weight_settings(cfg), "loss": cfg["train"]["loss"], "seed": int(cfg["seed"]),
+            "federated": {k: v for k, v in cfg["federated"].items() if k not in NEUTRAL_FL_KEYS}}
 
 
 def status_path(run_dir: str | Path) -> Path:

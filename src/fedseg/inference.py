@@ -52,7 +52,7 @@ BTCV_ORGANS: dict[str, tuple[str, ...]] = {
     "spleen": ("spleen",),
 }
 #: `postprocess`'s default: connected components kept per foreground channel where not 1. The kidney channel
-#: keeps its 2 largest (two kidneys); seed 000's Table 3 shows its post-processing did not lower kidney Dice
+#: keeps its 2 largest (two kidneys); Shen et al. 2022's Table 3 shows its post-processing did not lower kidney Dice
 #: (80.5 -> 80.2), so it cannot have dropped a kidney.
 POSTPROCESS_COMPONENTS: dict[str, int | None] = {"kidney": 2}
 #: What `inference_transform` records in a MetaTensor's applied_operations, in order (MONAI 1.6: Orientationd
@@ -191,7 +191,7 @@ def postprocess(mask: torch.Tensor | np.ndarray, num_components: Mapping[str, in
     with both kidneys kept.
 
     By default (`POSTPROCESS_COMPONENTS`) the kidney channel keeps its 2 largest components and every other
-    foreground channel its largest one. The kidney channel holds two organs, and seed 000's Table 3 shows that
+    foreground channel its largest one. The kidney channel holds two organs, and Shen et al. 2022's Table 3 shows that
     its processing did not lower kidney Dice (ensemble 80.5, processed 80.2), so its post-processing cannot
     have dropped a kidney; one component would cap kidney Dice near 0.67. `num_components` overrides the
     count per channel name on top of that default (e.g. {"kidney": 1} keeps only the larger kidney, the old

@@ -1,5 +1,5 @@
 # fedseg: `make study` runs the whole chain (laptop profile), `make test` the tests. Each creates and
-# fills .venv from the pinned requirements first, so a fresh machine needs only Python 3.10-3.12 and make.
+# fills .venv from the pinned requirements first, so a fresh machine needs only Python 3.11-3.12 and make.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin

@@ -469,3 +469,104 @@ def test_a_federation_that_did_not_finish_is_not_evaluated(tmp_path):
         task.require_finished(tmp_path)
     task.write_status(tmp_path, "finished")
     task.require_finished(tmp_path)
+
+
+def test_a_site_flower_lost_is_named_by_its_dataset(tmp_path):
+    """Issue: a SuperNode killed in round 2 was reported as `node 1 (dataset unknown)`: Flower answers for a lost
+    node with an error reply sent from the SuperLink's own node id. The lost site is the one sent work that did
+    not reply itself."""
+    strategy = StudyFedAvg(tmp_path, num_clients=2)
+    strategy.sent["train"] = {11, 12}
+    strategy.aggregate_train(1, [reply(11, "liver", arrays_of(1)), reply(12, "spleen", arrays_of(2))])
+    lost = Message(error=Error(code=5, reason="Node Unavailable"), metadata=metadata(1, "train"))  # from the link
+    with pytest.raises(FederationError, match=r"client 'spleen' \(node 12\), error code 5: Node Unavailable"):
+        strategy.aggregate_train(2, [reply(11, "liver", arrays_of(1)), lost])
+
+
+class FakeGrid:
+    """A Grid whose connected nodes follow a script (one entry per get_node_ids call) and whose nodes answer the
+    identity query with their dataset, as `client_app.query` does."""
+
+    def __init__(self, script, datasets):
+        self.script, self.datasets, self.calls, self.queried = list(script), datasets, 0, []
+
+    def get_node_ids(self):
+        self.calls += 1
+        return self.script[min(self.calls, len(self.script)) - 1]
+
+    def send_and_receive(self, messages, timeout=None):
+        out = []
+        for m in messages:
+            node = m.metadata.dst_node_id
+            self.queried.append(node)
+            out.append(reply(node, self.datasets[node], kind="query"))
+        return out
+
+
+def test_the_server_says_which_sites_it_waits_for_and_gives_up_after_the_timeout(monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for key, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # as inside a ServerApp's process
+        monkeypatch.setattr(TaskIdentity, key, value)
+    datasets = {11: "liver", 12: "spleen", 13: "kits19", 14: "pancreas"}
+    said = []
+    grid = FakeGrid([[11], [11, 12], [11, 12, 13], [11, 12, 13, 14]], datasets)
+    names = strategies.wait_for_sites(grid, 4, ("liver", "pancreas", "kits19", "spleen"), timeout=60, poll=0,
+                                      say=lambda text, **_: said.append(text))
+    assert names == datasets and sorted(grid.queried) == [11, 12, 13, 14]  # each node asked once
+    assert said[0] == "Waiting: 1 of 4 sites connected (liver); missing: kits19, pancreas, spleen"
+    assert said[-1] == "Waiting: 3 of 4 sites connected (kits19, liver, spleen); missing: pancreas"
+    # without a declared client list the missing datasets are suggested; a site that never comes ends the wait
+    grid = FakeGrid([[11, 12]], datasets)
+    with pytest.raises(FederationError, match=r"after 0 s \(run config wait-timeout\): 2 of 3 sites connected "
+                                              r"\(liver, spleen\); 1 more site\(s\), e.g. pancreas, kits19"):
+        strategies.wait_for_sites(grid, 3, None, timeout=0, poll=0, say=lambda *a, **k: None)
+
+
+@pytest.mark.slow
+def test_a_federation_cut_after_a_round_resumes_to_the_weights_of_an_uninterrupted_one(tiny, monkeypatch):
+    """Issue: after a crash a federation started again from round 1. The server saves its state each round; a run
+    started again with the same folder and settings continues after the last finished round, and ends with the
+    same weights, bests and rounds table as an uninterrupted run. A finished federation is refused unless
+    overwrite is asked (`flwr run` used to replace one silently)."""
+    from fedseg.federated.simulation import run_federation
+
+    cfg, cases, run_dir = tiny
+    cfg["federated"]["rounds"] = 3
+    whole = run_federation(cfg, run_dir.with_name("whole"), cases, clients=("liver", "spleen"), progress=False)
+
+    original = StudyFedAvg.aggregate_evaluate
+
+    def cut_after_round_2(self, server_round, replies):
+        metrics = original(self, server_round, replies)
+        if server_round + self.round_offset == 2:
+            raise RuntimeError("the machine went down after round 2")
+        return metrics
+
+    monkeypatch.setattr(StudyFedAvg, "aggregate_evaluate", cut_after_round_2)
+    with pytest.raises(Exception, match="went down after round 2"):
+        run_federation(cfg, run_dir, cases, clients=("liver", "spleen"), progress=False)
+    assert json.loads((run_dir / "fl" / "status.json").read_text())["status"] == "failed"
+    assert torch.load(run_dir / "fl" / "state.pt", weights_only=False)["round"] == 2
+    monkeypatch.setattr(StudyFedAvg, "aggregate_evaluate", original)
+
+    resumed = run_federation(cfg, run_dir, cases, clients=("liver", "spleen"), progress=False)
+    assert resumed["resumed_after_round"] == 2 and whole["resumed_after_round"] is None
+    for name in ("global_final", "global_best"):
+        a, b = (torch.load(r[name], weights_only=False) for r in (whole, resumed))
+        assert a["step"] == b["step"] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), name
+    for client in ("liver", "spleen"):
+        a, b = (torch.load(r["local_best"][client], weights_only=False) for r in (whole, resumed))
+        assert a["step"] == b["step"] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    columns = [c for c in whole["rounds"].columns if c != "seconds"]
+    pd.testing.assert_frame_equal(whole["rounds"][columns], resumed["rounds"][columns])
+
+    with pytest.raises(FileExistsError, match="holds a finished federation"):
+        run_federation(cfg, run_dir, cases, clients=("liver", "spleen"), progress=False)
+    # other settings never continue an unfinished federation
+    task.write_status(run_dir, "failed", "pretend")
+    other = {**cfg, "train": {**cfg["train"], "loss": "dice_ce"}}
+    with pytest.raises(Exception, match=r"state.pt was trained under other settings .*loss: 'masked_dice' -> 'dice_ce'"):
+        run_federation(other, run_dir, cases, clients=("liver", "spleen"), progress=False)
+    again = run_federation(other, run_dir, cases, clients=("liver", "spleen"), progress=False, overwrite=True)
+    assert again["resumed_after_round"] is None

@@ -83,6 +83,16 @@ def _keep_local_best(context: Context, cfg: dict, dataset: str, server_round: in
     return True
 
 
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Who this site is (its client name as `identity` metrics): the server asks before round 1, so it can say
+    which sites are missing and name a site it later loses."""
+    with _named_failure(context, "the identity query", 0):
+        client, partition_id = task.site_identity(context.node_config, context.run_config)
+        metrics = {"partition-id": partition_id, **identity(client)}
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Local training from the global weights; replies weights + n_k + scalar metrics."""

@@ -15,11 +15,12 @@ import random
 import time
 from pathlib import Path
 
+import torch
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedseg.federated import task
-from fedseg.federated.strategies import StudyFedAvg, StudyOwnerFedAvg, StudySegViz
+from fedseg.federated.strategies import StudyFedAvg, StudyOwnerFedAvg, StudySegViz, wait_for_sites
 
 #: The strategy of each method; the others train differently on the clients and aggregate with FedAvg.
 STRATEGIES = {"segviz": StudySegViz, "ownerfedavg": StudyOwnerFedAvg}
@@ -29,18 +30,28 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run `rounds` rounds of FedAvg with federated evaluation; keep the global best and the final model."""
+    """Run `rounds` rounds of FedAvg with federated evaluation; keep the global best and the final model.
+
+    A finished federation in run-dir is refused unless the run config says `overwrite`; an unfinished one (a
+    crash, a lost site) with the same settings and sites continues after its last finished round
+    (`fl/state.pt`) and ends with the weights an uninterrupted run would have."""
     from fedseg.models import build_network, output_layer
-    from fedseg.training import seed_everything
+    from fedseg.training import check_resumable, seed_everything
 
     began = time.perf_counter()
     cfg = task.study_config(context.run_config)
     fl, run_dir = cfg["federated"], Path(cfg["run_dir"])
+    overwrite = task.as_bool(context.run_config.get("overwrite", False), "overwrite")
+    task.refuse_finished(run_dir, overwrite)
+    state_path = run_dir / "fl" / "state.pt"
+    if overwrite:
+        state_path.unlink(missing_ok=True)
     (run_dir / "fl").mkdir(parents=True, exist_ok=True)
     (run_dir / "fl" / "config.json").write_text(json.dumps(cfg, indent=1, default=str))
     summary_file = run_dir / "fl" / "summary.json"
     summary_file.unlink(missing_ok=True)
     task.write_status(run_dir, "running")
+    print(f"Federation ({fl['method']}, {fl['rounds']} rounds) writes into {run_dir}", flush=True)
 
     random.seed(cfg["seed"])  # Flower samples clients with the global `random`
     seed_everything(cfg["seed"])
@@ -53,16 +64,28 @@ def main(grid: Grid, context: Context) -> None:
                               progress=bool(context.run_config.get("progress", False)), output_axes=axes,
                               settings=settings)
     try:
-        result = strategy.start(grid=grid, initial_arrays=ArrayRecord(task.state_dict_cpu(model)),
-                                num_rounds=fl["rounds"], timeout=float(fl["round_timeout"]), evaluate_fn=None)
-    except BaseException as error:  # the folder keeps round 1's rows and bests: say that it did not finish
+        expected = task.client_list(context.run_config) if context.run_config.get("clients") else None
+        sites = wait_for_sites(grid, fl["min_clients"], expected, float(fl["wait_timeout"]))
+        strategy.node_names.update(sites)
+        strategy.state_settings = {**settings, "sites": sorted(sites.values())}
+        arrays, done = ArrayRecord(task.state_dict_cpu(model)), 0
+        if state_path.exists():
+            state = torch.load(state_path, map_location="cpu", weights_only=False)
+            check_resumable(state_path, state.get("settings"), strategy.state_settings)
+            arrays, done = strategy.restore(state), int(state["round"])
+            print(f"Resuming the federation in {run_dir} after round {done} of {fl['rounds']} ({state_path})",
+                  flush=True)
+        if done < fl["rounds"]:
+            arrays = strategy.start(grid=grid, initial_arrays=arrays, num_rounds=fl["rounds"] - done,
+                                    timeout=float(fl["round_timeout"]), evaluate_fn=None).arrays
+    except BaseException as error:  # the folder keeps the finished rounds' rows and bests: say that it did not finish
         task.write_status(run_dir, "failed", f"{type(error).__name__}: {error}")
         raise
 
-    final = task.save_checkpoint(result.arrays.to_torch_state_dict(),
-                                 run_dir / "checkpoints" / "fl-global" / "final.pt",
+    final = task.save_checkpoint(arrays.to_torch_state_dict(), run_dir / "checkpoints" / "fl-global" / "final.pt",
                                  step=fl["rounds"], val_mean_dice=strategy.last_metric, settings=settings)
     summary = {"num_rounds": fl["rounds"], "local_steps": fl["local_steps"], "clients": fl["min_clients"],
+               "resumed_after_round": done if done else None,
                "best_round": strategy.best_round, "best_val_mean_dice": strategy.best_metric,
                "final_val_mean_dice": strategy.last_metric, "global_best": str(strategy.global_best_path),
                "global_final": str(final), "rounds_csv": str(strategy.rounds_csv),

@@ -34,6 +34,10 @@ def simulation_apps(run_config: dict[str, Any]) -> tuple[ServerApp, ClientApp]:
 
     client = ClientApp()
 
+    @client.query()
+    def query(msg: Message, context: Context) -> Message:
+        return client_app.query(msg, _with_run_config(context, run_config))
+
     @client.train()
     def train(msg: Message, context: Context) -> Message:
         return client_app.train(msg, _with_run_config(context, run_config))
@@ -52,7 +56,8 @@ def simulation_apps(run_config: dict[str, Any]) -> tuple[ServerApp, ClientApp]:
 
 
 def run_federation(cfg: dict[str, Any], run_dir: str | Path, cases: pd.DataFrame | None = None,
-                   clients: Sequence[str] = TRAIN_DATASETS, progress: bool = True, shards: int | str = 1) -> dict[str, Any]:
+                   clients: Sequence[str] = TRAIN_DATASETS, progress: bool = True, shards: int | str = 1,
+                   overwrite: bool = False) -> dict[str, Any]:
     """Conventional FL (FedAvg) of `clients` (one dataset each) in Flower's simulation engine.
 
     `shards` splits each dataset's training cases into that many virtual clients (an int, or per dataset
@@ -60,6 +65,8 @@ def run_federation(cfg: dict[str, Any], run_dir: str | Path, cases: pd.DataFrame
     Knobs come from `cfg["federated"]` (see `task.FL_DEFAULTS`); `min_clients` is set to the client count.
     `cases` (default `<run_dir>/data/cases.csv`, else the data root's manifest) is copied to
     `<run_dir>/fl/cases.csv`, which every client reads. Raises if any client fails in any round.
+    A finished federation in `run_dir` is refused unless `overwrite`; an unfinished one with the same settings
+    resumes after its last finished round (`server_app.main`).
     Returns the paths of the global best / final and local best checkpoints, the rounds table
     (`metrics/fl_rounds.csv`) and the summary (best round and metric, seconds).
     """
@@ -72,15 +79,16 @@ def run_federation(cfg: dict[str, Any], run_dir: str | Path, cases: pd.DataFrame
     cfg["federated"] = {**(cfg.get("federated") or {}), "min_clients": len(names)}
     fl = task.federated_settings(cfg)
     cfg["federated"] = fl
+    task.refuse_finished(run_dir, overwrite)
     (run_dir / "fl").mkdir(parents=True, exist_ok=True)
     cases = cases if cases is not None else task.load_cases(cfg, {})
     cases_file = run_dir / "fl" / "cases.csv"
     cases.to_csv(cases_file, index=False)
     summary_file = run_dir / "fl" / "summary.json"
-    summary_file.unlink(missing_ok=True)
 
     run_config = {"study-config": json.dumps(cfg, default=str), "cases": str(cases_file),
-                  "clients": ",".join(clients), "shards": str(shards), "progress": bool(progress)}
+                  "clients": ",".join(clients), "shards": str(shards), "progress": bool(progress),
+                  "overwrite": bool(overwrite)}
     server, client = simulation_apps(run_config)
     run_simulation(server_app=server, client_app=client, num_supernodes=len(names),
                    backend_config={"client_resources": {"num_cpus": fl["client_cpus"], "num_gpus": fl["client_gpus"]}})

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import re
 import time
 from collections.abc import Iterable, Sequence
@@ -29,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -48,6 +50,54 @@ CLIENT_FAILURE = re.compile(r"Client '(\w+)' failed in [^\n]*")
 
 class FederationError(RuntimeError):
     """A federated round cannot be aggregated: a client failed or did not reply."""
+
+
+def site_names(grid: Grid, node_ids: Iterable[int], timeout: float = 120.0) -> dict[int, str]:
+    """Ask each node who it is (a `query` message, answered by `client_app.query` with the site's identity):
+    {node id: client name}. A site whose identity fails (e.g. an unknown dataset) fails the run with its reason."""
+    messages = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=int(n), message_type="query")
+                for n in sorted(node_ids)]
+    if not messages:
+        return {}
+    names, failures = {}, []
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        if reply.has_error():
+            failures.append(f"- error code {reply.error.code}: {(reply.error.reason or '').strip()[-2000:]}")
+        else:
+            names[reply.metadata.src_node_id] = _dataset_name(_metrics(reply))
+    if failures:
+        raise FederationError("A site could not say which dataset it holds:\n" + "\n".join(failures))
+    return names
+
+
+def wait_for_sites(grid: Grid, min_nodes: int, expected: Sequence[str] | None = None, timeout: float = 1800.0,
+                   poll: float = 2.0, say: Any = print) -> dict[int, str]:
+    """Wait until `min_nodes` sites are connected (and, when given, every client name in `expected`), saying which
+    sites are there and which are missing whenever that changes; give up after `timeout` seconds with that
+    message (run config `wait-timeout`). Returns {node id: client name} of the connected sites."""
+    names: dict[int, str] = {}
+    deadline, said = time.monotonic() + timeout, ""
+    while True:
+        connected = set(grid.get_node_ids())
+        names = {n: name for n, name in names.items() if n in connected}
+        names.update(site_names(grid, connected - set(names)))
+        present = sorted(names.values())
+        missing = sorted(set(expected or ()) - set(present))
+        if len(connected) >= min_nodes and not missing:
+            return names
+        if expected:
+            wanted = f"missing: {', '.join(missing)}" if missing else f"{min_nodes - len(connected)} more site(s)"
+        else:
+            absent = [d for d in TRAIN_DATASETS if d not in {n.split("-")[0] for n in present}]
+            wanted = f"{min_nodes - len(connected)} more site(s), e.g. {', '.join(absent) or 'another shard'}"
+        message = (f"{len(connected)} of {min_nodes} sites connected ({', '.join(present) or 'none'}); {wanted}")
+        if time.monotonic() > deadline:
+            raise FederationError(f"Gave up waiting for the sites after {timeout:.0f} s (run config wait-timeout): "
+                                  f"{message}. Start the missing SuperNodes, or lower min-clients.")
+        if message != said:
+            say(f"Waiting: {message}", flush=True)
+            said = message
+        time.sleep(poll)
 
 
 def fedavg_weights(num_examples: Sequence[int]) -> list[float]:
@@ -107,7 +157,9 @@ class StudyFedAvg(FedAvg):
         self.previous_arrays: ArrayRecord | None = None
         self.output_axes = dict(output_axes or {})
         self.settings = settings  # what the global checkpoints carry (`task.federation_settings`)
+        self.state_settings = settings  # what a resume must match (the server adds the sites)
         self.dilution: list[dict[str, Any]] = []
+        self.round_offset = 0  # rounds finished before a resume: Flower counts this start's rounds from 1
         self._started = time.perf_counter()
 
     @property
@@ -122,8 +174,40 @@ class StudyFedAvg(FedAvg):
     def global_best_path(self) -> Path:
         return self.run_dir / "checkpoints" / "fl-global" / "best.pt"
 
+    @property
+    def state_path(self) -> Path:
+        return self.run_dir / "fl" / "state.pt"
+
+    def save_state(self, server_round: int) -> None:
+        """Everything the server needs to continue after round `server_round` (`restore`), written atomically
+        at the end of each round: the global weights the round ended with, the best so far, the tables' rows,
+        the state of the `random` that samples clients and the federation's settings."""
+        state = {"round": server_round, "arrays": self.global_arrays.to_torch_state_dict(),
+                 "best_metric": self.best_metric, "best_round": self.best_round, "last_metric": self.last_metric,
+                 "rows": self.rows, "dilution": self.dilution, "random": random.getstate(),
+                 "node_names": self.node_names, "settings": self.state_settings}
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_path.with_suffix(".pt.tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.state_path)
+
+    def restore(self, state: dict[str, Any]) -> ArrayRecord:
+        """Continue from a saved state (`save_state`): the next round is `state["round"] + 1`; returns the
+        global weights to start from. The tables are rewritten without the rows of the round that was cut."""
+        self.round_offset = int(state["round"])
+        self.best_metric, self.best_round = float(state["best_metric"]), int(state["best_round"])
+        self.last_metric = float(state["last_metric"])
+        self.rows, self.dilution = list(state["rows"]), list(state["dilution"])
+        self.node_names.update(state.get("node_names") or {})
+        random.setstate(state["random"])
+        self._write_rows()
+        if self.dilution:
+            self._write_dilution()
+        return ArrayRecord(state["arrays"])
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        server_round += self.round_offset
         self._started = time.perf_counter()
         self.previous_arrays = arrays  # the global model this round's clients start from
         messages = list(super().configure_train(server_round, arrays, config, grid))
@@ -132,6 +216,7 @@ class StudyFedAvg(FedAvg):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
+        server_round += self.round_offset
         self.global_arrays = arrays  # the global model these evaluations score
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
         self.sent["evaluate"] = {m.metadata.dst_node_id for m in messages}
@@ -139,6 +224,7 @@ class StudyFedAvg(FedAvg):
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         replies = self._checked(server_round, "train", replies)
         arrays, metrics = self._average(server_round, replies)
         for m in replies:
@@ -166,6 +252,9 @@ class StudyFedAvg(FedAvg):
         averaged = {k: arrays[k].numpy() for k in keys}
         for row in output_moves(previous, states, sizes, names, averaged, keys):
             self.dilution.append({"round": server_round, **row})
+        self._write_dilution()
+
+    def _write_dilution(self) -> None:
         self.dilution_csv.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.dilution_csv.with_suffix(".csv.tmp")
         pd.DataFrame(self.dilution).to_csv(tmp, index=False)
@@ -178,6 +267,7 @@ class StudyFedAvg(FedAvg):
         return _like_first_reply(arrays, replies), metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        server_round += self.round_offset
         replies = self._checked(server_round, "evaluate", replies)
         metrics = super().aggregate_evaluate(server_round, replies)
         channels = [metrics[f"dice-{c}"] for c in FOREGROUND if math.isfinite(metrics[f"dice-{c}"])]
@@ -198,6 +288,7 @@ class StudyFedAvg(FedAvg):
                           **{f"dice_{c}": metrics[f"dice-{c}"] for c in FOREGROUND}, "global_best": improved,
                           "seconds": round(time.perf_counter() - self._started, 2)})
         self._write_rows()
+        self.save_state(server_round)
         if self.progress:
             print(f"round {server_round}: global val mean Dice {metric:.4f} "
                   f"(best {self.best_metric:.4f}, round {self.best_round}), "
@@ -212,7 +303,15 @@ class StudyFedAvg(FedAvg):
                 self.node_names[m.metadata.src_node_id] = _dataset_name(_metrics(m))
         failed = [m for m in replies if m.has_error()]
         if failed:
-            details = "\n".join(self._failure(m) for m in failed)
+            sent = self.sent.get(kind, set())
+            # Flower answers for a node it lost (error code 5, Node Unavailable) with an error reply of its
+            # own, sent from the SuperLink's node id: such a reply names none of the nodes this round sent
+            # work to, so the lost nodes are those that were sent work and did not reply themselves.
+            answered = {m.metadata.src_node_id for m in replies}
+            lost = sorted(sent - answered)
+            stand_ins = [m for m in failed if m.metadata.src_node_id not in sent]
+            details = "\n".join(self._failure(m, lost.pop(0) if lost and m in stand_ins else None)
+                                for m in failed)
             raise FederationError(f"Round {server_round} ({kind}): {len(failed)} of {len(replies)} clients failed; "
                                   f"the round is not averaged over the rest.\n{details}")
         missing = self.sent.get(kind, set()) - {m.metadata.src_node_id for m in replies}
@@ -222,11 +321,12 @@ class StudyFedAvg(FedAvg):
                                   f"replied; no reply from {names or 'some clients'} (timed out or disconnected).")
         return replies
 
-    def _failure(self, message: Message) -> str:
-        """One line per failed client: who (its dataset, from earlier replies or its own error text) and why."""
+    def _failure(self, message: Message, node_id: int | None = None) -> str:
+        """One line per failed client: who (its dataset, from its identity reply, earlier replies or its own
+        error text) and why. `node_id`: the node a reply made by Flower on a lost node's behalf stands for."""
         reason = (message.error.reason or "").strip()
         found = CLIENT_FAILURE.search(reason)
-        node_id = message.metadata.src_node_id
+        node_id = message.metadata.src_node_id if node_id is None else node_id
         if found and node_id not in self.node_names:
             self.node_names[node_id] = found.group(1)
         lines = [line for line in reason.splitlines() if line.strip()] or ["no reason given"]

@@ -28,11 +28,12 @@ FOREGROUND = CHANNELS[1:]
 #: `local_steps` None: `train.steps // rounds`, i.e. the SL model's budget spread over the rounds.
 FL_DEFAULTS: dict[str, Any] = {"rounds": 2, "local_steps": None, "fraction_train": 1.0, "min_clients": 4,
                                "client_cpus": 1, "client_gpus": 0.0, "keep_optimizer": False, "client_workers": 0,
-                               "round_timeout": 86400, "compare_loss": None, **METHOD_DEFAULTS}
+                               "round_timeout": 86400, "wait_timeout": 1800, "compare_loss": None,
+                               **METHOD_DEFAULTS}
 #: run_config keys (kebab-case) that override a knob; their "unset" value (0, 0.0, "") keeps the profile's.
 RUN_CONFIG_KNOBS = {"rounds": "rounds", "local-steps": "local_steps", "fraction-train": "fraction_train",
                     "min-clients": "min_clients", "keep-optimizer": "keep_optimizer", "method": "method", "mu": "mu",
-                    "distill-weight": "distill_weight", "pseudo-after": "pseudo_after"}
+                    "distill-weight": "distill_weight", "pseudo-after": "pseudo_after", "wait-timeout": "wait_timeout"}
 
 
 def federated_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -42,7 +43,7 @@ def federated_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
     if fl["local_steps"] is None:
         fl["local_steps"] = max(1, int(cfg["train"]["steps"]) // fl["rounds"])
     fl["local_steps"], fl["min_clients"] = int(fl["local_steps"]), int(fl["min_clients"])
-    fl["keep_optimizer"] = _as_bool(fl["keep_optimizer"], "federated.keep_optimizer")
+    fl["keep_optimizer"] = as_bool(fl["keep_optimizer"], "federated.keep_optimizer")
     fl["method"], fl["mu"] = check_method(str(fl["method"])), float(fl["mu"])
     fl["distill_weight"], fl["pseudo_after"] = float(fl["distill_weight"]), fl["pseudo_after"]
     if fl["pseudo_after"] is None:
@@ -53,7 +54,7 @@ def federated_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return fl
 
 
-def _as_bool(value: Any, name: str) -> bool:
+def as_bool(value: Any, name: str) -> bool:
     if isinstance(value, str) and value.lower() in ("true", "false"):
         return value.lower() == "true"
     if isinstance(value, (bool, int)):
@@ -250,7 +251,7 @@ def state_dict_cpu(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 #: Federated knobs that change neither the weights nor the chosen bests (resources, time-outs).
-NEUTRAL_FL_KEYS = ("client_cpus", "client_gpus", "client_workers", "round_timeout", "compare_loss")
+NEUTRAL_FL_KEYS = ("client_cpus", "client_gpus", "client_workers", "round_timeout", "wait_timeout", "compare_loss")
 
 
 def federation_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -280,6 +281,22 @@ def write_status(run_dir: str | Path, status: str, reason: str = "") -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=1))
     os.replace(tmp, path)
+
+
+def read_status(run_dir: str | Path) -> str | None:
+    """The federation's status in `run_dir` (running, finished, failed), None when it has none."""
+    import json
+
+    path = status_path(run_dir)
+    return json.loads(path.read_text()).get("status") if path.exists() else None
+
+
+def refuse_finished(run_dir: str | Path, overwrite: bool) -> None:
+    """A finished federation is never replaced silently (by `flwr run` or a notebook): refuse it unless asked."""
+    if read_status(run_dir) == "finished" and not overwrite:
+        raise FileExistsError(f"{Path(run_dir)} holds a finished federation ({status_path(run_dir)}): choose another "
+                              "run folder, or replace it with --run-config 'overwrite=true' (flwr run), "
+                              "overwrite=True (notebook 03, run_federation) or --overwrite (fedseg run).")
 
 
 def require_finished(run_dir: str | Path) -> None:

@@ -6,11 +6,13 @@ One place defines each dataset's layout (MSD `imagesTr/`+`labelsTr/`, KiTS19 `ca
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from fedseg.labels import DATASETS
+from fedseg.labels import DATASETS, TRAIN_DATASETS
 
 #: Folder of each dataset under a data root, as the dataset ships (MSD tar, KiTS19 repo, BTCV zip).
 DATASET_DIRS: dict[str, str] = {
@@ -230,31 +232,52 @@ def _unlisted_files(data_root: str | Path, dataset: str, listed: set[Path]) -> l
     return sorted(extra)
 
 
+def require_root(data_root: str | Path) -> Path:
+    """`data_root` as a Path; `DataError` when it does not exist (one sentence, not a missing file per case)."""
+    root = Path(data_root)
+    if not root.exists():
+        raise DataError(f"data root {root} does not exist: check the path (data_root), or create it and put the "
+                        "datasets there (real data: see fedseg.download; download=True fetches the MSD tasks and KiTS19).")
+    if not root.is_dir():
+        raise DataError(f"data root {root} is not a folder: data_root must be the folder that holds the datasets.")
+    return root
+
+
 def check_dataset(
     data_root: str | Path,
     dataset: str | None = None,
     manifest: pd.DataFrame | None = None,
     progress: bool = True,
     unlisted: bool = True,
+    cases: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Every problem of `dataset` (or of all datasets in the manifest) under `data_root`, in one table.
 
     Columns: dataset, case_id, file, problem; zero rows means the data root matches the manifest.
     `manifest` defaults to `manifest_for(data_root)`. With `unlisted`, files in a dataset's folders that
     the manifest does not list are added as warning rows whose problem starts with "not in manifest".
+    `cases` (rows of the manifest, e.g. `select_cases`'s) limits the check to those cases; the files of the
+    manifest's other cases are still "listed", so they are no warning. A missing `data_root` raises `DataError`.
     """
     from tqdm.auto import tqdm
 
+    require_root(data_root)
     if manifest is None:
         manifest = manifest_for(data_root)
     if dataset is not None:
         dataset_dir(data_root, dataset)  # unknown names fail here
         manifest = manifest[manifest["dataset"] == dataset]
+        if cases is not None:
+            cases = cases[cases["dataset"] == dataset]
     rows: list[dict[str, str]] = []
     listed: dict[str, set[Path]] = {}
+    checked = manifest if cases is None else cases
+    if cases is not None:  # the manifest's every file of the checked datasets counts as listed
+        for _, row in manifest[manifest["dataset"].isin(set(cases["dataset"]))].iterrows():
+            listed.setdefault(str(row["dataset"]), set()).update(case_files(data_root, row))
     bar = tqdm(
-        (row for _, row in manifest.iterrows()),
-        total=len(manifest),
+        (row for _, row in checked.iterrows()),
+        total=len(checked),
         desc=f"check {dataset or 'data'}",
         unit="case",
         disable=not progress,
@@ -310,7 +333,8 @@ def require_valid(
 
 def obtain_data(cfg: dict, download: bool = False, progress: bool = True) -> Path:
     """The data root of a resolved profile, ready to check: synthetic data generated once, real data found
-    (and, with `download`, fetched where the source allows it). Missing datasets are an error naming them."""
+    (and, with `download`, fetched where the source allows it). Real data: a missing data root, or a missing
+    folder of a dataset the run uses (`cfg["data"]["datasets"]`/`["cases"]`, default all), is an error naming it."""
     from fedseg import download as downloads
 
     root = Path(cfg["data_root"])
@@ -320,16 +344,197 @@ def obtain_data(cfg: dict, download: bool = False, progress: bool = True) -> Pat
         phantom = dict(cfg["data"]["phantom"])
         phantom["min_cases"] = tuple(phantom["min_cases"])
         return generate(root, seed=cfg["seed"], progress=progress, **phantom)
-    missing = [name for name in DATASETS if not dataset_dir(root, name).is_dir()]
+    if download and not root.exists():
+        root.mkdir(parents=True)
+    require_root(root)
+    declared = declared_datasets(cfg["data"].get("datasets"))
+    if declared is None and parse_names(cfg["data"].get("cases")):  # cases alone: the datasets they belong to
+        chosen = select_cases(manifest_for(root), None, cfg["data"].get("cases"))
+        declared = tuple(d for d in DATASETS if (chosen["dataset"] == d).any())
+    wanted = declared or DATASETS
+    missing = [name for name in wanted if not dataset_dir(root, name).is_dir()]
     if download:
         for name in [m for m in missing if m in downloads.SOURCES]:
             downloads.fetch_dataset(name, root, progress=progress)
-        missing = [name for name in DATASETS if not dataset_dir(root, name).is_dir()]
+        missing = [name for name in wanted if not dataset_dir(root, name).is_dir()]
     if missing:
         hints = [downloads.btcv_instructions(root)] if "btcv" in missing else []
         if set(missing) - {"btcv"}:
             hints.insert(0, "download them with download=True (MSD tasks, KiTS19) or place them there by hand")
+        found = [name for name in DATASETS if dataset_dir(root, name).is_dir()]
+        if declared is None and found:
+            hints.append(f"or run on the datasets that are there: declare them with datasets={','.join(found)} "
+                         f"(`-p datasets={','.join(found)}`), and the others are listed as absent")
         raise DataError(
             f"No {', '.join(DATASET_DIRS[m] for m in missing)} folder under {root}: " + "; ".join(hints) + "."
         )
     return root
+
+
+# --------------------------------------------------------------------------------------------------
+# Part of the data: the datasets (and cases) a run declares
+# --------------------------------------------------------------------------------------------------
+
+
+def parse_names(value: str | Iterable[str] | None) -> tuple[str, ...] | None:
+    """A declaration as a tuple of names: "a,b" or a list -> ("a", "b"); None, "" or "all" -> None (all)."""
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else [str(v) for v in value]
+    names = tuple(dict.fromkeys(item.strip() for item in items if item.strip()))
+    return None if not names or names == ("all",) else names
+
+
+def declared_datasets(value: str | Iterable[str] | None) -> tuple[str, ...] | None:
+    """The datasets a run declares (`parse_names`), in study order; None: all. Unknown names are a ValueError."""
+    names = parse_names(value)
+    if names is None:
+        return None
+    unknown = [name for name in names if name not in DATASETS]
+    if unknown:
+        raise ValueError(f"datasets={','.join(names)}: {', '.join(unknown)} is not a dataset of the study; declare "
+                         f"names from {', '.join(DATASETS)} (comma-separated, e.g. spleen,btcv), or '' for all.")
+    return tuple(name for name in DATASETS if name in names)
+
+
+def declare(cfg: dict, datasets: str | Iterable[str] | None = None,
+            cases: str | Iterable[str] | None = None) -> dict:
+    """`cfg` with the datasets and cases the run declares in `cfg["data"]` (lists, None = all): the
+    notebook's parameters where given, else the profile's `data.datasets` / `data.cases` ("" = all)."""
+    data = cfg.setdefault("data", {})
+    chosen = declared_datasets(data.get("datasets") if datasets is None else datasets)
+    named = parse_names(data.get("cases") if cases is None else cases)
+    data["datasets"] = None if chosen is None else list(chosen)
+    data["cases"] = None if named is None else list(named)
+    return cfg
+
+
+def select_cases(manifest: pd.DataFrame, datasets: str | Iterable[str] | None = None,
+                 cases: str | Iterable[str] | None = None) -> pd.DataFrame:
+    """The manifest rows a run uses, in manifest order: those of the declared `datasets` (default: all), where
+    declared `cases` (case ids) narrow the datasets they belong to (the other declared datasets keep all their
+    cases; with no datasets declared, exactly those cases). A declared name the manifest lacks is a `DataError`."""
+    declared = declared_datasets(datasets)
+    named = parse_names(cases)
+    if declared is not None:
+        lacking = [d for d in declared if not (manifest["dataset"] == d).any()]
+        if lacking:
+            raise DataError(f"datasets {', '.join(lacking)} are declared but the manifest has no case of them: "
+                            "leave them out of datasets, or use the study's manifest.")
+    keep = manifest["dataset"].isin(declared) if declared is not None else pd.Series(True, index=manifest.index)
+    if named is not None:
+        known = set(manifest["case_id"])
+        unknown = [c for c in named if c not in known]
+        if unknown:
+            shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+            raise DataError(f"cases {shown} are not in the manifest: declare case ids from its case_id column "
+                            "(e.g. spleen_2, img0001).")
+        chosen = manifest["case_id"].isin(named)
+        if declared is not None:
+            outside = manifest[chosen & ~manifest["dataset"].isin(declared)]
+            if len(outside):
+                pairs = ", ".join(f"{c} ({d})" for c, d in zip(outside["case_id"], outside["dataset"]))
+                raise DataError(f"cases {pairs} belong to datasets not declared (datasets="
+                                f"{','.join(declared)}): add their datasets, or drop those cases.")
+            keep = (keep & ~manifest["dataset"].isin(set(manifest.loc[chosen, "dataset"]))) | chosen
+        else:
+            keep = chosen
+    return manifest[keep].reset_index(drop=True)
+
+
+@dataclass
+class DataCheck:
+    """What `check_data` found: the cases the run uses, their problems, and the datasets it leaves out."""
+
+    data_root: Path
+    #: The manifest rows the run uses (declared datasets and cases), in manifest order: 01's cases.csv.
+    cases: pd.DataFrame
+    #: `check_dataset`'s table over those cases (errors, and "not in manifest" warnings).
+    problems: pd.DataFrame
+    #: Datasets used, in study order.
+    datasets: tuple[str, ...]
+    #: Datasets of the manifest the run does not use (not declared): neither checked nor used, and no problem.
+    absent: tuple[str, ...]
+    #: Cases per dataset in the manifest (to say when declared cases narrow a dataset).
+    listed: dict[str, int]
+
+    def summary(self) -> str:
+        """Which datasets (and how many of their cases) are checked and used, and which are absent."""
+        counts = self.cases.groupby("dataset", sort=False).size()
+        used = ", ".join(f"{d} ({counts[d]}" + (f" of {self.listed[d]}" if counts[d] < self.listed[d] else "")
+                         + " cases)" for d in self.datasets)
+        text = f"Using {len(self.cases)} cases under {self.data_root}: {used}."
+        if self.absent:
+            on_disk = [d for d in self.absent if dataset_dir(self.data_root, d).is_dir()]
+            text += (f" Absent (not declared, so neither checked nor used): {', '.join(self.absent)}"
+                     + (f"; folders present but unused: {', '.join(on_disk)}" if on_disk else "") + ".")
+        for dataset in self.datasets:
+            if dataset in TRAIN_DATASETS:
+                splits = set(self.cases.loc[self.cases["dataset"] == dataset, "split"])
+                lacking = [s for s in ("train", "val", "test") if s not in splits]
+                if lacking:
+                    text += f" Note: {dataset} has no {'/'.join(lacking)} cases."
+        return text
+
+
+def check_data(data_root: str | Path, manifest: pd.DataFrame | None = None,
+               datasets: str | Iterable[str] | None = None, cases: str | Iterable[str] | None = None,
+               progress: bool = True, unlisted: bool = True) -> DataCheck:
+    """Check the datasets (and cases) a run declares, strictly, and list the manifest's others as absent.
+
+    `datasets` / `cases` as `select_cases` takes them (None, "" or "all": everything, which is the strict
+    check of the whole manifest). A declared dataset or case with a missing or broken file is a problem row
+    naming the file, as `check_dataset` reports it; an undeclared dataset is only named in `absent`. A
+    missing `data_root` raises `DataError` ("data root ... does not exist"). `manifest` defaults to
+    `manifest_for(data_root)`.
+    """
+    root = require_root(data_root)
+    if manifest is None:
+        manifest = manifest_for(root)
+    chosen = select_cases(manifest, datasets, cases)
+    used = tuple(d for d in DATASETS if (chosen["dataset"] == d).any())
+    listed = {d: int(n) for d, n in manifest.groupby("dataset").size().items()}
+    absent = tuple(d for d in DATASETS if d in listed and d not in used)
+    problems = check_dataset(root, manifest=manifest, progress=progress, unlisted=unlisted, cases=chosen)
+    return DataCheck(data_root=root, cases=chosen, problems=problems, datasets=used, absent=absent, listed=listed)
+
+
+def present_datasets(cases: pd.DataFrame, among: Iterable[str] = DATASETS) -> tuple[str, ...]:
+    """The datasets of `among` that a run's cases table (01's cases.csv) holds, in `among`'s order."""
+    held = set(cases["dataset"])
+    return tuple(d for d in among if d in held)
+
+
+def training_datasets(cases: pd.DataFrame) -> tuple[str, ...]:
+    """The training datasets a run's cases table holds (study order): 02's SL models and 03's default clients.
+
+    A ValueError naming the fix when it holds none, or one without train or val cases (its model could
+    neither train nor be validated)."""
+    present = present_datasets(cases, TRAIN_DATASETS)
+    if not present:
+        raise ValueError(f"The cases table has no training dataset, so there is no model to train: declare at "
+                         f"least one of {', '.join(TRAIN_DATASETS)} in 01_data_prep (datasets=...) and have it "
+                         "under data_root.")
+    for dataset in present:
+        splits = set(cases.loc[cases["dataset"] == dataset, "split"])
+        lacking = [s for s in ("train", "val") if s not in splits]
+        if lacking:
+            raise ValueError(f"{dataset} has no {' or '.join(lacking)} cases in the cases table, so its model can "
+                             f"neither train nor be validated: declare some of its {'/'.join(lacking)} cases in "
+                             f"01_data_prep (cases=...), or leave {dataset} out (datasets=...).")
+    return present
+
+
+def federation_clients(clients: str | Iterable[str] | None, cases: pd.DataFrame) -> str:
+    """03's clients as "a,b": the given ones (each must be present in the cases table), else every training
+    dataset present (`training_datasets`)."""
+    names = parse_names(clients)
+    if names is None:
+        return ",".join(training_datasets(cases))
+    absent = [n for n in names if n in TRAIN_DATASETS and n not in set(cases["dataset"])]
+    if absent:
+        present = ", ".join(present_datasets(cases, TRAIN_DATASETS)) or "none"
+        raise ValueError(f"clients={','.join(names)}: {', '.join(absent)} absent from this run's cases (01_data_prep "
+                         f"did not use it; training datasets present: {present}): drop it from clients, or declare "
+                         "it in 01 and have it under data_root.")
+    return ",".join(names)

@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 
 from fedseg import inference, metrics
-from fedseg.datasets import case_files
+from fedseg.datasets import case_files, present_datasets
 from fedseg.evaluation import load_best
 from fedseg.labels import TRAIN_DATASETS
 from fedseg.training import select_device
@@ -42,6 +42,9 @@ SL, SL_PP, CENTRAL = "SL (ensemble)", "SL (processed)", "Central aggregation"
 COARSE = f"{LOCAL_PP}, coarse-to-fine"
 #: Methods in table order (those whose models a run lacks are skipped).
 METHODS = (SL, SL_PP, CENTRAL, GLOBAL, LOCAL, LOCAL_PP)
+#: Columns of `evaluate_btcv`'s tables (also when there is no BTCV case to fill them).
+SCORE_COLUMNS = ("method", "case_id", "organ", "dice", "nsd", "hd95", "pred_empty", "truth_empty")
+TIMING_COLUMNS = ("method", "case_id", "seconds", "fine_pass_coverage", "voxels")
 
 
 def slug(method: str) -> str:
@@ -49,20 +52,44 @@ def slug(method: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", method.lower()).strip("-")
 
 
-def run_checkpoints(run_dir: str | Path) -> dict[str, dict[str, Path]]:
-    """The best checkpoints a run holds, grouped: "sl" and "fl-local" (dataset -> path), "fl-global" and
-    "central" (one path under key "model"). Groups with no checkpoint on disk are left out; a client group
-    counts only when all four clients have one."""
+#: The checkpoint group (`run_checkpoints`) whose models each method combines.
+METHOD_GROUP: dict[str, str] = {SL: "sl", SL_PP: "sl", CENTRAL: "central", GLOBAL: "fl-global", LOCAL: "fl-local",
+                                LOCAL_PP: "fl-local"}
+
+
+def run_datasets(run_dir: str | Path) -> tuple[str, ...]:
+    """The training datasets of a run: those its cases table (`data/cases.csv`, 01) holds, else all four."""
+    cases_file = Path(run_dir) / "data" / "cases.csv"
+    if cases_file.exists():
+        present = present_datasets(pd.read_csv(cases_file, usecols=["dataset"]), TRAIN_DATASETS)
+        if present:
+            return present
+    return TRAIN_DATASETS
+
+
+def group_checkpoints(run_dir: str | Path, datasets: tuple[str, ...] | None = None) -> dict[str, dict[str, Path]]:
+    """Where a run keeps each group's best checkpoints, whether or not they exist: "sl" and "fl-local"
+    (dataset -> path, for each of `datasets`, default the run's training datasets `run_datasets`: all four
+    unless 01 used part of the data), "fl-global" and "central" (one path under key "model")."""
     checkpoints = Path(run_dir) / "checkpoints"
-    groups: dict[str, dict[str, Path]] = {}
-    for group, prefix in (("sl", "sl-"), ("fl-local", "fl-local-")):
-        paths = {d: checkpoints / f"{prefix}{d}" / "best.pt" for d in TRAIN_DATASETS}
-        if all(p.exists() for p in paths.values()):
-            groups[group] = paths
-    for group, folder in (("fl-global", "fl-global"), ("central", "central")):
-        if (checkpoints / folder / "best.pt").exists():
-            groups[group] = {"model": checkpoints / folder / "best.pt"}
+    datasets = run_datasets(run_dir) if datasets is None else tuple(datasets)
+    groups = {group: {d: checkpoints / f"{prefix}{d}" / "best.pt" for d in datasets}
+              for group, prefix in (("sl", "sl-"), ("fl-local", "fl-local-"))}
+    groups.update({folder: {"model": checkpoints / folder / "best.pt"} for folder in ("fl-global", "central")})
     return groups
+
+
+def run_checkpoints(run_dir: str | Path, datasets: tuple[str, ...] | None = None) -> dict[str, dict[str, Path]]:
+    """The best checkpoints a run holds, grouped as `group_checkpoints`. Groups with no checkpoint on disk are
+    left out; a client group counts only when every client (each of `datasets`, default the run's training
+    datasets: all four unless 01 used part of the data) has one."""
+    return {group: paths for group, paths in group_checkpoints(run_dir, datasets).items()
+            if paths and all(p.exists() for p in paths.values())}
+
+
+def load_group(cfg: dict[str, Any], paths: Mapping[str, Path], device: torch.device) -> dict[str, torch.nn.Module]:
+    """The networks of one checkpoint group (name -> path, as `run_checkpoints`), ready for `inference.predict_logits`."""
+    return {name: load_best(cfg, path, device) for name, path in paths.items()}
 
 
 def load_localiser(run_dir: str | Path, cfg: dict[str, Any], device: torch.device) -> tuple[dict[str, torch.nn.Module], float] | None:
@@ -85,16 +112,18 @@ def load_localiser(run_dir: str | Path, cfg: dict[str, Any], device: torch.devic
 
 
 def _methods(groups: Mapping[str, Any]) -> list[str]:
-    needs = {SL: "sl", SL_PP: "sl", CENTRAL: "central", GLOBAL: "fl-global", LOCAL: "fl-local", LOCAL_PP: "fl-local"}
-    return [m for m in METHODS if needs[m] in groups]
+    return [m for m in METHODS if METHOD_GROUP[m] in groups]
 
 
-def _masks(method: str, logits: Mapping[str, Mapping[str, torch.Tensor]], image, cfg) -> np.ndarray:
-    """The (8, *original grid) bool mask of a method from the cached logits of its models."""
+def method_mask(method: str, logits: Mapping[str, Mapping[str, torch.Tensor]], image, cfg) -> np.ndarray:
+    """The (8, *original grid) bool mask of a method from the cached logits of its models: `logits[group]` is
+    `inference.predict_logits` of `load_group` for the method's group (`METHOD_GROUP`); `image` the
+    preprocessed image (`inference.inference_transform`) they were computed on. `inference.fuse` of it is the
+    label map 04 writes."""
     if method in (SL, SL_PP, LOCAL, LOCAL_PP):
-        combined = inference.ensemble_logits(logits["sl" if method in (SL, SL_PP) else "fl-local"])
+        combined = inference.ensemble_logits(logits[METHOD_GROUP[method]])
     else:
-        combined = logits["central" if method == CENTRAL else "fl-global"]["model"]
+        combined = logits[METHOD_GROUP[method]]["model"]
     mask = np.asarray(inference.to_original_grid(combined, image, cfg, logits=True))
     return inference.postprocess(mask) if method in (SL_PP, LOCAL_PP) else mask
 
@@ -128,22 +157,28 @@ def evaluate_btcv(cfg: dict[str, Any], cases: pd.DataFrame, run_dir: str | Path,
     "timing": per case and method (seconds of inference incl. inversion and post-processing, fraction of
     voxels the fine pass covered)}. Predictions go to `<run_dir>/predictions/btcv/<method>/<case>.nii.gz`.
     Coarse-to-fine's first stage is the run's localiser when it has one (its own voxel factor replaces
-    `coarse_factor`), else the FL local models at `coarse_factor` times the voxel size.
+    `coarse_factor`), else the FL local models at `coarse_factor` times the voxel size. The client groups are
+    the models of the training datasets `cases` holds. Without BTCV in `cases` (a run on part of the data), it
+    says so and returns both tables empty.
     """
     from tqdm.auto import tqdm
 
     from fedseg.federated.task import require_finished
 
     run_dir = Path(run_dir)
+    if not ((cases["dataset"] == "btcv") & (cases["split"] == "test")).any():
+        print("BTCV is absent from this run's cases (01_data_prep did not use it: not declared, or not under "
+              "data_root), so there is no external evaluation: the BTCV tables stay empty.")
+        return {"scores": pd.DataFrame(columns=list(SCORE_COLUMNS)),
+                "timing": pd.DataFrame(columns=list(TIMING_COLUMNS))}
     require_finished(run_dir)  # never score the bests of a federation that failed half-way
-    groups = run_checkpoints(run_dir)
+    groups = run_checkpoints(run_dir, present_datasets(cases, TRAIN_DATASETS) or None)
     methods = _methods(groups)
     if not methods:
         raise FileNotFoundError(f"No trained models under {run_dir / 'checkpoints'}: run 02 and 03 with this run_dir.")
     btcv = btcv_test_cases(cases)
     device = select_device()
-    models = {group: {name: load_best(cfg, path, device) for name, path in paths.items()}
-              for group, paths in groups.items()}
+    models = {group: load_group(cfg, paths, device) for group, paths in groups.items()}
     transform = inference.inference_transform(cfg)
     localiser = load_localiser(run_dir, cfg, device) if coarse_to_fine else None
     coarse_models = None
@@ -167,12 +202,11 @@ def evaluate_btcv(cfg: dict[str, Any], cases: pd.DataFrame, run_dir: str | Path,
                 result = inference.coarse_to_fine_logits(models[coarse_group], image, cfg, device,
                                                          coarse_factor=coarse_factor, margin_mm=margin_mm,
                                                          coarse_models=coarse_models)
-                mask = _masks(LOCAL_PP, {"fl-local": result.logits}, image, cfg)
+                mask = method_mask(LOCAL_PP, {"fl-local": result.logits}, image, cfg)
                 covered, model_seconds = result.covered, 0.0
             else:
-                mask = _masks(method, logits, image, cfg)
-                model_seconds = seconds[{SL: "sl", SL_PP: "sl", LOCAL: "fl-local", LOCAL_PP: "fl-local",
-                                         CENTRAL: "central", GLOBAL: "fl-global"}[method]]
+                mask = method_mask(method, logits, image, cfg)
+                model_seconds = seconds[METHOD_GROUP[method]]
             fused = inference.fuse(mask)
             elapsed = time.perf_counter() - start + model_seconds
             if write:
@@ -183,7 +217,8 @@ def evaluate_btcv(cfg: dict[str, Any], cases: pd.DataFrame, run_dir: str | Path,
                 scores.append({"method": method, "case_id": row["case_id"], **item})
             timing.append({"method": method, "case_id": row["case_id"], "seconds": round(elapsed, 3),
                            "fine_pass_coverage": round(covered, 3), "voxels": int(np.prod(fused.shape))})
-    return {"scores": pd.DataFrame(scores), "timing": pd.DataFrame(timing)}
+    return {"scores": pd.DataFrame(scores, columns=list(SCORE_COLUMNS)),
+            "timing": pd.DataFrame(timing, columns=list(TIMING_COLUMNS))}
 
 
 def speed_table(scores: pd.DataFrame, timing: pd.DataFrame, methods: tuple[str, ...] = (LOCAL_PP, COARSE)) -> pd.DataFrame:

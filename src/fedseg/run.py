@@ -568,13 +568,28 @@ EXPERIMENTS: dict[str, tuple[Any, str, str]] = {
 }
 
 
+def _predict(args: argparse.Namespace) -> int:
+    """`python -m fedseg predict`: `fedseg.predict.predict`, then the volumes table."""
+    from fedseg.predict import predict, volume_table
+
+    try:
+        result = predict(args.run, args.images, args.model, out=args.out, device=args.device, profile=args.profile)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{len(result.volumes)} predictions (label maps, overlays, volumes.csv) in {result.out}\n"
+          f"Volumes (mL):\n{volume_table(result.volumes)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fedseg", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="execute the notebook chain with papermill into results/<run-name>/")
     _add_common(run, "folder name under results/ (default: <profile>-<timestamp>)")
     run.add_argument("--only", help="run one notebook of the chain (e.g. 01_data_prep or data_prep)")
-    run.add_argument("--overwrite", action="store_true", help="replace an existing run folder of that name")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing run folder of that name (with "
+                     "--only: keep the folder and let that notebook replace its own results, e.g. 03's federation)")
     sweep = sub.add_parser("sweep", help="01 and 02 once, then 03 once per federated method, into one run folder")
     _add_common(sweep, "folder name under results/ (default: <profile>-<timestamp>)")
     sweep.add_argument("--methods", default="fedavg,ownerfedavg,fedprox,segviz", help="comma-separated federated methods")
@@ -590,7 +605,18 @@ def main(argv: list[str] | None = None) -> int:
     _add_common(gin, "folder name under results/ (default: <profile>-mri-<timestamp>)")
     gin.add_argument("--mri-like", default="", help="comma-separated datasets generated MRI-like (default: liver,spleen)")
     gin.add_argument("--methods", default="fedavg,fedgin", help="comma-separated federated methods")
+    pred = sub.add_parser("predict", help="apply a trained run's model to your own CT (a folder of NIfTI): label "
+                          "maps, overlays and organ volumes, with 04's preprocessing and inversion")
+    pred.add_argument("--run", required=True, help="the run's folder, e.g. results/<run-name> (its checkpoints/)")
+    pred.add_argument("--model", default="fl-local-ensemble", help="fl-local-ensemble (default), fl-local-processed, "
+                      "fl-global, sl-ensemble, sl-processed or central (those the run has)")
+    pred.add_argument("--images", required=True, help="folder of 3D CT volumes (*.nii.gz, *.nii)")
+    pred.add_argument("--out", help="output folder (default: <run>/predictions/own/<model>/)")
+    pred.add_argument("--device", help="torch device, e.g. cuda:1 or cpu (default: CUDA when present)")
+    pred.add_argument("--profile", help="the profile the run was trained with, only for a folder without run.json")
     args = parser.parse_args(argv)
+    if args.command == "predict":
+        return _predict(args)
     if args.command in EXPERIMENTS:
         start, table, title = EXPERIMENTS[args.command]
         common = {"run_name": args.run_name, "params": dict(args.param), "results": args.results,

@@ -210,3 +210,34 @@ def test_in_memory_training_volumes_give_the_batches_of_the_cache(tmp_path, monk
         a, b = cached[step], kept[step]
         assert torch.equal(a[IMAGE], b[IMAGE]) and torch.equal(a[LABEL], b[LABEL]), step
     assert len(kept.memory) == 3 and not cached.memory
+
+
+def test_a_file_replaced_under_the_same_name_is_preprocessed_again_and_the_cache_names_its_settings(
+        tmp_path, monkeypatch):
+    """The cache never answers for other data or settings: a record carries its files' size and time, so a
+    regenerated case is read again; the cache folder says what made it, and refuses other settings."""
+    import os
+
+    from fedseg.transforms import CACHE_SETTINGS, StaleCacheError, cache_dir, evaluation_dataset, file_stamp
+
+    monkeypatch.setenv("FEDSEG_CACHE", str(tmp_path / "cache"))
+    image, label = blob_volume()
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    paths = (write(tmp_path / "i.nii.gz", image, affine), write(tmp_path / "l.nii.gz", label, affine))
+
+    def record():
+        return [{IMAGE: paths[0], LABEL: paths[1], "dataset": "liver", "case_id": "liver_0",
+                 "owned": owned_mask("liver").astype(np.uint8), "files": file_stamp(*paths)}]
+
+    cfg = {**config(), "data_root": str(tmp_path / "root")}
+    before = evaluation_dataset(cfg, record())[0][LABEL].clone()
+    write(tmp_path / "l.nii.gz", np.zeros_like(label), affine)  # the case regenerated: no organ any more
+    os.utime(paths[1], ns=(os.stat(paths[1]).st_atime_ns, os.stat(paths[1]).st_mtime_ns + 10**9))
+    after = evaluation_dataset(cfg, record())[0][LABEL]
+    assert before[1:].sum() > 0 and after[1:].sum() == 0  # not the old file's cached volume (channel 0: background)
+    folder = cache_dir(cfg)
+    settings = json.loads((folder / CACHE_SETTINGS).read_text())
+    assert settings["spacing"] == [2.0, 2.0, 2.0] and settings["data_root"] == cfg["data_root"]
+    (folder / CACHE_SETTINGS).write_text(json.dumps({**settings, "hu_window": [-100, 100]}))
+    with pytest.raises(StaleCacheError, match="hu_window"):
+        cache_dir(cfg)

@@ -106,8 +106,23 @@ def case_records(data_root: str | Path, manifest: pd.DataFrame) -> list[dict[str
         records.append({IMAGE: str(image), LABEL: str(label), "dataset": row["dataset"],
                         "case_id": row["case_id"], "split": row["split"],
                         "modality": MRI if row["dataset"] in mri else CT,
-                        "owned": owned_mask(row["dataset"]).astype(np.uint8)})
+                        "owned": owned_mask(row["dataset"]).astype(np.uint8), "files": file_stamp(image, label)})
     return records
+
+
+def file_stamp(*paths: str | Path) -> str:
+    """Size and modification time of each file ("" for a missing one). A record carries its files' stamp, and
+    the cache's key is the whole record (PersistentDataset's hash), so a file replaced under the same name
+    (regenerated or re-downloaded data) is preprocessed again, never answered from the old file's cache."""
+    stamps = []
+    for path in paths:
+        try:
+            info = os.stat(path)
+        except OSError:
+            stamps.append("")
+            continue
+        stamps.append(f"{info.st_size}:{info.st_mtime_ns}")
+    return "|".join(stamps)
 
 
 def preprocess(cfg: dict[str, Any]) -> mt.Compose:
@@ -181,14 +196,40 @@ def spatial_augmentation(settings: Mapping[str, Any] | None) -> list[mt.MapTrans
             mt.EnsureTyped(keys=[IMAGE], dtype=torch.float32, track_meta=False)]
 
 
-def cache_dir(cfg: dict[str, Any]) -> Path:
-    """The on-disk cache of one data root under one preprocessing: a new setting never reuses it."""
+#: File in each cache folder naming the settings its volumes were preprocessed with.
+CACHE_SETTINGS = "settings.json"
+
+
+def cache_settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """What a cached volume depends on besides its files: the data root and the deterministic preprocessing."""
     pre = cfg["preprocess"]
-    key = json.dumps({"data_root": str(cfg["data_root"]), "spacing": pre["spacing"],
-                      "hu_window": pre["hu_window"],
-                      "mri_percentiles": mri_percentiles(pre), "version": PIPELINE_VERSION}, sort_keys=True)
+    return {"data_root": str(cfg["data_root"]), "spacing": pre["spacing"], "hu_window": pre["hu_window"],
+            "mri_percentiles": mri_percentiles(pre), "version": PIPELINE_VERSION}
+
+
+def cache_dir(cfg: dict[str, Any]) -> Path:
+    """The on-disk cache of one data root under one preprocessing: a new setting never reuses it. The folder's
+    name ends in a hash of `cache_settings`, and `settings.json` in it says them in full; a folder whose
+    settings.json says otherwise is refused (`StaleCacheError`) rather than read."""
+    settings = cache_settings(cfg)
+    key = json.dumps(settings, sort_keys=True)
     base = Path(os.environ.get("FEDSEG_CACHE") or Path(os.environ.get("FEDSEG_DATA", repo_root() / "data")) / "cache")
-    return base / f"{Path(cfg['data_root']).name}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+    folder = base / f"{Path(cfg['data_root']).name}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+    record = folder / CACHE_SETTINGS
+    if record.exists():
+        found = json.loads(record.read_text())
+        if found != json.loads(key):
+            differing = sorted(k for k in set(found) | set(settings) if found.get(k) != json.loads(key).get(k))
+            raise StaleCacheError(f"The cache {folder} was made with other settings ({', '.join(differing)} "
+                                  f"differ: {record}); delete that folder and it is rebuilt.")
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(settings, indent=1, sort_keys=True) + "\n")
+    return folder
+
+
+class StaleCacheError(RuntimeError):
+    """A cache folder holds volumes preprocessed under other settings than the ones asked for."""
 
 
 def training_dataset(cfg: dict[str, Any], records: list[dict[str, Any]]) -> Dataset:

@@ -1,6 +1,7 @@
 """The chain's machinery: profiles, run folders, parameters, and how a failing notebook is reported."""
 
 import json
+import os
 
 import nbformat
 import pytest
@@ -52,6 +53,12 @@ def test_an_earlier_run_is_never_overwritten_unless_asked(tmp_path):
     assert (first / "run.json").exists()
     again = run.new_run_dir(tmp_path, "r1", "smoke", overwrite=True, only=None)
     assert again == first and not (first / "run.json").exists()
+    # one notebook rerun with --overwrite keeps the folder (it reads the earlier notebooks' files); the notebook
+    # itself is told to overwrite (03's finished federation), see run_chain
+    (first / "data").mkdir()
+    (first / "data" / "cases.csv").write_text("dataset\n")
+    assert run.new_run_dir(tmp_path, "r1", "smoke", overwrite=True, only="03") == first
+    assert (first / "data" / "cases.csv").exists()
 
 
 def test_param_values_are_parsed_as_yaml():
@@ -122,7 +129,7 @@ def test_a_run_rewriting_results_does_not_mark_the_code_dirty(tmp_path, monkeypa
     (tmp_path / "code.py").write_text("x = 1\n")
     git("add", ".")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
-    monkeypatch.setattr(run, "repo_root", lambda: tmp_path)
+    monkeypatch.setattr(run, "package_checkout", lambda: tmp_path)  # the checkout the code comes from
     (tmp_path / "results" / "table.md").write_text("new\n")
     record = run.git_commit()
     assert record["commit"] and record["dirty"] is False
@@ -138,3 +145,76 @@ def test_an_unknown_parameter_is_refused_naming_the_closest(tmp_path):
     with pytest.raises(ValueError, match=r"'compare_los' \(did you mean 'compare_loss'\?\)"):
         run.run_chain("smoke", run_name="r", results=tmp_path / "results", params={"compare_los": ""}, only="03")
     run.check_parameters({"steps": 5, "seed": 1, "method": "fedavg"}, run.CHAIN)  # every notebook's, and seed
+
+
+def _project(folder):
+    """A second fedseg checkout (its pyproject.toml names the project) with a notebooks folder."""
+    (folder / "notebooks").mkdir(parents=True)
+    (folder / "pyproject.toml").write_text('[project]\nname = "fedseg"\nversion = "0"\n')
+    return folder.resolve()
+
+
+def test_a_run_works_in_the_project_it_is_started_from_not_the_checkout_installed(tmp_path, monkeypatch):
+    """Issue: repo_root() came from the installed package's path, so a second checkout using the first one's
+    virtual environment wrote its results and data into the first."""
+    second = _project(tmp_path / "second")
+    monkeypatch.delenv(run.HOME_ENV, raising=False)
+    monkeypatch.delenv("FEDSEG_DATA", raising=False)
+    monkeypatch.chdir(second / "notebooks")  # JupyterLab's kernel starts in the notebook's folder
+    assert run.package_checkout() != second  # this test's code comes from another checkout
+    assert run.repo_root() == second
+    assert run.resolve("smoke")["data_root"].startswith(str(second / "data" / "synthetic"))
+    assert run.notebook_setup("smoke", None, None, None)["run_dir"] == str(second / "results" / "lab-smoke")
+    assert run.notebooks_dir() == second / "notebooks"
+    monkeypatch.setenv(run.HOME_ENV, str(tmp_path / "chosen"))  # the explicit setting wins
+    assert run.repo_root() == (tmp_path / "chosen").resolve()
+    monkeypatch.delenv(run.HOME_ENV)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    monkeypatch.chdir(plain)  # no fedseg project here or above: the working directory itself
+    assert run.repo_root() == plain.resolve()
+
+
+def test_the_chain_says_where_it_writes_and_its_kernels_share_the_project(tmp_path, monkeypatch, capsys):
+    """The run folder may lie outside the project (--results): the notebooks, which run in it, must still
+    resolve the project's data and cache, and the run says at its start where it writes."""
+    second = _project(tmp_path / "second")
+    _notebook(second / "notebooks" / "01_where.ipynb",
+              ["profile = None\nrun_dir = None\ndata_root = None\nseed = None",
+               "from fedseg import run\nopen('project.txt', 'w').write(str(run.repo_root()))"])
+    _notebook(second / "notebooks" / "02_again.ipynb",
+              ["profile = None\nrun_dir = None\ndata_root = None\nseed = None\noverwrite = False",
+               "open('overwrite.txt', 'w').write(str(overwrite))"])
+    monkeypatch.delenv(run.HOME_ENV, raising=False)
+    monkeypatch.chdir(second)
+    chain = ("01_where", "02_again")
+    run_dir = run.run_chain("smoke", run_name="r", results=tmp_path / "elsewhere", notebooks=chain)
+    assert (run_dir / "project.txt").read_text() == str(second)
+    out = capsys.readouterr().out
+    assert f"writing {run_dir}" in out and f"project {second}" in out
+    assert run.HOME_ENV not in os.environ  # the setting lasts only while the chain runs
+    assert (run_dir / "overwrite.txt").read_text() == "False"
+    # --only 02 --overwrite: the folder and 01's files stay, and the notebook is told to overwrite its own
+    run.run_chain("smoke", run_name="r", results=tmp_path / "elsewhere", notebooks=chain, only="02",
+                  overwrite=True)
+    assert (run_dir / "project.txt").exists() and (run_dir / "overwrite.txt").read_text() == "True"
+
+
+def test_injected_parameters_the_notebook_lacks_are_found():
+    history = ["", "profile = None\nsteps = None  # local steps\nseed: int | None = None", "# Parameters\nprofile = "
+               "\"smoke\"\nstepz = 5\nseed = 1\n", "cfg = notebook_setup(profile, None, None, seed)"]
+    assert run.injected_unknown(history) == (["stepz"], {"profile", "steps", "seed"})
+    assert run.injected_unknown(history[:2]) == ([], set())  # JupyterLab: nothing injected, nothing refused
+    assert run.injected_unknown(history[:2] + ["# Parameters\nsteps = 3\n"])[0] == []
+
+
+def test_papermill_by_hand_with_an_unknown_parameter_is_refused_by_the_notebook(tmp_path):
+    """Issue: `papermill ... -p stepz 5` printed one easily missed line and ran with the defaults."""
+    import papermill as pm
+
+    source = run.notebooks_dir() / "02_standalone_baselines.ipynb"
+    with pytest.raises(pm.PapermillExecutionError) as failure:
+        pm.execute_notebook(str(source), str(tmp_path / "02.ipynb"), cwd=str(tmp_path), progress_bar=False,
+                            parameters={"profile": "smoke", "run_dir": str(tmp_path / "run"), "stepz": 5})
+    assert "Unknown parameter 'stepz' (did you mean 'steps'?)" in str(failure.value)
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused at the set-up, before any training

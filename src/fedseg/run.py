@@ -20,7 +20,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+import tomllib
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from importlib import metadata, resources
 from pathlib import Path
 from typing import Any
@@ -44,14 +46,58 @@ class ChainError(RuntimeError):
     """A notebook of the chain failed; the message names the notebook, the cell and the kept output."""
 
 
+#: Environment variable naming the project folder a run reads `data/` from and writes `results/` into.
+HOME_ENV = "FEDSEG_HOME"
+
+
+def _is_project(folder: Path) -> bool:
+    """Whether `folder` is a fedseg checkout (its pyproject.toml names the project fedseg)."""
+    try:
+        return tomllib.loads((folder / "pyproject.toml").read_text()).get("project", {}).get("name") == "fedseg"
+    except (OSError, tomllib.TOMLDecodeError):
+        return False
+
+
 def repo_root() -> Path:
-    """The checkout this package is installed from (src layout), or the working directory."""
+    """The project a run works in (its `results/` and `data/`): `$FEDSEG_HOME` when set, else the fedseg
+    checkout the working directory is in (it or a folder above it), else the working directory.
+
+    Not the checkout the package was installed from: a second checkout using the first one's virtual
+    environment would write its results and data into the first."""
+    explicit = os.environ.get(HOME_ENV)
+    if explicit:
+        return Path(explicit).expanduser().resolve()
+    cwd = Path.cwd().resolve()
+    return next((folder for folder in (cwd, *cwd.parents) if _is_project(folder)), cwd)
+
+
+def package_checkout() -> Path | None:
+    """The checkout the running code comes from (an editable install), or None for an installed wheel."""
     here = Path(__file__).resolve().parents[2]
-    return here if (here / "pyproject.toml").exists() else Path.cwd()
+    return here if _is_project(here) else None
 
 
 def notebooks_dir() -> Path:
-    return repo_root() / "notebooks"
+    """The chain's notebooks: the project's own, else those of the checkout the package comes from."""
+    own = repo_root() / "notebooks"
+    checkout = package_checkout()
+    return own if own.is_dir() or checkout is None else checkout / "notebooks"
+
+
+@contextmanager
+def project_env() -> Iterator[Path]:
+    """`$FEDSEG_HOME` set to this project while the chain's kernels run: a notebook executes in its run folder,
+    which may lie outside the project (`--results`), and must still find the same data and cache."""
+    root = repo_root()
+    before = os.environ.get(HOME_ENV)
+    os.environ[HOME_ENV] = str(root)
+    try:
+        yield root
+    finally:
+        if before is None:
+            os.environ.pop(HOME_ENV, None)
+        else:
+            os.environ[HOME_ENV] = before
 
 
 def load_profile(name_or_path: str | Path) -> dict[str, Any]:
@@ -98,8 +144,10 @@ def notebook_setup(profile: str, run_dir: str | Path | None, data_root: str | Pa
     """What each notebook's second cell calls: resolves its parameters and makes its run folder.
 
     Run alone in JupyterLab (run_dir None), a notebook works in `results/lab-<profile>`, which later
-    notebooks opened the same way find again.
+    notebooks opened the same way find again. Run by papermill, a parameter the notebook does not declare is
+    refused (`refuse_injected_unknown`).
     """
+    refuse_injected_unknown()
     cfg = resolve(profile, seed, data_root)
     run_dir = Path(run_dir) if run_dir else repo_root() / "results" / f"lab-{cfg['name']}"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -160,9 +208,11 @@ def portable(value: Any, run_dir: Path) -> Any:
 
 
 def git_commit() -> dict[str, Any]:
-    """The checkout's commit and whether it had uncommitted changes (a run is only as reproducible)."""
+    """The commit of the checkout the code comes from (else the project's) and whether it had uncommitted
+    changes (a run is only as reproducible)."""
     def git(*args: str) -> str:
-        out = subprocess.run(["git", *args], cwd=repo_root(), capture_output=True, text=True, timeout=20)
+        out = subprocess.run(["git", *args], cwd=package_checkout() or repo_root(), capture_output=True, text=True,
+                             timeout=20)
         return out.stdout.strip() if out.returncode == 0 else ""
 
     commit = git("rev-parse", "HEAD")
@@ -224,10 +274,12 @@ def default_run_name(profile_name: str) -> str:
 
 
 def new_run_dir(results: Path, run_name: str | None, profile: str, overwrite: bool, only: str | None) -> Path:
-    """The run folder; an earlier run's folder is never overwritten unless asked."""
+    """The run folder; an earlier run's folder is never overwritten unless asked. With `only` (one notebook
+    rerun into it) the folder is kept, since that notebook reads the earlier ones' files; `run_chain` passes
+    `overwrite` on to a notebook that has that parameter (03: replace its finished federation)."""
     run_dir = results / (run_name or default_run_name(profile))
     if run_dir.exists() and any(p.name != PROFILE_FILE for p in run_dir.iterdir()):
-        if overwrite:
+        if overwrite and not only:
             shutil.rmtree(run_dir)
         elif not only:
             raise FileExistsError(
@@ -238,11 +290,20 @@ def new_run_dir(results: Path, run_name: str | None, profile: str, overwrite: bo
     return run_dir
 
 
+def _unknown_parameters(unknown: Sequence[str], known: set[str], where: str) -> ValueError:
+    """The refusal of `unknown` parameters, each with the closest of `known` (difflib)."""
+    import difflib
+
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return ValueError(f"Unknown parameter {', '.join(hints)}: {where} take {', '.join(sorted(known))}.")
+
+
 def check_parameters(params: Mapping[str, Any], notebooks: Sequence[str]) -> None:
     """Refuse a parameter that none of `notebooks` has (papermill would only warn and run with the default),
     naming the closest parameter they do have."""
-    import difflib
-
     import papermill as pm
 
     known: set[str] = {"seed", "data_root"}
@@ -250,12 +311,49 @@ def check_parameters(params: Mapping[str, Any], notebooks: Sequence[str]) -> Non
         known |= set(pm.inspect_notebook(str(notebooks_dir() / f"{name}.ipynb")))
     unknown = sorted(set(params) - known)
     if unknown:
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise ValueError(f"Unknown parameter {', '.join(hints)}: {', '.join(notebooks)} take "
-                         f"{', '.join(sorted(known))}.")
+        raise _unknown_parameters(unknown, known, ", ".join(notebooks))
+
+
+def _assigned(source: str) -> list[str]:
+    """The names a cell assigns at its top level, in order (a parameters cell, or papermill's injected one)."""
+    import ast
+
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return []
+    names = []
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+            node, (ast.AnnAssign, ast.AugAssign)) else []
+        names += [t.id for t in targets if isinstance(t, ast.Name)]
+    return names
+
+
+def injected_unknown(history: Sequence[str]) -> tuple[list[str], set[str]]:
+    """The parameters papermill injected that the notebook does not declare, and those it declares, from the
+    cells a kernel executed (`In`): papermill's cell starts with "# Parameters" and runs right after the cell
+    tagged parameters. ([], set()) when nothing was injected (JupyterLab)."""
+    for index in range(len(history) - 1, 0, -1):
+        if history[index].lstrip().startswith("# Parameters"):
+            declared = set(_assigned(history[index - 1]))
+            return [name for name in _assigned(history[index]) if name not in declared], declared
+    return [], set()
+
+
+def refuse_injected_unknown() -> None:
+    """In a notebook run by papermill by hand (`papermill ... -p stepz 5`), refuse a parameter the notebook
+    does not declare: papermill only warns and the notebook would run with its default."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is None:
+        return
+    unknown, declared = injected_unknown(shell.user_ns.get("In", []))
+    if unknown:
+        raise _unknown_parameters(unknown, declared, "this notebook's parameters (its cell tagged parameters)")
 
 
 def run_chain(profile: str = "laptop", *, run_name: str | None = None, params: dict[str, Any] | None = None,
@@ -287,39 +385,46 @@ def run_chain(profile: str = "laptop", *, run_name: str | None = None, params: d
         "status": "running", "started": _now(), "ended": None,
     })
     _write_json(record_path, record)
-    for name in names:
-        source = notebooks_dir() / f"{name}.ipynb"
-        output = run_dir / f"{name}.ipynb"
-        # data_root stays None unless given: each notebook then resolves the same synthetic root itself
-        nb_params = {"profile": profile, "run_dir": str(run_dir), "data_root": data_root,
-                     "seed": cfg["seed"], **params}
-        if "interactive" in pm.inspect_notebook(str(source)):
-            # a browser viewer would wait for ever under papermill (itkwidgets): off unless asked
-            nb_params.setdefault("interactive", False)
-        entry = {"status": "running", "started": _now(), "parameters": nb_params}
-        record["notebooks"][name] = entry
-        _write_json(record_path, record)
-        t0 = time.perf_counter()
-        error = None
-        with PeakMemory() as memory:
-            try:
-                pm.execute_notebook(str(source), str(output), parameters=nb_params, cwd=str(run_dir),
-                                    kernel_name="python3", progress_bar=sys.stderr.isatty(),
-                                    log_output=log_output, report_mode=False)
-            except pm.PapermillExecutionError as exc:
-                error = (f"Notebook {name} failed in cell {exc.cell_index} (execution count {exc.exec_count}): "
-                         f"{exc.ename}: {exc.evalue}. The executed notebook is kept at {output}.")
-            except Exception as exc:  # kernel died, missing notebook, ...: still recorded, then re-raised
-                error = f"Notebook {name} could not run: {type(exc).__name__}: {exc}. Output (if any): {output}."
-        entry.update({"wall_s": round(time.perf_counter() - t0, 2), "peak_rss_mb": round(memory.peak / 2**20, 1),
-                      "ended": _now(), "status": "failed" if error else "ok"})
-        if error:
-            entry["error"] = error
-            record.update({"status": "failed", "ended": _now()})
+    print(f"fedseg: writing {run_dir} (project {repo_root()}; data {cfg['data_root']})", flush=True)
+    with project_env():  # the kernels find this project's data and cache wherever the run folder is
+        for name in names:
+            source = notebooks_dir() / f"{name}.ipynb"
+            output = run_dir / f"{name}.ipynb"
+            # data_root stays None unless given: each notebook then resolves the same synthetic root itself
+            nb_params = {"profile": profile, "run_dir": str(run_dir), "data_root": data_root,
+                         "seed": cfg["seed"], **params}
+            declared = pm.inspect_notebook(str(source))
+            if "interactive" in declared:
+                # a browser viewer would wait for ever under papermill (itkwidgets): off unless asked
+                nb_params.setdefault("interactive", False)
+            if overwrite and "overwrite" in declared:
+                nb_params.setdefault("overwrite", True)
+            # each notebook gets only the parameters it declares (the chain's were checked against all of them)
+            nb_params = {key: value for key, value in nb_params.items() if key in declared}
+            entry = {"status": "running", "started": _now(), "parameters": nb_params}
+            record["notebooks"][name] = entry
             _write_json(record_path, record)
-            _write_readme(run_dir)
-            raise ChainError(error)
-        _write_json(record_path, record)
+            t0 = time.perf_counter()
+            error = None
+            with PeakMemory() as memory:
+                try:
+                    pm.execute_notebook(str(source), str(output), parameters=nb_params, cwd=str(run_dir),
+                                        kernel_name="python3", progress_bar=sys.stderr.isatty(),
+                                        log_output=log_output, report_mode=False)
+                except pm.PapermillExecutionError as exc:
+                    error = (f"Notebook {name} failed in cell {exc.cell_index} (execution count {exc.exec_count}): "
+                             f"{exc.ename}: {exc.evalue}. The executed notebook is kept at {output}.")
+                except Exception as exc:  # kernel died, missing notebook, ...: still recorded, then re-raised
+                    error = f"Notebook {name} could not run: {type(exc).__name__}: {exc}. Output (if any): {output}."
+            entry.update({"wall_s": round(time.perf_counter() - t0, 2), "peak_rss_mb": round(memory.peak / 2**20, 1),
+                          "ended": _now(), "status": "failed" if error else "ok"})
+            if error:
+                entry["error"] = error
+                record.update({"status": "failed", "ended": _now()})
+                _write_json(record_path, record)
+                _write_readme(run_dir)
+                raise ChainError(error)
+            _write_json(record_path, record)
     record.update({"status": "ok", "ended": _now()})
     record["wall_s"] = round(sum(e.get("wall_s", 0) for e in record["notebooks"].values()), 2)
     record["peak_rss_mb"] = max((e.get("peak_rss_mb", 0) for e in record["notebooks"].values()), default=0)

@@ -1,10 +1,14 @@
-"""Deployment: a SuperLink and two SuperNodes (one site each) on 127.0.0.1 run the App with `flwr run`.
+"""Deployment: a SuperLink and two SuperNodes (one site each) on 127.0.0.1 run the App with `flwr run`, with the
+commands of the README's "Across sites" section as written there.
 
-As the README's "Across sites" section tells users to run it: TLS (a self-signed CA and a server certificate for
-127.0.0.1, made with openssl) and SuperNode authentication (one ssh-keygen ECDSA key pair per SuperNode, each public
-key registered with `flwr supernode register` before its SuperNode starts); a SuperNode with an unregistered key is
-refused. The run's real outcome is read with `flwr ls` (`flwr run` exits 0 even when the ServerApp fails), and
-`flwr run` works on a copy of the app folder in tmp, since it rewrites pyproject.toml and installs a copy.
+The commands are read from the README (`readme_command`) and only these are replaced, each checked to be there so
+a changed README fails this test instead of drifting from it: the server's host name (server.example.org ->
+127.0.0.1, with a certificate for IP:127.0.0.1), its port, the sites' key names, their node-config (dataset and
+data root of the test's data) and an extra `--port` per SuperNode (several on one machine), the app folder, and
+the run config. The environment is the venv's, as `source .venv/bin/activate` gives; nothing disables Flower's
+dependency installation behind the README's back. TLS and SuperNode authentication: a SuperNode with an
+unregistered key is refused. The run's real outcome is read with `flwr ls` (`flwr run` exits 0 even when the
+ServerApp fails).
 """
 
 import json
@@ -51,25 +55,6 @@ def wait_for_port(port, seconds=60):
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {seconds} s")
 
 
-def make_tls(folder, keys):
-    """Self-signed CA, a server certificate for IP:127.0.0.1/DNS:localhost, and an ECDSA key pair per name in keys."""
-    folder.mkdir()
-
-    def call(*command):
-        subprocess.run(command, cwd=folder, check=True, capture_output=True, timeout=60)
-
-    call("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
-         "-days", "2", "-subj", "/CN=fedseg-test-ca")
-    call("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
-         "-subj", "/CN=127.0.0.1")
-    (folder / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    call("openssl", "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-         "-out", "server.pem", "-days", "2", "-extfile", "san.ext")
-    for key in keys:
-        call("ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", f"{key}_key")
-    return folder
-
-
 def flwr_json(env, cwd, *arguments, timeout=60):
     """`flwr <arguments> --format json`, parsed (a failed command exits 0 too, with "success": false)."""
     done = subprocess.run([str(BIN / "flwr"), *arguments, "--format", "json"], env=env, capture_output=True,
@@ -80,22 +65,28 @@ def flwr_json(env, cwd, *arguments, timeout=60):
         return {"success": False, "error-message": done.stdout + done.stderr}
 
 
-def register_supernode(env, cwd, public_key, connection, seconds=60):
-    """`flwr supernode register <key>.pub <connection>`, retried while the SuperLink is still starting; the node id."""
-    deadline = time.time() + seconds
-    while True:
-        answer = flwr_json(env, cwd, "supernode", "register", str(public_key), connection)
-        if answer.get("success"):
-            return str(answer["node-id"])
-        if time.time() > deadline:
-            raise RuntimeError(f"registering {public_key} failed: {answer}")
-        time.sleep(2)
+def readme_command(program, replacements=()):
+    """The one command of the README's deployment block that starts with `program` (continuation lines joined),
+    with each (old, new) of `replacements` applied; an `old` the command does not hold fails the test."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("### Across sites"):]
+    block = section[section.index("```bash") + len("```bash"):]
+    block = block[:block.index("```")].replace("\\\n", " ")
+    found = [line.strip() for line in block.splitlines()
+             if line.strip() and not line.strip().startswith("#") and line.strip().startswith(program + " ")]
+    assert len(found) == 1, f"the README's deployment block has {len(found)} commands starting with {program}"
+    command = re.sub(r" {2,}", " ", re.sub(r"\s+#\s.*$", "", found[0]))  # an inline comment ends it
+    for old, new in replacements:
+        assert old in command, f"{old!r} is not in the README's command {command!r}"
+        command = command.replace(old, new)
+    return command
 
 
 @pytest.fixture
 def federation(tmp_path):
     """TLS SuperLink with SuperNode authentication + SuperNodes for liver and spleen with registered keys, and one
-    SuperNode with an unregistered key ("rogue"); each in its own process group, all stopped at the end."""
+    SuperNode with an unregistered key ("rogue"), all started with the README's commands; each in its own process
+    group, all stopped at the end."""
     missing = [tool for tool in ("openssl", "ssh-keygen") if shutil.which(tool) is None]
     if missing:
         pytest.skip(f"{' and '.join(missing)} not found: needed for the TLS certificates and SuperNode keys")
@@ -105,47 +96,80 @@ def federation(tmp_path):
     cfg.pop("data_root")
     cfg["data"] = {"source": "real"}
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg))
-    app = tmp_path / "app"
-    app.mkdir()
-    shutil.copy(REPO / "pyproject.toml", app / "pyproject.toml")  # the App is installed; fedseg from the venv
     home = tmp_path / "flwr-home"
     home.mkdir()
     datasets = ("liver", "spleen")
-    tls = make_tls(tmp_path / "tls", (*datasets, "rogue"))  # the rogue key is never registered
-    connection = "loopback-tls"
+    tls = tmp_path / "tls"
+    tls.mkdir()
     link_port, *node_ports = free_ports(4)
+    host = [("server.example.org:8443", f"127.0.0.1:{link_port}")]
+    env = {**os.environ, "FLWR_HOME": str(home), "FEDSEG_CACHE": str(tmp_path / "cache"),
+           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", None)
+
+    def shell(command, cwd=tls, timeout=60):
+        done = subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+        assert done.returncode == 0, (command, done.stdout + done.stderr)
+        return done
+
+    # the server's certificates, for 127.0.0.1 instead of server.example.org
+    certificate_commands = [line for line in (REPO / "README.md").read_text().split("### Across sites")[1]
+                            .split("```")[1].splitlines() if line.startswith(("openssl", "echo"))]
+    assert len(certificate_commands) == 4, certificate_commands
+    for command in certificate_commands:
+        command = command.replace("/CN=server.example.org", "/CN=127.0.0.1").replace(
+            "subjectAltName=DNS:server.example.org", "subjectAltName=IP:127.0.0.1,DNS:localhost")
+        assert "example.org" not in command, command
+        shell(command)
+    for name in (*datasets, "rogue"):  # the rogue key is never registered
+        shell(readme_command("ssh-keygen", [("site_key", f"{name}_key")]))
+    connection = "study"
     (home / "config.toml").write_text(f'[superlink]\ndefault = "{connection}"\n\n[superlink.{connection}]\n'
                                       f'address = "127.0.0.1:{link_port}"\n'
                                       f'root-certificates = "{tls / "ca.crt"}"\n')
-    env = {**os.environ, "FLWR_HOME": str(home), "FEDSEG_CACHE": str(tmp_path / "cache"),
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    link = [BIN / "flower-superlink", "--port", str(link_port), "--ssl-ca-certfile", tls / "ca.crt",
-            "--ssl-certfile", tls / "server.pem", "--ssl-keyfile", tls / "server.key", "--enable-supernode-auth",
-            "--database", tmp_path / "link.db"]
+    link = readme_command("flower-superlink", [("--host 0.0.0.0", "--host 127.0.0.1"),
+                                               ("--port 8443", f"--port {link_port}")])
     nodes = {}
     for name, port in zip((*datasets, "rogue"), node_ports):
         dataset = "liver" if name == "rogue" else name
-        nodes[name] = [BIN / "flower-supernode", "--root-certificates", tls / "ca.crt",
-                       "--superlink", f"127.0.0.1:{link_port}", "--auth-supernode-private-key", tls / f"{name}_key",
-                       "--port", str(port),
-                       "--node-config", f'dataset="{dataset}" data-root="{tmp_path / "data"}"']
+        nodes[name] = readme_command("flower-supernode", [
+            *host, ("private-key site_key", f"private-key {name}_key"),
+            ("""'dataset="liver" data-root="/data/fedseg" run-dir="/data/fedseg-runs/run1"'""",
+             f"""'dataset="{dataset}" data-root="{tmp_path / "data"}"' --port {port}""")])
     processes = {}
 
     def start(name, command):
-        log = open(tmp_path / f"{name}.log", "w")
-        processes[name] = subprocess.Popen([str(c) for c in command], env=env, stdout=log,
+        log = open(tmp_path / f"{name}.log", "a")
+        processes[name] = subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=tls, env=env, stdout=log,
                                            stderr=subprocess.STDOUT, start_new_session=True)
         log.close()  # the child holds its own copy
+
+    def register(name, seconds=60):
+        """The README's `flwr supernode register`, retried while the SuperLink is still starting; the node id."""
+        command = readme_command("flwr supernode register", [("site_key.pub", f"{name}_key.pub")])
+        deadline = time.time() + seconds
+        while True:
+            done = subprocess.run(["bash", "-c", command + " --format json"], cwd=tls, env=env,
+                                  capture_output=True, text=True, timeout=60)
+            try:
+                answer = json.loads(done.stdout)
+            except json.JSONDecodeError:
+                answer = {"success": False, "error-message": done.stdout + done.stderr}
+            if answer.get("success"):
+                return str(answer["node-id"])
+            if time.time() > deadline:
+                raise RuntimeError(f"registering {name} failed: {answer}")
+            time.sleep(2)
 
     try:
         start("superlink", link)
         wait_for_port(link_port)
-        node_ids = {dataset: register_supernode(env, tmp_path, tls / f"{dataset}_key.pub", connection)
-                    for dataset in datasets}  # registered before the SuperNodes start
+        node_ids = {dataset: register(dataset) for dataset in datasets}  # registered before the SuperNodes start
         for name, command in nodes.items():
             start(name, command)
-        yield {"root": tmp_path, "app": app, "env": env, "pyproject": (app / "pyproject.toml").read_text(),
-               "connection": connection, "node_ids": node_ids, "rogue": processes["rogue"]}
+        yield {"root": tmp_path, "app": tmp_path / "app", "env": env, "connection": connection,
+               "node_ids": node_ids, "processes": processes, "restart": lambda name: start(name, nodes[name])}
     finally:
         for process in processes.values():  # each group holds a node and the superexec/app processes it spawned
             if process.poll() is None:
@@ -164,14 +188,17 @@ def federation(tmp_path):
                 pass
 
 
-def flwr_run(federation, run_dir, cases, timeout=540):
-    """`flwr run <copy of the app> loopback-tls --stream` with the study's run_config; returns (run id, output)."""
+def flwr_run(federation, run_dir, cases, extra="", timeout=540):
+    """The README's `flwr run` (on a copy of pyproject.toml) with the test's run config; (run id, output)."""
     root = federation["root"]
     run_config = (f'profile="{root / "tiny.yaml"}" run-dir="{run_dir}" data-root="{root / "data"}" '
-                  f'cases="{cases}" min-clients=2')
-    done = subprocess.run([str(BIN / "flwr"), "run", str(federation["app"]), federation["connection"], "--stream",
-                           "--run-config", run_config], env=federation["env"], capture_output=True, text=True,
-                          timeout=timeout, cwd=root)
+                  f'cases="{cases}" min-clients=2 {extra}').strip()
+    command = readme_command("mkdir -p /tmp/fedseg-app", [
+        ("/tmp/fedseg-app", str(federation["app"])),
+        ("""'profile="paper" run-dir="/runs/fl1" rounds=60 clients="liver,pancreas,kits19,spleen"'""",
+         f"'{run_config}'")])
+    done = subprocess.run(["bash", "-c", command], env=federation["env"], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
     output = done.stdout + done.stderr
     found = re.search(r"Successfully started run (\d+)", output)
     assert found, output
@@ -179,8 +206,12 @@ def flwr_run(federation, run_dir, cases, timeout=540):
 
 
 def run_status(federation, run_id):
-    """The run's real status from the SuperLink (`flwr run` exits 0 even when the ServerApp failed)."""
-    answer = flwr_json(federation["env"], federation["root"], "ls", federation["connection"], "--run-id", run_id)
+    """The run's real status from the SuperLink, with the README's `flwr ls` (`flwr run` exits 0 even when the
+    ServerApp failed)."""
+    command = readme_command("flwr ls") + f" --run-id {run_id} --format json"
+    done = subprocess.run(["bash", "-c", command], env=federation["env"], capture_output=True, text=True,
+                          timeout=60, cwd=federation["root"])
+    answer = json.loads(done.stdout)
     assert answer.get("success"), answer
     runs = answer["runs"]
     return runs[0]["status"], runs[0].get("status-details", "")
@@ -201,10 +232,10 @@ def test_two_sites_federate_with_flwr_run_and_a_failing_site_fails_the_run(feder
     for dataset in ("liver", "spleen"):
         assert (run_dir / "checkpoints" / f"fl-local-{dataset}" / "best.pt").exists()
     assert json.loads((run_dir / "fl" / "summary.json").read_text())["num_rounds"] == 2
-    assert (root / "app" / "pyproject.toml").read_text() == federation["pyproject"]  # flwr run left it alone
+    assert (root / "app" / "pyproject.toml").read_text() == (REPO / "pyproject.toml").read_text()  # left alone
 
     # the SuperNode with an unregistered key was refused; only the two registered SuperNodes are online
-    rogue = federation["rogue"]
+    rogue = federation["processes"]["rogue"]
     assert rogue.wait(timeout=60) != 0
     assert "Failed to activate SuperNode" in (root / "rogue.log").read_text()
     answer = flwr_json(federation["env"], root, "supernode", "ls", federation["connection"])
@@ -220,3 +251,59 @@ def test_two_sites_federate_with_flwr_run_and_a_failing_site_fails_the_run(feder
     assert status == "finished:failed", (status, details)
     assert "spleen" in details and "absent.nii.gz" in details, details
     assert not (root / "run-broken" / "fl" / "summary.json").exists()
+
+
+def test_a_lost_site_is_named_a_missing_one_awaited_and_the_run_resumed_when_it_is_back(federation):
+    """Issue: killing the spleen SuperNode in round 2 gave `node 1 (dataset unknown ...)`; a run waiting for sites
+    said only how many were connected, and for ever; a failed run started again from round 1."""
+    root = federation["root"]
+    run_dir = root / "run-kill"
+    processes = federation["processes"]
+    run = {}
+
+    def start_run():
+        run["result"] = flwr_run(federation, run_dir, root / "cases.csv", "rounds=4")
+
+    import threading
+
+    thread = threading.Thread(target=start_run)
+    thread.start()
+    rounds = run_dir / "metrics" / "fl_rounds.csv"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (rounds.exists() and (pd.read_csv(rounds)["kind"] == "global").any()):
+        time.sleep(0.5)
+    assert rounds.exists(), "round 1 never finished"
+    os.killpg(processes["spleen"].pid, signal.SIGKILL)  # the spleen site goes down in round 2
+    processes["spleen"].wait(timeout=30)
+    thread.join(timeout=600)
+    run_id, output = run["result"]
+    status, details = run_status(federation, run_id)
+    assert status == "finished:failed", (status, details)
+    print(f"killed spleen SuperNode -> {status}: {details}")  # shown with pytest -rA
+    assert "client 'spleen'" in details and "dataset unknown" not in details, details
+    reason = json.loads((run_dir / "fl" / "status.json").read_text())
+    assert reason["status"] == "failed" and "client 'spleen'" in reason["reason"]
+    finished_rounds = int(torch.load(run_dir / "fl" / "state.pt", weights_only=False)["round"])
+    assert 1 <= finished_rounds < 4
+
+    # while the spleen site is down, a run that needs it says so and gives up after wait-timeout
+    run_id, output = flwr_run(federation, root / "run-wait", root / "cases.csv",
+                              'clients="liver,spleen" wait-timeout=5')
+    status, details = run_status(federation, run_id)
+    assert status == "finished:failed", (status, details)
+    print(f"waiting for the spleen site -> {status}: {details}")
+    assert "1 of 2 sites connected (liver); missing: spleen" in details, details
+
+    # the site is back: the same command continues the federation after its last finished round
+    federation["restart"]("spleen")
+    run_id, output = flwr_run(federation, run_dir, root / "cases.csv", "rounds=4")
+    status, details = run_status(federation, run_id)
+    assert status == "finished:completed", (status, details, output[-3000:])
+    summary = json.loads((run_dir / "fl" / "summary.json").read_text())
+    assert summary["resumed_after_round"] == finished_rounds and summary["num_rounds"] == 4
+    table = pd.read_csv(rounds)
+    assert sorted(table[table["kind"] == "global"]["round"]) == [1, 2, 3, 4]
+    # and a finished federation is not replaced unless the run config says overwrite
+    run_id, output = flwr_run(federation, run_dir, root / "cases.csv", "rounds=4")
+    status, details = run_status(federation, run_id)
+    assert status == "finished:failed" and "holds a finished federation" in details, (status, details)

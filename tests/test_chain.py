@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from fedseg import run_folder
 from fedseg.run import CHAIN
 
 pytestmark = pytest.mark.slow
@@ -51,7 +52,7 @@ def test_data_prep_outputs(smoke_run):
     fingerprint = pd.read_csv(run_dir / "tables" / "fingerprint.csv", index_col=0)
     assert len(fingerprint) == 5 and fingerprint["orientation"].nunique() > 1
     assert (run_dir / "figures" / "fig1_datasets.png").stat().st_size > 10_000
-    data = json.loads((run_dir / "data" / "data.json").read_text())
+    data = json.loads(run_folder.data_summary(run_dir).read_text())
     assert data["cases"] == len(cases) and data["source"] == "synthetic"
 
 
@@ -75,7 +76,7 @@ def test_external_evaluation_outputs(smoke_run):
     assert (timing.seconds > 0).all()
     # predictions lie on the original BTCV grid, so they open over the CT
     row = btcv.iloc[0]
-    data_root = json.loads((run_dir / "data" / "data.json").read_text())["data_root"]
+    data_root = json.loads(run_folder.data_summary(run_dir).read_text())["data_root"]
     image = nib.load(case_files(data_root, row)[0])
     prediction = nib.load(run_dir / "predictions" / "btcv" / external.slug(external.LOCAL_PP) / f"{row['case_id']}.nii.gz")
     assert prediction.shape == image.shape and np.allclose(prediction.affine, image.affine)

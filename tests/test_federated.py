@@ -111,7 +111,7 @@ def arrays_of(value, shape=(3, 4)):
 
 def test_fedavg_weights_are_n_k_over_n():
     assert fedavg_weights([10, 30]) == [0.25, 0.75]
-    table1 = [79, 169, 126, 25]  # seed 000 Table 1 training cases: liver, pancreas, kits19, spleen
+    table1 = [79, 169, 126, 25]  # Shen et al. 2022, Table 1 training cases: liver, pancreas, kits19, spleen
     weights = fedavg_weights(table1)
     assert weights == [n / 399 for n in table1] and math.isclose(sum(weights), 1.0)
     for bad in ([], [0, 0], [3, -1]):

@@ -1,5 +1,5 @@
-"""Whole-volume inference: preprocessing with meta, ensemble, inversion to the original grid, seed 000's
-post-processing and fusion, BTCV organs, NIfTI output and seed 003's coarse-to-fine pass."""
+"""Whole-volume inference: preprocessing with meta, ensemble, inversion to the original grid, Shen et al. 2022's
+post-processing and fusion, BTCV organs, NIfTI output and Wang & Ma 2022's coarse-to-fine pass."""
 
 from __future__ import annotations
 

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from fedseg import run_folder
 from fedseg.labels import TRAIN_DATASETS, owned_channels
 
 HELD, NOT_HELD, NOT_TESTED = "held", "not held", "not tested at this scale"
@@ -96,7 +97,7 @@ def _paired(a: pd.DataFrame, b: pd.DataFrame, group: str, value: str = "dice") -
 def federation_label(folder: Path) -> str:
     """"fedavg, loss dice_ce": method and loss of the federation whose files are in `folder`, from its resolved
     configuration (`fl/config.json`), else from its `run.json` (the profile, then 03's parameters over it)."""
-    config, record = folder / "fl" / "config.json", folder / "run.json"
+    config, record = run_folder.fl_config(folder), folder / "run.json"
     if config.exists():
         cfg = json.loads(config.read_text())
         method, loss = cfg.get("federated", {}).get("method"), cfg.get("train", {}).get("loss")
@@ -237,20 +238,20 @@ def _read(path: Path) -> pd.DataFrame | None:
 def federation_folders(run_dir: Path) -> list[Path]:
     """The run folder and each sub-folder (a compared loss, a swept method) holding FL test scores."""
     folders = [run_dir] + sorted(p for p in run_dir.iterdir() if p.is_dir())
-    return [f for f in folders if (f / "metrics" / "fl_test_dice_per_case.csv").exists()]
+    return [f for f in folders if run_folder.metrics_file(f, "fl_test_dice_per_case.csv").exists()]
 
 
 def claims_table(run_dir: str | Path, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
     """Every claim, decided from `run_dir`'s files (and its sub-runs' FL scores: one set of test-split claims per
     federation)."""
     run_dir = Path(run_dir)
-    metrics = run_dir / "metrics"
+    metrics = run_folder.metrics_dir(run_dir)
     sl = _read(metrics / "test_dice_per_case.csv")
     rows: list[dict[str, Any]] = []
     folders = federation_folders(run_dir)
     for folder in folders:
         where = "" if folder == run_dir else f" (`{folder.name}/`)"  # a sub-run: a compared loss, a swept method
-        rows += shen_test_split_claims(sl, pd.read_csv(folder / "metrics" / "fl_test_dice_per_case.csv"),
+        rows += shen_test_split_claims(sl, pd.read_csv(run_folder.metrics_file(folder, "fl_test_dice_per_case.csv")),
                                        f"test splits, {federation_label(folder)}{where}", n_boot, seed)
     if not folders:
         for claim in ("FL local > SL on average (test splits)",
@@ -278,5 +279,5 @@ def save_claims(run_dir: str | Path, n_boot: int = 2000, seed: int = 0) -> pd.Da
     table = claims_table(run_dir, n_boot, seed)
     shown = table[["paper", "claim", "tested on", "evidence", "verdict"]].set_index("paper")
     save_table(shown, run_dir, "claims", note=NOTE)
-    table.to_csv(Path(run_dir) / "tables" / "claims.csv", index=False)
+    table.to_csv(run_folder.table_file(run_dir, "claims"), index=False)
     return table

@@ -1,4 +1,4 @@
-"""Label completion for a client's unlabelled channels from the global model (STUDY.md, Experiments item 7).
+"""Label completion for a client's unlabelled channels from the global model (docs/study.md, Experiments, item 7).
 
 Every client annotates only some of the 8 channels (`fedseg.labels.owned_mask`); the partial-label losses
 (`fedseg.losses`) leave the others unsupervised. Two ways to supervise them with the federated model:
@@ -11,7 +11,7 @@ Every client annotates only some of the 8 channels (`fedseg.labels.owned_mask`);
   background. ConDistFL works on softmax outputs, renormalised to "given not a local organ", with a soft
   Dice; here the channels are independent sigmoids, so no renormalisation is needed and the per-voxel
   binary KL divergence is used instead (written out at `distillation_loss`).
-- `pseudo_label`: offline pseudo-labels as in seed 003 (Wang & Ma, "Semi-supervised Context-aware
+- `pseudo_label`: offline pseudo-labels as in Wang & Ma 2022 ("Semi-supervised Context-aware
   Multi-Organ Segmentation", FLARE 2022, §2.3): a trained model predicts the missing structures, the
   prediction is cleaned by connected-component analysis (largest component per channel), merged into the
   labels, and training continues on the completed targets.

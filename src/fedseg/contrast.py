@@ -1,4 +1,4 @@
-"""FedGIN's cross-contrast experiment (seed 004; STUDY.md Experiment 6) on the synthetic data.
+"""FedGIN's cross-contrast experiment (Nagaraju et al. 2025; docs/study.md, Experiments, item 6) on the synthetic data.
 
 Some clients hold MRI-like data (the phantom's `data.phantom.mri_like`, default liver and spleen), the others
 CT. The federation runs with and without GIN augmentation (`fedgin` vs `fedavg`), and every model is then

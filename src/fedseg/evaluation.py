@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from fedseg import run_folder
 from fedseg.models import build_network
 from fedseg.training import select_device, validate
 from fedseg.transforms import case_records, evaluation_dataset
@@ -30,7 +31,7 @@ def trained_network(cfg: dict[str, Any], checkpoint: str | Path, saved: dict[str
     if recorded_settings.get("model"):
         return dict(recorded_settings["model"])
     folder = Path(checkpoint).parent
-    recorded = folder.parent.parent / "fl" / "config.json"
+    recorded = run_folder.fl_config(folder.parent.parent)
     if folder.name.startswith("fl-") and folder.parent.name == "checkpoints" and recorded.exists():
         return json.loads(recorded.read_text())["model"]
     return cfg["model"]

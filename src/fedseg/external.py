@@ -1,4 +1,6 @@
-"""The external evaluation on BTCV (STUDY.md Experiment 8; seed 000 §3.4, Table 3; seed 003 for coarse-to-fine).
+"""The external evaluation on BTCV (docs/study.md, Experiments, item 8; Shen et al. 2022 §3.4, Table 3).
+
+Coarse-to-fine inference follows Wang & Ma 2022.
 
 Every method is scored on the original BTCV grid: sliding-window inference at the profile's spacing, the
 prediction resampled back to the file's grid (`inference.to_original_grid`), then Dice, NSD and HD95 per
@@ -8,7 +10,7 @@ Each model runs once per case; the methods are combinations of those passes:
 - **FL global model**: the server's best model alone.
 - **FL local model (ensemble)**: each channel from the local best of the client that owns it.
 - **FL local model (processed)**: the ensemble, then the largest connected component per channel (both
-  kidneys kept) and fusion in seed 000's order (a later label overrides an earlier one).
+  kidneys kept) and fusion in Shen et al. 2022's order (a later label overrides an earlier one).
 - **SL (ensemble)** / **SL (processed)**: the standalone models combined the same way.
 - **Central aggregation**: the one model trained on the pooled data.
 - **... coarse-to-fine**: the processed FL local ensemble where a first stage finds the organs' box and the fine
@@ -31,7 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fedseg import inference, metrics
+from fedseg import inference, metrics, run_folder
 from fedseg.datasets import case_files, present_datasets
 from fedseg.evaluation import load_best
 from fedseg.labels import TRAIN_DATASETS
@@ -59,7 +61,7 @@ METHOD_GROUP: dict[str, str] = {SL: "sl", SL_PP: "sl", CENTRAL: "central", GLOBA
 
 def run_datasets(run_dir: str | Path) -> tuple[str, ...]:
     """The training datasets of a run: those its cases table (`data/cases.csv`, 01) holds, else all four."""
-    cases_file = Path(run_dir) / "data" / "cases.csv"
+    cases_file = run_folder.cases_file(run_dir)
     if cases_file.exists():
         present = present_datasets(pd.read_csv(cases_file, usecols=["dataset"]), TRAIN_DATASETS)
         if present:
@@ -71,11 +73,10 @@ def group_checkpoints(run_dir: str | Path, datasets: tuple[str, ...] | None = No
     """Where a run keeps each group's best checkpoints, whether or not they exist: "sl" and "fl-local"
     (dataset -> path, for each of `datasets`, default the run's training datasets `run_datasets`: all four
     unless 01 used part of the data), "fl-global" and "central" (one path under key "model")."""
-    checkpoints = Path(run_dir) / "checkpoints"
     datasets = run_datasets(run_dir) if datasets is None else tuple(datasets)
-    groups = {group: {d: checkpoints / f"{prefix}{d}" / "best.pt" for d in datasets}
+    groups = {group: {d: run_folder.checkpoint(run_dir, f"{prefix}{d}") for d in datasets}
               for group, prefix in (("sl", "sl-"), ("fl-local", "fl-local-"))}
-    groups.update({folder: {"model": checkpoints / folder / "best.pt"} for folder in ("fl-global", "central")})
+    groups.update({model: {"model": run_folder.checkpoint(run_dir, model)} for model in ("fl-global", "central")})
     return groups
 
 
@@ -99,8 +100,8 @@ def load_localiser(run_dir: str | Path, cfg: dict[str, Any], device: torch.devic
 
     from fedseg.training import LOCALISER_NAME
 
-    folder = Path(run_dir) / "checkpoints" / LOCALISER_NAME
-    if not (folder / "best.pt").exists():
+    folder = run_folder.model_dir(run_dir, LOCALISER_NAME)
+    if not (folder / run_folder.BEST).exists():
         return None
     record = json.loads((folder / "localiser.json").read_text())
     if [float(s) for s in record["fine_spacing"]] != [float(s) for s in cfg["preprocess"]["spacing"]] \
@@ -108,7 +109,7 @@ def load_localiser(run_dir: str | Path, cfg: dict[str, Any], device: torch.devic
         raise ValueError(f"{folder} was trained for {record['fine_spacing']} mm voxels and network {record['model']}, "
                          f"not this run's {cfg['preprocess']['spacing']} mm and {cfg['model']}: retrain it (02) or "
                          "evaluate with coarse_to_fine=False.")
-    return {LOCALISER_NAME: load_best(cfg, folder / "best.pt", device)}, float(record["factor"])
+    return {LOCALISER_NAME: load_best(cfg, folder / run_folder.BEST, device)}, float(record["factor"])
 
 
 def _methods(groups: Mapping[str, Any]) -> list[str]:
@@ -175,7 +176,7 @@ def evaluate_btcv(cfg: dict[str, Any], cases: pd.DataFrame, run_dir: str | Path,
     groups = run_checkpoints(run_dir, present_datasets(cases, TRAIN_DATASETS) or None)
     methods = _methods(groups)
     if not methods:
-        raise FileNotFoundError(f"No trained models under {run_dir / 'checkpoints'}: run 02 and 03 with this run_dir.")
+        raise FileNotFoundError(f"No trained models under {run_folder.checkpoints_dir(run_dir)}: run 02 and 03 with this run_dir.")
     btcv = btcv_test_cases(cases)
     device = select_device()
     models = {group: load_group(cfg, paths, device) for group, paths in groups.items()}
@@ -211,7 +212,7 @@ def evaluate_btcv(cfg: dict[str, Any], cases: pd.DataFrame, run_dir: str | Path,
             elapsed = time.perf_counter() - start + model_seconds
             if write:
                 inference.write_prediction(fused, image_path,
-                                           run_dir / "predictions" / "btcv" / slug(method) / f"{row['case_id']}.nii.gz")
+                                           run_folder.predictions_dir(run_dir, "btcv", slug(method)) / f"{row['case_id']}.nii.gz")
             predicted = inference.organ_masks(fused if method in (SL_PP, LOCAL_PP, COARSE) else mask)
             for item in metrics.score_case(predicted, truth, spacing, tolerances):
                 scores.append({"method": method, "case_id": row["case_id"], **item})

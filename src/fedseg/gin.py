@@ -1,4 +1,4 @@
-"""GIN: Global Intensity Non-linear augmentation, for the FedGIN experiment (STUDY.md, Experiments item 6).
+"""GIN: Global Intensity Non-linear augmentation, for the FedGIN experiment (docs/study.md, Experiments, item 6).
 
 What it does. Every sample is passed through a *freshly drawn, randomly initialised* shallow 3D
 convolutional network (``layers`` conv layers, kernel size drawn per layer from ``kernel_size``,
@@ -18,8 +18,9 @@ References.
 - C. Ouyang, C. Chen, S. Li, Z. Li, C. Qin, W. Bai, D. Rueckert, "Causality-inspired single-source domain
   generalization for medical image segmentation", IEEE TMI 2022 (arXiv:2111.12525) — GIN itself
   (reference code: GINGroupConv, 4 layers, 2 intermediate channels, kernels from {1, 3}).
-- "FedGIN: Advancing Organ Segmentation with Privacy-Preserving Multi-modal Federated Learning"
-  (/work/shared/seeds/004_*.txt) — GIN in the local training of FedAvg clients with unpaired CT and MRI.
+- S. Dudda Nagaraju, A. Moradi, B. S. Abrahamsen, M. Elschot, "FedGIN: Federated Learning with Dynamic Global
+  Intensity Non-linear Augmentation for Organ Segmentation using Multi-modal Images", 2025 (arXiv:2508.05137;
+  docs/references.md) — GIN in the local training of FedAvg clients with unpaired CT and MRI.
 
 Differences from the reference code, and why. (1) The input is standardised (zero mean, unit std) before
 the network and the weights are drawn with std ``1/sqrt(fan_in)``, so the random biases (std 1) place the

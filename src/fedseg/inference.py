@@ -1,16 +1,16 @@
-"""Inference on whole CT volumes for the external evaluation (STUDY.md, Experiments item 8; seed 000 §3.4).
+"""Inference on whole CT volumes for the external evaluation (docs/study.md, item 8; Shen et al. 2022 §3.4).
 
 The pieces compose; a BTCV case with the four FL local models (client name -> model) reads::
 
     image = inference_transform(cfg)({"image": path})["image"]          # preprocessed, meta tracked
     logits = ensemble_logits(predict_logits(local_models, image, cfg, device))
     mask = to_original_grid(logits, image, cfg, logits=True)             # (8, *original shape) bool
-    label_map = fuse(postprocess(mask))                                  # seed 000's post-processing
+    label_map = fuse(postprocess(mask))                                  # Shen et al. 2022's post-processing
     scores_input = organ_masks(label_map), btcv_truth(nib.load(label_path).get_fdata())
     write_prediction(label_map, path, out_path)
 
 The global model is `predict_logits({"global": model}, ...)["global"]`, no ensemble. `coarse_to_fine_logits`
-(seed 003) replaces `predict_logits` where the fine pass should only run around the organs.
+(Wang & Ma 2022) replaces `predict_logits` where the fine pass should only run around the organs.
 
 Everything is on channel-first tensors without a batch dimension: images (1, X, Y, Z), logits and masks
 (8, X, Y, Z) in the order of `fedseg.labels.CHANNELS`.
@@ -41,10 +41,10 @@ from fedseg.transforms import IMAGE
 Predictor = Union[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor]]
 Models = Union[Predictor, Mapping[str, Predictor]]
 
-#: Seed 000's fusion order: a later channel overrides an earlier one where masks overlap.
+#: Shen et al. 2022's fusion order: a later channel overrides an earlier one where masks overlap.
 FUSION_ORDER: tuple[str, ...] = ("liver", "liver_tumor", "spleen", "pancreas", "pancreas_tumor", "kidney",
                                  "kidney_tumor")
-#: The four organs BTCV is scored on (seed 000 Table 3 order) and the channels each is the union of.
+#: The four organs BTCV is scored on (Shen et al. 2022, Table 3 order) and the channels each is the union of.
 BTCV_ORGANS: dict[str, tuple[str, ...]] = {
     "liver": ("liver", "liver_tumor"),
     "pancreas": ("pancreas", "pancreas_tumor"),
@@ -126,7 +126,7 @@ def predict_logits(models: Models, image: torch.Tensor, cfg: dict[str, Any],
 
 
 def ensemble_logits(logits_by_client: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Seed 000's ensemble of local models: each channel from the model of the client that owns it.
+    """Shen et al. 2022's ensemble of local models: each channel from the model of the client that owns it.
 
     Keys are client dataset names (liver, pancreas, kits19, spleen). The composition is the SegViz
     meta-model's (`models.meta_logits`) with whole models in place of task blocks: a channel no given
@@ -187,7 +187,7 @@ def _check_multihot(mask: np.ndarray) -> None:
 
 
 def postprocess(mask: torch.Tensor | np.ndarray, num_components: Mapping[str, int | None] | None = None) -> np.ndarray:
-    """Seed 000's post-processing: the largest connected component of each foreground channel, independently,
+    """Shen et al. 2022's post-processing: the largest connected component of each foreground channel, independently,
     with both kidneys kept.
 
     By default (`POSTPROCESS_COMPONENTS`) the kidney channel keeps its 2 largest components and every other
@@ -217,7 +217,7 @@ def postprocess(mask: torch.Tensor | np.ndarray, num_components: Mapping[str, in
 def fuse(mask: torch.Tensor | np.ndarray) -> np.ndarray:
     """One uint8 label map from an (8, X, Y, Z) mask: channel index 1..7 painted in `FUSION_ORDER`.
 
-    A later channel overrides an earlier one (seed 000): liver and spleen at once is spleen, a liver
+    A later channel overrides an earlier one (Shen et al. 2022): liver and spleen at once is spleen, a liver
     tumour voxel is liver_tumor. 0 where no foreground channel is on.
     """
     array = _bool_array(mask)
@@ -310,7 +310,7 @@ def _widen(lo: int, hi: int, size: int, n: int) -> tuple[int, int]:
 def coarse_to_fine_logits(models: Models, image: torch.Tensor, cfg: dict[str, Any], device: torch.device,
                           coarse_factor: float = 2.0, margin_mm: float = 20.0, *,
                           coarse_models: Models | None = None) -> CoarseToFine:
-    """Seed 003's two stages: a coarse pass localises the organs, the fine pass runs only around them.
+    """Wang & Ma 2022's two stages: a coarse pass localises the organs, the fine pass runs only around them.
 
     The preprocessed image is downsampled by `coarse_factor` (MONAI Resize, area averaging) and segmented
     with `coarse_models` (default: the fine models themselves, used one scale coarser than they were trained

@@ -1,4 +1,4 @@
-"""The unified 8-channel label scheme and each dataset's map into it (STUDY.md, "Unified label scheme").
+"""The unified 8-channel label scheme and each dataset's map into it (docs/study.md, "Unified label scheme").
 
 This module is the one place that defines the scheme: channel names and order, which dataset annotates
 which channel, how a dataset's integer label map becomes a multi-hot target, and the paper's colours.
@@ -54,7 +54,7 @@ LABEL_MAPS: dict[str, dict[int, tuple[str, ...]]] = {
     },
 }
 
-#: Seed 000 Fig. 1 colours (RGB 0..1): kidney pink, kidney tumor brown, liver red, liver tumor green,
+#: Shen et al. 2022, Fig. 1 colours (RGB 0..1): kidney pink, kidney tumor brown, liver red, liver tumor green,
 #: pancreas yellow, pancreas tumor aquamarine, spleen blue.
 COLOURS: dict[str, tuple[float, float, float]] = {
     "liver": (0.90, 0.10, 0.10),

@@ -5,9 +5,9 @@ Every loss takes `pred` logits (B, 8, *spatial), `target` multi-hot (B, 8, *spat
 (`labels.owned_mask`), and returns a scalar. The soft Dice is MONAI's `DiceLoss` on sigmoids, per sample
 and channel; which (sample, channel) pairs count is decided here.
 
-- `literal_dice_loss`: seed 000's Eq. 2 read literally; unlabelled channels are taught "empty".
+- `literal_dice_loss`: Shen et al. 2022's Eq. 2 read literally; unlabelled channels are taught "empty".
 - `masked_dice_loss`: marginal loss; unlabelled channels get no loss and exactly zero gradient.
-- `dice_ce_loss`: seed 003's Dice + cross-entropy, both on owned channels only; unlabelled channels as above.
+- `dice_ce_loss`: Wang & Ma 2022's Dice + cross-entropy, both on owned channels only; unlabelled channels as above.
 - `literal_dice_ce_loss`: Dice + cross-entropy on all foreground channels, unlabelled ones as negatives.
 """
 
@@ -72,7 +72,7 @@ def masked_mean(per_pair: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def literal_dice_loss(pred: torch.Tensor, target: torch.Tensor, owned: torch.Tensor | None = None,
                       smooth_nr: float = SMOOTH_NR, smooth_dr: float = SMOOTH_DR, batch: bool = False) -> torch.Tensor:
-    """Eq. 2 of seed 000: mean soft Dice loss over channels 1..7 and samples; `owned` is ignored.
+    """Eq. 2 of Shen et al. 2022: mean soft Dice loss over channels 1..7 and samples; `owned` is ignored.
 
     Unlabelled channels: their target is 0, so they are taught "organ absent" (the paper's conflict).
     Eq. 2 writes 1/C (C=8) before a sum over 7 channels; its text says "average Dice of all output
@@ -106,7 +106,7 @@ def _owned_channel_mean(per_channel: torch.Tensor, mask: torch.Tensor) -> torch.
 def dice_ce_loss(pred: torch.Tensor, target: torch.Tensor, owned: torch.Tensor | np.ndarray,
                  dice_weight: float = 1.0, ce_weight: float = 1.0, smooth_nr: float = SMOOTH_NR,
                  smooth_dr: float = SMOOTH_DR, batch: bool = False) -> torch.Tensor:
-    """Seed 003's compound loss: dice_weight * masked Dice + ce_weight * binary cross-entropy.
+    """Wang & Ma 2022's compound loss: dice_weight * masked Dice + ce_weight * binary cross-entropy.
 
     Unlabelled channels: excluded from both terms (zero gradient); the BCE is the voxel mean per owned pair.
     """
@@ -122,7 +122,7 @@ def literal_dice_ce_loss(pred: torch.Tensor, target: torch.Tensor, owned: torch.
                          smooth_dr: float = SMOOTH_DR, batch: bool = False) -> torch.Tensor:
     """Dice + binary cross-entropy over all foreground channels, unlabelled ones taken as empty.
 
-    The literal reading (Eq. 2's "unlabelled = negative") with seed 003's compound loss: unlike soft Dice,
+    The literal reading (Eq. 2's "unlabelled = negative") with Wang & Ma 2022's compound loss: unlike soft Dice,
     whose gradient on an empty target is almost zero, the cross-entropy really teaches "absent" there.
     """
     bce = F.binary_cross_entropy_with_logits(pred[:, 1:], target[:, 1:].to(pred.dtype))

@@ -3,7 +3,7 @@
 Every network maps a (B, 1, *patch) CT patch to (B, 8, *patch) raw logits, one per channel of
 `fedseg.labels.CHANNELS`; sigmoids are applied by the losses and metrics (independent, multi-label).
 
-The paper's network (seed 000) is C2FNAS (Yu et al., CVPR 2020), which MONAI does not ship. Its stand-in
+The paper's network (Shen et al. 2022) is C2FNAS (Yu et al., CVPR 2020), which MONAI does not ship. Its stand-in
 is MONAI's `DynUNet`, the default of the `paper` profile: C2FNAS is a searched U-shaped 3D encoder-decoder
 with skip connections whose cells are 2D/3D/pseudo-3D convolutions, and DynUNet is the nnU-Net-style 3D
 U-Net of the same shape (instance-norm convolution blocks, strided downsampling, transposed-convolution
@@ -31,7 +31,7 @@ ABSENT_LOGIT = -20.0
 
 
 class SharedTaskUNet(nn.Module):
-    """SegViz's 3D U-Net (seed 001): a shared representation block and one task block per task.
+    """SegViz's 3D U-Net (Kanhere et al. 2024): a shared representation block and one task block per task.
 
     The shared block (`shared.`) is the encoder and bottleneck; each task block (`task.<name>.`) is a
     decoder with skip connections from the shared encoder and a 1x1x1 head giving 8 logits. Selective

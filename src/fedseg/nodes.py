@@ -1,4 +1,4 @@
-"""SegViz's node-set experiment (seed 001's table; STUDY.md Experiment 4): 2, 3 and 4 nodes.
+"""SegViz's node-set experiment (Kanhere et al. 2024's table; docs/study.md, Experiments, item 4): 2, 3 and 4 nodes.
 
 The nodes are added in the paper's order: liver and spleen (2-node), + pancreas (3-node), + kidney (4-node).
 On each node set four kinds of model are compared on BTCV (the paper's test set), each on the organs of its
@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from fedseg import run_folder
+
 #: The node sets of the SegViz table, by node count, in the paper's order.
 NODE_SETS: dict[int, tuple[str, ...]] = {
     2: ("liver", "spleen"),
@@ -38,7 +40,7 @@ SINGLE, CENTRAL, CONVENTIONAL, SEGVIZ = "Single-dataset models", "Central aggreg
 #: The federated method each FL row trains with (`federated.methods.METHODS`).
 FL_ROWS = {CONVENTIONAL: "fedavg", SEGVIZ: "segviz"}
 
-#: Seed 001's table: Dice mean and std on BTCV per (set-up, model) and organ.
+#: Kanhere et al. 2024's table: Dice mean and std on BTCV per (set-up, model) and organ.
 PAPER_SEGVIZ: dict[tuple[str, str], dict[str, tuple[float, float]]] = {
     ("single", SINGLE): {"liver": (0.88, 0.15), "spleen": (0.79, 0.17), "pancreas": (0.46, 0.20), "kidney": (0.64, 0.21)},
     ("2-node", CENTRAL): {"liver": (0.00, 0.00), "spleen": (0.65, 0.14)},
@@ -52,7 +54,7 @@ PAPER_SEGVIZ: dict[tuple[str, str], dict[str, tuple[float, float]]] = {
     ("4-node", SEGVIZ): {"liver": (0.93, 0.02), "spleen": (0.78, 0.14), "pancreas": (0.40, 0.20), "kidney": (0.78, 0.12)},
 }
 NOTE = ("Dice on the BTCV test cases (original grid, sigmoid > 0.5, each organ with its tumour), mean ± std over "
-        "the cases (ddof 1); each model scored on its node set's organs only. Paper: seed 001's table, same layout.")
+        "the cases (ddof 1); each model scored on its node set's organs only. Paper: Kanhere et al. 2024, same layout.")
 
 
 def setup_name(nodes: int) -> str:
@@ -80,16 +82,16 @@ def central_checkpoint(run_dir: str | Path, nodes: int) -> Path:
     """02's central model for the 4-node set (trained on all four datasets), else the node set's own."""
     run_dir = Path(run_dir)
     if nodes == len(NODE_SETS[4]):
-        return run_dir / "checkpoints" / "central" / "best.pt"
-    return run_dir / f"nodes-{nodes}" / "checkpoints" / "central" / "best.pt"
+        return run_folder.checkpoint(run_dir, "central")
+    return run_folder.checkpoint(run_dir / f"nodes-{nodes}", "central")
 
 
 def finished_federation(folder: Path) -> bool:
     """Whether `folder` holds a federation whose notebook 03 ran to the end, with its global best model."""
     from fedseg.run import finished_notebooks
 
-    return ("03_federated_training" in finished_notebooks(folder)
-            and (folder / "checkpoints" / "fl-global" / "best.pt").exists())
+    return (run_folder.FEDERATED in finished_notebooks(folder)
+            and run_folder.checkpoint(folder, "fl-global").exists())
 
 
 def table_models(run_dir: str | Path, nodes: Sequence[int], methods: Mapping[str, str] = FL_ROWS
@@ -97,11 +99,11 @@ def table_models(run_dir: str | Path, nodes: Sequence[int], methods: Mapping[str
     """Every row of the table -> {organ: the checkpoint whose prediction of that organ is scored}."""
     run_dir = Path(run_dir)
     datasets = sorted({d for n in nodes for d in NODE_SETS[n]}, key=NODE_SETS[4].index)
-    models = {("single", SINGLE): {ORGAN_OF[d]: run_dir / "checkpoints" / f"sl-{d}" / "best.pt" for d in datasets}}
+    models = {("single", SINGLE): {ORGAN_OF[d]: run_folder.checkpoint(run_dir, f"sl-{d}") for d in datasets}}
     for n in nodes:
         organs = [ORGAN_OF[d] for d in NODE_SETS[n]]
         rows = {CENTRAL: central_checkpoint(run_dir, n),
-                **{row: federation_dir(run_dir, n, method) / "checkpoints" / "fl-global" / "best.pt"
+                **{row: run_folder.checkpoint(federation_dir(run_dir, n, method), "fl-global")
                    for row, method in methods.items()}}
         for row, path in rows.items():
             models[(setup_name(n), row)] = {organ: path for organ in organs}
@@ -146,7 +148,7 @@ def score_btcv(cfg: dict[str, Any], cases: pd.DataFrame, models: Mapping[tuple[s
 
 def segviz_table(scores: pd.DataFrame, paper: Mapping[tuple[str, str], Mapping[str, tuple[float, float]]] = PAPER_SEGVIZ
                  ) -> pd.DataFrame:
-    """Seed 001's layout: per (set-up, model) row, "mean ± std" Dice per organ for this run, the paper's row
+    """Kanhere et al. 2024's layout: per (set-up, model) row, "mean ± std" Dice per organ for this run, the paper's row
     below it (rows named "<set-up> <model> (this run)" / "(paper)"), and the number of cases. Organs a row
     does not segment are "-"; a row the paper lacks gets no paper line."""
     stats = scores.groupby(["setup", "model", "organ"], sort=False)["dice"].agg(["mean", "std", "count"])
@@ -159,7 +161,7 @@ def segviz_table(scores: pd.DataFrame, paper: Mapping[tuple[str, str], Mapping[s
         if (setup, model) in paper:
             out[(setup, model, "paper")] = {organ: "{:.2f} ± {:.2f}".format(*paper[(setup, model)][organ])
                                             if organ in paper[(setup, model)] else "-" for organ in ORGANS}
-            out[(setup, model, "paper")]["cases"] = 30  # BTCV's 30 labelled CTs (seed 001's data table)
+            out[(setup, model, "paper")]["cases"] = 30  # BTCV's 30 labelled CTs (Kanhere et al. 2024's data table)
     table = pd.DataFrame.from_dict(out, orient="index")
     table.index = [f"{model} ({source})" if setup == "single" else f"{setup} {model} ({source})"
                    for setup, model, source in table.index]
@@ -186,7 +188,7 @@ def segviz_figure(scores: pd.DataFrame, paper: Mapping[tuple[str, str], Mapping[
             published = paper.get((setup, model), {})
             ticks = [published.get(o, (np.nan,))[0] for o in organs]
             ax.scatter(x, ticks, marker="_", s=120, color="black", zorder=3,
-                       label="paper (seed 001)" if k == 0 and setup == setups[0] else None)
+                       label="paper (Kanhere et al. 2024)" if k == 0 and setup == setups[0] else None)
         ax.set_xticks(np.arange(len(organs)), organs)
         ax.set_title(setup if setup != "single" else "single-dataset models")
         ax.set_ylim(0, 1.05)

@@ -1,4 +1,4 @@
-"""The synthetic abdominal-CT generator: the study's embedded default data (STUDY.md, "Data").
+"""The synthetic abdominal-CT generator: the study's embedded default data (docs/study.md, "Data").
 
 `generate` writes the five datasets in their real layouts (MSD `imagesTr/`+`labelsTr/`, KiTS19
 `case_XXXXX/`, BTCV `img/`+`label/`) for a subset of the real manifest's cases, so every reader and

@@ -25,7 +25,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from fedseg import external, inference
+from fedseg import external, inference, run_folder
 from fedseg.labels import CHANNEL_INDEX, CHANNELS, COLOURS, FOREGROUND, NUM_CHANNELS
 
 #: Model names on the command line -> 04's method (`external.METHODS`). Each name is also its output folder.
@@ -67,7 +67,7 @@ def resolve_model(name: str, run_dir: str | Path) -> str:
         return aliases[key]
     has = available_models(run_dir)
     raise ValueError(f"Unknown model {name!r}: {run_dir} has "
-                     + (", ".join(has) if has else f"no trained models (nothing under {Path(run_dir) / 'checkpoints'})")
+                     + (", ".join(has) if has else f"no trained models (nothing under {run_folder.checkpoints_dir(run_dir)})")
                      + f". The study's models are {', '.join(MODELS)}.")
 
 
@@ -206,7 +206,7 @@ def predict(run_dir: str | Path, images: str | Path, model: str = DEFAULT_MODEL,
                                    else "This run has no trained models."))
     require_finished(run_dir)  # as 04: never use the bests of a federation that failed half-way
     cases = nifti_images(images)
-    out = Path(out) if out is not None else run_dir / "predictions" / "own" / name
+    out = Path(out) if out is not None else run_folder.predictions_dir(run_dir, "own", name)
     if out.resolve() == Path(images).resolve():
         raise ValueError(f"--out {out} is the image folder: the label maps would be read as images next time.")
     cfg = cfg if cfg is not None else run_config(run_dir, profile)

@@ -13,6 +13,7 @@ import pandas as pd
 from matplotlib.colors import ListedColormap
 from matplotlib.patches import Patch
 
+from fedseg import run_folder
 from fedseg.datasets import case_files
 from fedseg.labels import CHANNEL_INDEX, COLOURS, DATASETS, owned_channels
 from fedseg.manifest import SPLITS, TABLE1, split_counts
@@ -24,18 +25,17 @@ PAPER_NAMES = {"liver": "MSD liver", "pancreas": "MSD pancreas", "kits19": "KiTS
 
 def save_table(table: pd.DataFrame, run_dir: str | Path, name: str, note: str = "") -> Path:
     """Write a table as CSV and Markdown under `run_dir/tables/`; the note goes under the Markdown table."""
-    folder = Path(run_dir) / "tables"
-    folder.mkdir(parents=True, exist_ok=True)
-    table.to_csv(folder / f"{name}.csv")
-    (folder / f"{name}.md").write_text(table.to_markdown() + (f"\n\n{note}\n" if note else "\n"))
-    return folder / f"{name}.csv"
+    run_folder.tables_dir(run_dir).mkdir(parents=True, exist_ok=True)
+    table.to_csv(run_folder.table_file(run_dir, name))
+    markdown = table.to_markdown() + (f"\n\n{note}\n" if note else "\n")
+    run_folder.table_file(run_dir, name, ".md").write_text(markdown)
+    return run_folder.table_file(run_dir, name)
 
 
 def save_figure(fig: plt.Figure, run_dir: str | Path, name: str) -> Path:
     """Save a figure as PNG under `run_dir/figures/`."""
-    folder = Path(run_dir) / "figures"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.png"
+    run_folder.figures_dir(run_dir).mkdir(parents=True, exist_ok=True)
+    path = run_folder.figure_file(run_dir, name)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     return path
 
@@ -154,8 +154,8 @@ def first_training_volumes(cfg: dict[str, Any], records: list[dict[str, Any]]) -
     return volumes
 
 
-#: Seed 000, Table 2 (Dice %, test splits): per channel, and the paper's own "Avg." column, which does not
-#: follow from its channels under any obvious definition (STUDY.md); kept as printed.
+#: Shen et al. 2022, Table 2 (Dice %, test splits): per channel, and the paper's own "Avg." column, which does not
+#: follow from its channels under any obvious definition (docs/study.md); kept as printed.
 TABLE2_CHANNELS = ("liver", "liver_tumor", "pancreas", "pancreas_tumor", "kidney", "kidney_tumor", "spleen")
 PAPER_TABLE2 = {
     "SL": (67.4, 13.3, 64.2, 19.6, 93.1, 30.2, 48.7, 63.5),
@@ -182,14 +182,14 @@ def table2(rows: dict[str, pd.Series]) -> pd.DataFrame:
 def sweep_table(run_dir: str | Path, methods: tuple[str, ...]) -> pd.DataFrame:
     """One table of every swept method (`<run_dir>/<method>/tables/table2.csv`): its FL global and FL local
     rows (Dice %, 7 channels and Avg.), the SL row once, and the method's 03 wall time in seconds; then the
-    paper's rows where it has them (seed 000's Table 2: SL and FedAvg; the other methods' papers report
+    paper's rows where it has them (Shen et al. 2022's Table 2: SL and FedAvg; the other methods' papers report
     other datasets and label sets)."""
     import json
 
     rows = {}
     for method in methods:
         folder = Path(run_dir) / method
-        table = pd.read_csv(folder / "tables" / "table2.csv", index_col=0)
+        table = pd.read_csv(run_folder.table_file(folder, "table2"), index_col=0)
         seconds = json.loads((folder / "run.json").read_text())["notebooks"]["03_federated_training"]["wall_s"]
         if not rows and "SL (this run)" in table.index:
             rows["SL"] = {**table.loc["SL (this run)"].to_dict(), "03 wall time (s)": np.nan}
@@ -255,7 +255,7 @@ DILUTION_NOTE = ("Per federation and channel, means over the rounds in which the
 def read_dilution(folders: Mapping[str, str | Path]) -> dict[str, pd.DataFrame]:
     """Name -> `metrics/fl_dilution.csv` of each federation folder that has one (SegViz keeps its task heads
     as their owners sent them, so its federations measure none)."""
-    paths = {name: Path(folder) / "metrics" / "fl_dilution.csv" for name, folder in folders.items()}
+    paths = {name: run_folder.metrics_file(folder, "fl_dilution.csv") for name, folder in folders.items()}
     return {name: pd.read_csv(path) for name, path in paths.items() if path.exists()}
 
 
@@ -312,7 +312,7 @@ def own_task_means(summary: pd.DataFrame, model_of: dict[str, str]) -> pd.Series
 # External evaluation (BTCV): Table 3, bars with confidence intervals, Fig. 3 and Fig. 4
 # --------------------------------------------------------------------------------------------------
 
-#: Seed 000, Table 3 (Dice %, BTCV): Liver, Pancreas, Kidney, Spleen and the paper's Avg.
+#: Shen et al. 2022, Table 3 (Dice %, BTCV): Liver, Pancreas, Kidney, Spleen and the paper's Avg.
 TABLE3_ORGANS = ("liver", "pancreas", "kidney", "spleen")
 PAPER_TABLE3 = {
     "SL": (65.8, 57.5, 70.7, 44.6, 60.0),
@@ -320,7 +320,7 @@ PAPER_TABLE3 = {
     "FL local model (ensemble)": (87.7, 71.8, 80.5, 69.9, 77.5),
     "FL local model (processed)": (91.6, 75.4, 80.2, 73.1, 80.1),
 }
-TABLE3_NOTE = ("Avg. = unweighted mean of the 4 organ columns, for this run and (as STUDY.md says) for the paper; "
+TABLE3_NOTE = ("Avg. = unweighted mean of the 4 organ columns, for this run and (as docs/study.md says) for the paper; "
                "the paper's SL Avg. is printed as published (60.0; the mean of its organs is 59.7). Dice on the "
                "original BTCV grid; a case where an organ is missing from the prediction counts as Dice 0.")
 
@@ -546,10 +546,10 @@ def results_readme(run_dir: str | Path) -> Path:
             lines.append(f"| **chain** | {record.get('status')} | {record.get('wall_s')} | {record.get('peak_rss_mb')} |")
         lines.append("")
     for name, heading in README_TABLES.items():
-        path = run_dir / "tables" / f"{name}.md"
+        path = run_folder.table_file(run_dir, name, ".md")
         if path.exists():
             lines += [f"## {heading}", "", path.read_text().strip(), ""]
-    figures = [(name, heading) for name, heading in README_FIGURES.items() if (run_dir / "figures" / f"{name}.png").exists()]
+    figures = [(name, heading) for name, heading in README_FIGURES.items() if run_folder.figure_file(run_dir, name).exists()]
     if figures:
         lines += ["## Figures", ""]
         lines += [f"### {heading}\n\n![{heading}](figures/{name}.png)\n" for name, heading in figures]

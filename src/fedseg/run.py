@@ -29,8 +29,10 @@ from typing import Any
 
 import yaml
 
+from fedseg import run_folder
+
 PROFILE_NAMES = ("smoke", "laptop", "paper")
-#: The chain, in order. Later issues append 02..05 here as their notebooks land.
+#: The chain, in order.
 CHAIN: tuple[str, ...] = ("01_data_prep", "02_standalone_baselines", "03_federated_training", "04_external_evaluation",
                           "05_figures")
 VERSIONED_PACKAGES = (
@@ -151,7 +153,7 @@ def notebook_setup(profile: str, run_dir: str | Path | None, data_root: str | Pa
     cfg = resolve(profile, seed, data_root)
     run_dir = Path(run_dir) if run_dir else repo_root() / "results" / f"lab-{cfg['name']}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "figures").mkdir(exist_ok=True)
+    run_folder.figures_dir(run_dir).mkdir(exist_ok=True)
     cfg["run_dir"] = str(run_dir.resolve())
     return cfg
 
@@ -488,11 +490,11 @@ def _run_federation_notebook(profile: str, run_dir: Path, folder: Path, params: 
     """03 alone into `folder` (a sub-run of `run_dir`), reading 01's cases and 02's SL test metrics. Its second
     federation (`compare_loss`) is off unless `params` asks: the experiments say which federations they run."""
     params = {"compare_loss": "", **params}
-    (folder / "data").mkdir(parents=True, exist_ok=True)
-    (folder / "metrics").mkdir(exist_ok=True)
-    shutil.copy(run_dir / "data" / "cases.csv", folder / "data" / "cases.csv")
+    run_folder.cases_file(folder).parent.mkdir(parents=True, exist_ok=True)
+    run_folder.metrics_dir(folder).mkdir(exist_ok=True)
+    shutil.copy(run_folder.cases_file(run_dir), run_folder.cases_file(folder))
     for name in ("test_dice_per_channel.csv", "test_dice_per_case.csv"):  # the SL row, and its cases for the claims
-        shutil.copy(run_dir / "metrics" / name, folder / "metrics")
+        shutil.copy(run_folder.metrics_file(run_dir, name), run_folder.metrics_file(folder, name))
     return run_chain(profile, run_name=folder.name, params=params, only="03", results=folder.parent,
                      notebooks=CHAIN, log_output=log_output)
 
@@ -536,8 +538,8 @@ def run_nodes(profile: str = "laptop", nodes: tuple[int, ...] = (2, 3, 4), *, ru
     _run_baselines(profile, run_dir, params, log_output)
     cfg = resolve(profile, params.get("seed"), params.get("data_root"))
     cfg["run_dir"] = str(run_dir)
-    cases = pd.read_csv(run_dir / "data" / "cases.csv")
-    timing_file = run_dir / "metrics" / "segviz_nodes_time.csv"
+    cases = run_folder.read_cases(run_dir)
+    timing_file = run_folder.metrics_file(run_dir, "segviz_nodes_time.csv")
     timing = pd.read_csv(timing_file).to_dict("records") if timing_file.exists() else []
     done = {(t["setup"], t["model"]) for t in timing}
 
@@ -568,9 +570,9 @@ def run_nodes(profile: str = "laptop", nodes: tuple[int, ...] = (2, 3, 4), *, ru
     scores = node_sets.score_btcv(cfg, cases, models)
     timing.append({"setup": "all", "model": "BTCV scoring", "wall_s": round(time.perf_counter() - start, 1)})
     pd.DataFrame(timing).drop_duplicates(["setup", "model"], keep="last").to_csv(timing_file, index=False)
-    scores.to_csv(run_dir / "metrics" / "segviz_nodes_per_case.csv", index=False)
+    scores.to_csv(run_folder.metrics_file(run_dir, "segviz_nodes_per_case.csv"), index=False)
     metrics.summarise(scores, by=("setup", "model", "organ"), n_boot=n_boot, seed=cfg["seed"]).to_csv(
-        run_dir / "metrics" / "segviz_nodes_summary.csv", index=False)
+        run_folder.metrics_file(run_dir, "segviz_nodes_summary.csv"), index=False)
     report.save_table(node_sets.segviz_table(scores), run_dir, "segviz_nodes", note=node_sets.NOTE)
     report.save_figure(node_sets.segviz_figure(scores), run_dir, "segviz_nodes")
     _write_readme(run_dir)
@@ -615,22 +617,22 @@ def run_contrast(profile: str = "laptop", mri_like: tuple[str, ...] | None = Non
     _run_baselines(str(profile_path), run_dir, params, log_output)
     for method in methods:
         folder = run_dir / method
-        if "03_federated_training" not in finished_notebooks(folder):
+        if run_folder.FEDERATED not in finished_notebooks(folder):
             _run_federation_notebook(str(profile_path), run_dir, folder, {**params, "method": method}, log_output)
     cfg = resolve(str(profile_path), params.get("seed"))
-    cases = pd.read_csv(run_dir / "data" / "cases.csv")
+    cases = run_folder.read_cases(run_dir)
     roots = contrast.test_roots(derived, cfg["seed"])
     contrast.check_same_cases(cases, roots)
-    checkpoints = {f"sl-{d}": run_dir / "checkpoints" / f"sl-{d}" / "best.pt" for d in TRAIN_DATASETS}
+    checkpoints = {f"sl-{d}": run_folder.checkpoint(run_dir, f"sl-{d}") for d in TRAIN_DATASETS}
     rows = {"SL": {d: f"sl-{d}" for d in TRAIN_DATASETS}}
     for method in methods:
-        checkpoints[f"{method}-global"] = run_dir / method / "checkpoints" / "fl-global" / "best.pt"
-        checkpoints.update({f"{method}-local-{d}": run_dir / method / "checkpoints" / f"fl-local-{d}" / "best.pt"
+        checkpoints[f"{method}-global"] = run_folder.checkpoint(run_dir / method, "fl-global")
+        checkpoints.update({f"{method}-local-{d}": run_folder.checkpoint(run_dir / method, f"fl-local-{d}")
                             for d in TRAIN_DATASETS})
         rows[f"{method}: FL global model"] = {d: f"{method}-global" for d in TRAIN_DATASETS}
         rows[f"{method}: FL local model"] = {d: f"{method}-local-{d}" for d in TRAIN_DATASETS}
     scores = contrast.score_contrasts(cfg, cases, checkpoints, roots)
-    scores.to_csv(run_dir / "metrics" / "contrast_per_case.csv", index=False)
+    scores.to_csv(run_folder.metrics_file(run_dir, "contrast_per_case.csv"), index=False)
     channels = contrast.channel_table(scores, rows)
     note = f"MRI-like clients: {', '.join(sorted(mri_like))}; the others CT. " + contrast.NOTE
     report.save_table(channels, run_dir, "contrast_channels", note=note)

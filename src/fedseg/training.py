@@ -23,6 +23,7 @@ from monai.inferers import sliding_window_inference
 from monai.metrics import DiceMetric
 from monai.utils import set_determinism
 
+from fedseg import run_folder
 from fedseg.labels import CHANNELS
 from fedseg.losses import build_loss
 from fedseg.transforms import IMAGE, LABEL, augment, evaluation_dataset, sampling_indices
@@ -395,7 +396,7 @@ def train_model(cfg: dict[str, Any], model: torch.nn.Module, train_records: list
                 window = []
                 if metric > state["best_metric"]:
                     state.update(best_metric=metric, best_step=step)
-                    save_checkpoint(model.state_dict(), out_dir / "best.pt", step=step, val_mean_dice=metric,
+                    save_checkpoint(model.state_dict(), out_dir / run_folder.BEST, step=step, val_mean_dice=metric,
                                     settings=settings)
                 bar.set_postfix(loss=f"{entry['loss']:.3f}", dice=f"{metric:.3f}")
                 tick = time.perf_counter()
@@ -426,10 +427,10 @@ def fit(cfg: dict[str, Any], name: str, train_records: list[dict[str, Any]], val
 
     seed_everything(cfg["seed"])
     model = build_network(**cfg["model"])
-    out_dir = Path(run_dir) / "checkpoints" / name
+    out_dir = run_folder.model_dir(run_dir, name)
     summary = train_model(cfg, model, train_records, val_records, out_dir, steps=steps, loss=loss,
                           progress=progress, desc=name)
-    return {**summary, "best": out_dir / "best.pt", "name": name}
+    return {**summary, "best": out_dir / run_folder.BEST, "name": name}
 
 
 #: Wang & Ma's first stage (coarse-to-fine): a network of the profile's design trained on the pooled data at
@@ -462,7 +463,7 @@ def fit_localiser(cfg: dict[str, Any], train_records: list[dict[str, Any]], val_
                  loss=loss, progress=progress)
     record = {**coarse["localiser"], "model": coarse["model"], "loss": loss or coarse["train"]["loss"],
               "fine_spacing": cfg["preprocess"]["spacing"], "patch_size": coarse["preprocess"]["patch_size"]}
-    (Path(run_dir) / "checkpoints" / LOCALISER_NAME / "localiser.json").write_text(json.dumps(record, indent=1))
+    (run_folder.model_dir(run_dir, LOCALISER_NAME) / "localiser.json").write_text(json.dumps(record, indent=1))
     return result
 
 

@@ -159,7 +159,7 @@ def augment(cfg: dict[str, Any]) -> mt.Compose:
     else:
         raise ValueError(f"preprocess.patch_sampling={pre['patch_sampling']!r}: use 'random', 'posneg' or 'classes'.")
     shift = pre["intensity_shift"]
-    # FedGIN (seed 004): random shallow-network intensity remapping of each patch, when the profile asks
+    # FedGIN (Nagaraju et al. 2025): random shallow-network intensity remapping of each patch, when the profile asks
     gin = [RandGINd(keys=IMAGE, **pre["gin"])] if pre.get("gin") else []
     return mt.Compose([
         mt.SpatialPadd(keys=[*keys, FOREGROUND], spatial_size=patch),

@@ -1,6 +1,6 @@
 """Interactive 3D views of a CT volume with its labels, for JupyterLab (never under papermill).
 
-Two backends (see shared VIEWING_NOTES): ipyniivue (default; its JavaScript ships in the wheel, so it
+Two backends (docs/viewing.md): ipyniivue (default; its JavaScript ships in the wheel, so it
 works offline) and itkwidgets (the viewer the study names; it loads its JavaScript from remote hosts at
 run time and blocks papermill). Every view also exists as a static matplotlib figure in `report`.
 """

@@ -1,6 +1,6 @@
-"""The federated methods beyond FedAvg (STUDY.md Experiments 4-7), as a profile's `federated.method`.
+"""The federated methods beyond FedAvg (docs/study.md, Experiments, items 4-7), as a profile's `federated.method`.
 
-- `fedavg`: conventional FL (seed 000), every parameter averaged with n_k / n.
+- `fedavg`: conventional FL (Shen et al. 2022), every parameter averaged with n_k / n.
 - `ownerfedavg`: FedAvg, except the output layer: each channel's weights and bias are the n_k-weighted mean
   over the clients whose dataset annotates that channel (its owners) only; a channel nobody owns keeps its
   previous value. With a masked loss a non-owner sends that channel's output weights back unchanged, so
@@ -8,10 +8,10 @@
   nothing else.
 - `fedprox`: FedAvg with FedProx's proximal term (Li et al., MLSys 2020) in each client's local loss,
   mu/2 * ||w - w_global||^2, pulling local training towards the received global weights; mu = `federated.mu`.
-- `segviz`: SegViz (seeds 001/002): the `SharedTaskUNet`; each client trains the shared block and its own
+- `segviz`: SegViz (Kanhere et al. 2024): the `SharedTaskUNet`; each client trains the shared block and its own
   task block, the server averages only the shared block (n_k / n) and keeps each task block as its owner
   sent it; the global model is then the meta-model (shared block + every client's task block).
-- `fedgin`: FedGIN (seed 004): FedAvg with GIN augmentation (`fedseg.gin.RandGINd`) in every client's local
+- `fedgin`: FedGIN (Nagaraju et al. 2025): FedAvg with GIN augmentation (`fedseg.gin.RandGINd`) in every client's local
   training; `preprocess.gin` gives its settings (default `{prob: 0.5}`). Pair it with MRI-like clients
   (`data.phantom.mri_like`) for the cross-contrast experiment.
 - `distill`: FedAvg where each client's unlabelled channels are supervised by the received global model's
@@ -20,7 +20,7 @@
 - `pseudo`: FedAvg, then from round `federated.pseudo_after` + 1 (default: half the rounds) each client lets the
   received global model label its training cases' unlabelled channels (sigmoid > 0.5, the largest connected
   component kept per channel, both kidneys; never over the client's own labels; `completion.pseudo_label`)
-  and trains on the completed targets, every channel supervised (seed 003's pseudo-labelling, federated).
+  and trains on the completed targets, every channel supervised (Wang & Ma 2022's pseudo-labelling, federated).
 
 The arithmetic lives here as plain functions, tested on known tensors; the ClientApp and the strategy call them.
 """

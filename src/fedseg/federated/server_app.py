@@ -19,6 +19,7 @@ import torch
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedseg import run_folder
 from fedseg.federated import task
 from fedseg.federated.strategies import StudyFedAvg, StudyOwnerFedAvg, StudySegViz, wait_for_sites
 
@@ -43,12 +44,12 @@ def main(grid: Grid, context: Context) -> None:
     fl, run_dir = cfg["federated"], Path(cfg["run_dir"])
     overwrite = task.as_bool(context.run_config.get("overwrite", False), "overwrite")
     task.refuse_finished(run_dir, overwrite)
-    state_path = run_dir / "fl" / "state.pt"
+    state_path = run_folder.fl_state(run_dir)
     if overwrite:
         state_path.unlink(missing_ok=True)
-    (run_dir / "fl").mkdir(parents=True, exist_ok=True)
-    (run_dir / "fl" / "config.json").write_text(json.dumps(cfg, indent=1, default=str))
-    summary_file = run_dir / "fl" / "summary.json"
+    run_folder.fl_dir(run_dir).mkdir(parents=True, exist_ok=True)
+    run_folder.fl_config(run_dir).write_text(json.dumps(cfg, indent=1, default=str))
+    summary_file = run_folder.fl_summary(run_dir)
     summary_file.unlink(missing_ok=True)
     task.write_status(run_dir, "running")
     print(f"Federation ({fl['method']}, {fl['rounds']} rounds) writes into {run_dir}", flush=True)
@@ -82,7 +83,7 @@ def main(grid: Grid, context: Context) -> None:
         task.write_status(run_dir, "failed", f"{type(error).__name__}: {error}")
         raise
 
-    final = task.save_checkpoint(arrays.to_torch_state_dict(), run_dir / "checkpoints" / "fl-global" / "final.pt",
+    final = task.save_checkpoint(arrays.to_torch_state_dict(), run_folder.checkpoint(run_dir, "fl-global", "final"),
                                  step=fl["rounds"], val_mean_dice=strategy.last_metric, settings=settings)
     summary = {"num_rounds": fl["rounds"], "local_steps": fl["local_steps"], "clients": fl["min_clients"],
                "resumed_after_round": done if done else None,

@@ -2,7 +2,7 @@
 
 `run_simulation` takes no run_config, so `simulation_apps` wraps the very same handlers of
 `client_app` / `server_app` and hands them a Context whose run_config carries the resolved profile
-(`study-config`, JSON), the cases table and the client list (FLOWER_NOTES §4). The wrappers are closures,
+(`study-config`, JSON), the cases table and the client list (docs/flower.md). The wrappers are closures,
 which Ray pickles by value, so the configuration reaches every client actor.
 """
 
@@ -18,6 +18,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from fedseg import run_folder
 from fedseg.federated import task
 from fedseg.labels import TRAIN_DATASETS
 
@@ -80,11 +81,11 @@ def run_federation(cfg: dict[str, Any], run_dir: str | Path, cases: pd.DataFrame
     fl = task.federated_settings(cfg)
     cfg["federated"] = fl
     task.refuse_finished(run_dir, overwrite)
-    (run_dir / "fl").mkdir(parents=True, exist_ok=True)
+    run_folder.fl_dir(run_dir).mkdir(parents=True, exist_ok=True)
     cases = cases if cases is not None else task.load_cases(cfg, {})
-    cases_file = run_dir / "fl" / "cases.csv"
+    cases_file = run_folder.fl_cases(run_dir)
     cases.to_csv(cases_file, index=False)
-    summary_file = run_dir / "fl" / "summary.json"
+    summary_file = run_folder.fl_summary(run_dir)
 
     run_config = {"study-config": json.dumps(cfg, default=str), "cases": str(cases_file),
                   "clients": ",".join(clients), "shards": str(shards), "progress": bool(progress),

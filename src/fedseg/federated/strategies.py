@@ -1,4 +1,4 @@
-"""FedAvg as the study runs it (seed 000, Eq. 1): w = sum_k n_k / n * w_k, with n_k a client's training cases.
+"""FedAvg as the study runs it (Shen et al. 2022, Eq. 1): w = sum_k n_k / n * w_k, with n_k a client's training cases.
 
 `StudyFedAvg` is Flower's FedAvg with what a reproducible study needs on top:
 - replies are sorted by (dataset, partition id) before averaging, so a seed gives the same bytes
@@ -35,6 +35,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fedseg import run_folder
 from fedseg.labels import CHANNELS, TRAIN_DATASETS
 
 FOREGROUND = CHANNELS[1:]
@@ -101,7 +102,7 @@ def wait_for_sites(grid: Grid, min_nodes: int, expected: Sequence[str] | None = 
 
 
 def fedavg_weights(num_examples: Sequence[int]) -> list[float]:
-    """FedAvg's weight of each client, n_k / n (Eq. 1 of seed 000), n_k its number of training cases."""
+    """FedAvg's weight of each client, n_k / n (Eq. 1 of Shen et al. 2022), n_k its number of training cases."""
     if not num_examples or any(n < 0 for n in num_examples) or sum(num_examples) <= 0:
         raise ValueError(f"num_examples={list(num_examples)}: need non-negative counts with a positive sum.")
     total = sum(num_examples)
@@ -164,19 +165,19 @@ class StudyFedAvg(FedAvg):
 
     @property
     def rounds_csv(self) -> Path:
-        return self.run_dir / "metrics" / "fl_rounds.csv"
+        return run_folder.metrics_file(self.run_dir, "fl_rounds.csv")
 
     @property
     def dilution_csv(self) -> Path:
-        return self.run_dir / "metrics" / "fl_dilution.csv"
+        return run_folder.metrics_file(self.run_dir, "fl_dilution.csv")
 
     @property
     def global_best_path(self) -> Path:
-        return self.run_dir / "checkpoints" / "fl-global" / "best.pt"
+        return run_folder.checkpoint(self.run_dir, "fl-global")
 
     @property
     def state_path(self) -> Path:
-        return self.run_dir / "fl" / "state.pt"
+        return run_folder.fl_state(self.run_dir)
 
     def save_state(self, server_round: int) -> None:
         """Everything the server needs to continue after round `server_round` (`restore`), written atomically
@@ -380,7 +381,7 @@ def _like_first_reply(arrays: ArrayRecord | None, replies: list[Message]) -> Arr
 
 
 class StudySegViz(StudyFedAvg):
-    """SegViz's selective aggregation (seeds 001/002) on the study's fail-loud, sorted FedAvg: the shared block
+    """SegViz's selective aggregation (Kanhere et al. 2024) on the study's fail-loud, sorted FedAvg: the shared block
     is averaged with n_k / n, each task block is kept as its owner sent it (`methods.selective_average`)."""
 
     def _average(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from fedseg import run_folder
 from fedseg.federated.methods import METHOD_DEFAULTS, check_method, network_config
 from fedseg.labels import CHANNELS, TRAIN_DATASETS
 from fedseg.training import _save, save_checkpoint, train_model  # noqa: F401 (save_checkpoint re-exported)
@@ -162,7 +163,7 @@ def load_cases(cfg: Mapping[str, Any], run_config: Mapping[str, Any]) -> pd.Data
     """The cases table: run_config `cases`, else `<run_dir>/data/cases.csv` (01_data_prep), else the manifest."""
     from fedseg.datasets import manifest_for
 
-    for path in (run_config.get("cases"), Path(cfg["run_dir"]) / "data" / "cases.csv"):
+    for path in (run_config.get("cases"), run_folder.cases_file(cfg["run_dir"])):
         if path and Path(path).exists():
             return pd.read_csv(path)
     return manifest_for(cfg["data_root"])
@@ -215,7 +216,7 @@ def train_locally(cfg: dict[str, Any], model: torch.nn.Module, client: str, serv
     # A data-loading worker per client and round costs more than it hides in a short local round, and
     # multiplies the memory of every virtual client: clients load in-process unless the profile says.
     cfg = {**cfg, "preprocess": {**cfg["preprocess"], "num_workers": int(fl["client_workers"])}}
-    out_dir = Path(cfg["run_dir"]) / "fl" / client
+    out_dir = run_folder.client_dir(cfg["run_dir"], client)
     last = out_dir / "last.pt"
     start, resume = 0, False
     if fl["keep_optimizer"] and server_round > 1 and last.exists():
@@ -265,7 +266,7 @@ def federation_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def status_path(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "fl" / "status.json"
+    return run_folder.fl_status(run_dir)
 
 
 def write_status(run_dir: str | Path, status: str, reason: str = "") -> None:
@@ -316,7 +317,7 @@ def require_finished(run_dir: str | Path) -> None:
 
 
 def local_best_path(run_dir: str | Path, client: str) -> Path:
-    return Path(run_dir) / "checkpoints" / f"fl-local-{client}" / "best.pt"
+    return run_folder.checkpoint(run_dir, f"fl-local-{client}")
 
 
 def saved_metric(path: Path) -> float:

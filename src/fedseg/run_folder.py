@@ -1,0 +1,160 @@
+"""The run folder: the one contract between the notebooks, and where every artifact of a run lives.
+
+Notebooks talk to each other only through files in a run's folder; each artifact has one function here that
+names its path, and `require` says, once, which notebook makes a file that is missing::
+
+    <run_dir>/
+      run.json, README.md          what ran, with what, and what it cost (`fedseg.run`)
+      data/cases.csv               the cases the run uses, with their split (01); data/data.json: 01's summary
+      checkpoints/<model>/best.pt  each model's best checkpoint (final.pt: the federation's last round); models
+                                   sl-<dataset>, central, localiser (02), fl-global, fl-local-<dataset> (03)
+      metrics/*.csv                per-case and per-round numbers (02-04)
+      models/baselines.json        02's loss and checkpoints
+      tables/<name>.csv|.md        the tables (02-05)
+      figures/<name>.png           the figures (02-05)
+      predictions/btcv/<method>/   04's BTCV label maps; predictions/own/<model>/: `fedseg predict`
+      fl/                          the federation's own files (03): config.json, cases.csv, status.json,
+                                   state.pt (to resume), summary.json, <client>/ (each client's local best)
+      loss-<loss>/                 03's compared federation (compare_loss), a run folder of its own
+
+This module imports nothing of fedseg, so every layer can use it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+#: The notebook that makes each kind of artifact (for the "missing: run ... first" message).
+DATA_PREP, BASELINES, FEDERATED, EXTERNAL, FIGURES = (
+    "01_data_prep", "02_standalone_baselines", "03_federated_training", "04_external_evaluation", "05_figures")
+#: A model folder's best checkpoint and (a federation's) last round's.
+BEST, FINAL = "best.pt", "final.pt"
+#: The notebook that trains each model folder under checkpoints/ (by prefix).
+MODEL_NOTEBOOK = {"sl-": BASELINES, "central": BASELINES, "localiser": BASELINES, "fl-": FEDERATED}
+
+
+def cases_file(run_dir: str | Path) -> Path:
+    """`data/cases.csv`: the cases the run uses (01), read by every later notebook."""
+    return Path(run_dir) / "data" / "cases.csv"
+
+
+def data_summary(run_dir: str | Path) -> Path:
+    """`data/data.json`: 01's summary (data root, profile, counts)."""
+    return Path(run_dir) / "data" / "data.json"
+
+
+def baselines_file(run_dir: str | Path) -> Path:
+    """`models/baselines.json`: the loss and checkpoints 02 trained."""
+    return Path(run_dir) / "models" / "baselines.json"
+
+
+def compared_run_dir(run_dir: str | Path, loss: str) -> Path:
+    """`loss-<loss>/`: the run folder of 03's second federation, trained with the compared loss."""
+    return Path(run_dir) / f"loss-{loss}"
+
+
+def checkpoints_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def model_dir(run_dir: str | Path, model: str) -> Path:
+    """`checkpoints/<model>/`: e.g. sl-liver, central, localiser, fl-global, fl-local-spleen."""
+    return checkpoints_dir(run_dir) / model
+
+
+def checkpoint(run_dir: str | Path, model: str, which: str = "best") -> Path:
+    """`checkpoints/<model>/<which>.pt` (which: best, or final for the federation's last round)."""
+    return model_dir(run_dir, model) / {"best": BEST, "final": FINAL}[which]
+
+
+def metrics_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "metrics"
+
+
+def metrics_file(run_dir: str | Path, name: str) -> Path:
+    """`metrics/<name>` (name with its suffix, e.g. fl_rounds.csv)."""
+    return metrics_dir(run_dir) / name
+
+
+def tables_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "tables"
+
+
+def table_file(run_dir: str | Path, name: str, suffix: str = ".csv") -> Path:
+    """`tables/<name><suffix>` (.csv or .md)."""
+    return tables_dir(run_dir) / f"{name}{suffix}"
+
+
+def figures_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "figures"
+
+
+def figure_file(run_dir: str | Path, name: str) -> Path:
+    """`figures/<name>.png`."""
+    return figures_dir(run_dir) / f"{name}.png"
+
+
+def predictions_dir(run_dir: str | Path, *parts: str) -> Path:
+    """`predictions/<parts...>`: btcv/<method> (04), own/<model> (`fedseg predict`)."""
+    return Path(run_dir).joinpath("predictions", *parts)
+
+
+def fl_dir(run_dir: str | Path) -> Path:
+    """`fl/`: the federation's own files."""
+    return Path(run_dir) / "fl"
+
+
+def fl_file(run_dir: str | Path, name: str) -> Path:
+    """`fl/<name>`; the named ones below are the federation's files."""
+    return fl_dir(run_dir) / name
+
+
+def fl_config(run_dir: str | Path) -> Path:
+    """`fl/config.json`: the federation's resolved configuration (03)."""
+    return fl_file(run_dir, "config.json")
+
+
+def fl_cases(run_dir: str | Path) -> Path:
+    """`fl/cases.csv`: the cases table every client of a simulated federation reads."""
+    return fl_file(run_dir, "cases.csv")
+
+
+def fl_status(run_dir: str | Path) -> Path:
+    """`fl/status.json`: running, finished, or failed with the reason."""
+    return fl_file(run_dir, "status.json")
+
+
+def fl_state(run_dir: str | Path) -> Path:
+    """`fl/state.pt`: the server's state after its last finished round (to resume)."""
+    return fl_file(run_dir, "state.pt")
+
+
+def fl_summary(run_dir: str | Path) -> Path:
+    """`fl/summary.json`: best round and metric, seconds; written when the federation finished."""
+    return fl_file(run_dir, "summary.json")
+
+
+def client_dir(run_dir: str | Path, client: str) -> Path:
+    """`fl/<client>/`: a client's own training state between rounds."""
+    return fl_file(run_dir, client)
+
+
+def require(path: str | Path, notebook: str, run_dir: str | Path | None = None) -> Path:
+    """`path`, or FileNotFoundError naming the notebook that makes it and how to run it into this run folder."""
+    path = Path(path)
+    if not path.exists():
+        how = f" (python -m fedseg run --only {notebook[:2]} --run-name {Path(run_dir).name})" if run_dir else ""
+        raise FileNotFoundError(f"{path} is missing: run {notebook} with this run_dir first{how}.")
+    return path
+
+
+def model_notebook(model: str) -> str:
+    """The notebook that trains the model folder `model` (sl-liver -> 02, fl-global -> 03)."""
+    return next(notebook for prefix, notebook in MODEL_NOTEBOOK.items() if model.startswith(prefix))
+
+
+def read_cases(run_dir: str | Path) -> pd.DataFrame:
+    """`data/cases.csv` as a DataFrame; refused, naming 01, when the run has none."""
+    return pd.read_csv(require(cases_file(run_dir), DATA_PREP, run_dir))

@@ -102,9 +102,9 @@ def test_a_sweep_runs_the_methods_side_by_side_and_the_segviz_node_sets_add_to_i
     table = pd.read_csv(run_dir / "tables" / "sweep_methods.csv", index_col=0)
     assert list(table.index) == ["SL"] + [f"{m}: FL {k}" for m in ("fedavg", "fedprox", "segviz")
                                           for k in ("global model (server)", "local model (client)")] + [
-        "SL (paper, seed 000)", "fedavg: FL global model (server) (paper, seed 000)",
-        "fedavg: FL local model (client) (paper, seed 000)"]
-    assert table.loc["fedavg: FL local model (client) (paper, seed 000)", "liver"] == 84.4
+        "SL (Shen et al. 2022)", "fedavg: FL global model (server) (Shen et al. 2022)",
+        "fedavg: FL local model (client) (Shen et al. 2022)"]
+    assert table.loc["fedavg: FL local model (client) (Shen et al. 2022)", "liver"] == 84.4
     assert (table["03 wall time (s)"].dropna() > 0).all() and len(table["03 wall time (s)"].dropna()) == 6
     for method in ("fedavg", "fedprox", "segviz"):
         config = json.loads((run_dir / method / "fl" / "config.json").read_text())

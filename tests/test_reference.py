@@ -105,7 +105,7 @@ def test_the_reference_segviz_table_has_every_node_set_with_the_papers_rows():
     assert {(s, m) for s, m in nodes.PAPER_SEGVIZ if s != "single"} <= set(zip(timing.setup, timing.model)) | {
         ("4-node", nodes.CENTRAL)}  # 4 nodes: 02's central model, timed in the chain
     sweep = pd.read_csv(REFERENCE / "sweep" / "sweep_methods.csv", index_col=0)
-    assert np.allclose(sweep.loc["fedavg: FL local model (client) (paper, seed 000)"].iloc[:8],
+    assert np.allclose(sweep.loc["fedavg: FL local model (client) (Shen et al. 2022)"].iloc[:8],
                        report.PAPER_TABLE2["FL local model (client)"])
 
 
@@ -146,3 +146,23 @@ def test_the_readme_shows_the_reference_claims():
         line = next(line for line in readme.splitlines()
                     if line.startswith(f"| {row['paper']} | {row['claim']} | {row['tested on']} |"))
         assert line.rstrip().endswith(f"| {row['verdict']} |")
+
+
+def test_the_committed_results_name_no_machine_folders():
+    """run.json and the other records keep paths relative to the run folder or the project (<run_dir>, <repo>,
+    <home>): an absolute path would name the machine that made them and mean nothing on another."""
+    found = []
+
+    def walk(value, where):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(item, f"{where}.{key}")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                walk(item, f"{where}[{i}]")
+        elif isinstance(value, str) and value.startswith("/") and value.count("/") >= 2:
+            found.append(f"{where}: {value}")
+
+    for path in sorted(REFERENCE.rglob("*.json")):
+        walk(json.loads(path.read_text()), str(path.relative_to(REFERENCE)))
+    assert not found, "\n".join(found)

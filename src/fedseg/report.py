@@ -199,7 +199,7 @@ def sweep_table(run_dir: str | Path, methods: tuple[str, ...]) -> pd.DataFrame:
     for name, values in PAPER_TABLE2.items():
         if name == "SL" or any(m == "fedavg" or m.startswith("fedavg-") for m in methods):
             label = "SL" if name == "SL" else f"fedavg: {name}"
-            rows[f"{label} (paper, seed 000)"] = {**dict(zip(columns, values)), "03 wall time (s)": np.nan}
+            rows[f"{label} (Shen et al. 2022)"] = {**dict(zip(columns, values)), "03 wall time (s)": np.nan}
     return pd.DataFrame.from_dict(rows, orient="index")
 
 

@@ -16,8 +16,8 @@ from monai.data import DataLoader, Dataset
 from monai.transforms import Compose
 from monai.utils import set_determinism
 
-from fedseg import datasets, transforms
-from fedseg.run import resolve
+from fedseg.config import resolve
+from fedseg.data import datasets, transforms
 
 
 def patches_per_second(dataset, epochs: int, workers: int) -> tuple[float, int]:

@@ -17,15 +17,16 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from fedseg import datasets
-from fedseg.federated import task
+from fedseg.config import resolve
+from fedseg.data import datasets
+from fedseg.data.labels import TRAIN_DATASETS
+from fedseg.data.transforms import build_cache, case_records, evaluation_dataset
+from fedseg.federated import sites, task
 from fedseg.federated.simulation import run_federation
 from fedseg.federated.strategies import fedavg_weights
-from fedseg.labels import TRAIN_DATASETS
-from fedseg.models import build_network
-from fedseg.run import PeakMemory, resolve
-from fedseg.training import seed_everything, select_device, validate
-from fedseg.transforms import build_cache, case_records, evaluation_dataset
+from fedseg.run import PeakMemory
+from fedseg.train.models import build_network
+from fedseg.train.training import seed_everything, select_device, validate
 
 
 def plain_rounds(cfg: dict, cases: pd.DataFrame, clients: tuple[str, ...]) -> None:
@@ -58,7 +59,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--shards", default="1", help='virtual clients per dataset: "4" or "liver=4,spleen=3"')
     args = parser.parse_args()
-    clients = task.client_list({"shards": args.shards})
+    clients = sites.client_list({"shards": args.shards})
     cfg = resolve(args.profile)
     cfg["federated"]["rounds"] = args.rounds
     data_root = datasets.obtain_data(cfg, progress=False)

@@ -29,10 +29,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from fedseg import datasets, transforms  # noqa: E402
-from fedseg.models import build_network  # noqa: E402
-from fedseg.run import resolve  # noqa: E402
-from fedseg.training import seed_everything, train_model  # noqa: E402
+from fedseg.config import resolve  # noqa: E402
+from fedseg.data import datasets, transforms  # noqa: E402
+from fedseg.train.models import build_network  # noqa: E402
+from fedseg.train.training import seed_everything, train_model  # noqa: E402
 
 #: The laptop profile's training settings before the convergence work (the 2026-11-26 reference run): one
 #: residual unit per level, lr 2e-3, 200 steps, volumes read from the cache by a loader process every step.

@@ -1,4 +1,4 @@
-"""Overhead of the training loop: steps/s and voxels/s of `fedseg.training.train_model` on a profile's
+"""Overhead of the training loop: steps/s and voxels/s of `fedseg.train.training.train_model` on a profile's
 data (cache reads, patch sampling, augmentation, loss, optimizer, checkpoints) against the bare network
 forward + backward + optimizer step on random tensors of the same size, in one run.
 
@@ -14,11 +14,11 @@ import time
 import pandas as pd
 import torch
 
-from fedseg import datasets, transforms
-from fedseg.losses import build_loss
-from fedseg.models import build_network
-from fedseg.run import resolve
-from fedseg.training import make_optimizer, select_device, train_model
+from fedseg.config import resolve
+from fedseg.data import datasets, transforms
+from fedseg.train.losses import build_loss
+from fedseg.train.models import build_network
+from fedseg.train.training import make_optimizer, select_device, train_model
 
 
 def bare_steps(cfg, steps: int, device: torch.device) -> float:

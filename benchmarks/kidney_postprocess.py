@@ -22,7 +22,8 @@ from unittest import mock
 import pandas as pd
 import torch
 
-from fedseg import external, inference
+from fedseg.evaluate import external
+from fedseg.train import inference
 
 PAIRS = {"FL local model": (external.LOCAL, external.LOCAL_PP), "SL": (external.SL, external.SL_PP)}
 

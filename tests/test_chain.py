@@ -59,8 +59,8 @@ def test_data_prep_outputs(smoke_run):
 def test_external_evaluation_outputs(smoke_run):
     import nibabel as nib
 
-    from fedseg import external
-    from fedseg.datasets import case_files
+    from fedseg.data.layouts import case_files
+    from fedseg.evaluate import external
 
     run_dir, _ = smoke_run
     cases = pd.read_csv(run_dir / "data" / "cases.csv")

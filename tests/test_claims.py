@@ -7,9 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedseg import claims
-from fedseg.external import GLOBAL, LOCAL, LOCAL_PP, SL
-from fedseg.labels import TRAIN_DATASETS, owned_channels
+from fedseg.data.labels import TRAIN_DATASETS, owned_channels
+from fedseg.evaluate.external import GLOBAL, LOCAL, LOCAL_PP, SL
+from fedseg.reporting import claims
 
 CASES = 5
 ORGANS = ("liver", "spleen", "pancreas", "kidney")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedseg.completion import distillation_loss, pseudo_label, pseudo_label_volume
-from fedseg.labels import CHANNEL_INDEX, NUM_CHANNELS, owned_mask
+from fedseg.data.labels import CHANNEL_INDEX, NUM_CHANNELS, owned_mask
+from fedseg.train.completion import distillation_loss, pseudo_label, pseudo_label_volume
 
 SHAPE = (6, 6, 6)
 LIVER, LIVER_TUMOR, SPLEEN, KIDNEY = (CHANNEL_INDEX[c] for c in ("liver", "liver_tumor", "spleen", "kidney"))

@@ -5,9 +5,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedseg import contrast
-from fedseg.labels import CHANNELS, TRAIN_DATASETS, owned_channels
-from fedseg.run import load_profile
+from fedseg.config import load_profile
+from fedseg.data.labels import CHANNELS, TRAIN_DATASETS, owned_channels
+from fedseg.experiments import contrast
 
 
 def test_the_contrast_profile_makes_the_named_clients_mri_like_and_nothing_else():

@@ -1,4 +1,4 @@
-"""Tests for the data-root validation in fedseg.datasets (check_case, check_dataset, require_valid, load_case)."""
+"""Tests for the data-root validation in fedseg.data.datasets (check_case, check_dataset, require_valid, load_case)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedseg.datasets import DataError, check_case, check_dataset, load_case, require_valid
+from fedseg.data.datasets import (
+    DataError,
+    check_case,
+    check_dataset,
+    load_case,
+    require_valid,
+)
 
 SHAPE = (40, 32, 16)  # big enough that half a .nii.gz still holds the whole header
 AFFINE = np.diag([0.8, 0.8, 2.5, 1.0])

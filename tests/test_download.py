@@ -1,4 +1,4 @@
-"""Tests for fedseg.download against a real HTTP server on 127.0.0.1 (Range/206 support, faults injected)."""
+"""Tests for fedseg.data.download against a real HTTP server on 127.0.0.1 (Range/206 support, faults injected)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from fedseg import download as dl
-from fedseg.download import ChecksumError, DownloadError, LoginRequired, download, extract, fetch_dataset
+from fedseg.data import download as dl
+from fedseg.data.download import (
+    ChecksumError,
+    DownloadError,
+    LoginRequired,
+    download,
+    extract,
+    fetch_dataset,
+)
 
 
 def _targz(files: dict[str, bytes]) -> bytes:

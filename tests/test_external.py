@@ -7,8 +7,9 @@ import pandas as pd
 import pytest
 import torch
 
-from fedseg import external, metrics, report, viewing
-from fedseg.labels import CHANNELS, TRAIN_DATASETS
+from fedseg.data.labels import CHANNELS, TRAIN_DATASETS
+from fedseg.evaluate import external, metrics
+from fedseg.reporting import readme, report, viewing
 
 
 def scores_frame():
@@ -101,7 +102,7 @@ def test_results_readme_shows_what_the_run_holds_and_nothing_else(tmp_path):
               "profile_config": {"data": {"source": "synthetic", "phantom": {"case_scale": 0.1}}},
               "notebooks": {"01_data_prep": {"status": "ok", "wall_s": 12.5, "peak_rss_mb": 100.0}}}
     (tmp_path / "run.json").write_text(json.dumps(record))
-    text = report.results_readme(tmp_path).read_text()
+    text = readme.results_readme(tmp_path).read_text()
     assert "## Table 3: Dice (%) on the external BTCV set" in text and "| 1 | 2 |" in text
     assert "(figures/fig3_btcv.png)" in text and "Table 2" not in text and "fig4" not in text
     assert "| 01_data_prep | ok | 12.5 | 100.0 |" in text and "| **chain** | ok | 12.5 | 100.0 |" in text

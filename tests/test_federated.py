@@ -11,12 +11,22 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    Metadata,
+    MetricRecord,
+    RecordDict,
+)
 
-from fedseg.federated import client_app, strategies, task
+from fedseg.data.labels import TRAIN_DATASETS
+from fedseg.federated import client_app, sites, strategies, task
 from fedseg.federated.strategies import FederationError, StudyFedAvg, fedavg_weights
-from fedseg.labels import TRAIN_DATASETS
-from fedseg.models import build_network
+from fedseg.train.models import build_network
+from fedseg.train.training import save_checkpoint
 
 VOXEL = 2.0
 SIZE = 24
@@ -65,13 +75,6 @@ def tiny_config(data_root, rounds=2, local_steps=2):
                   "checkpoint_every": 2, "sw_batch_size": 2, "sw_overlap": 0.25, "amp": True},
         "federated": {"rounds": rounds, "local_steps": local_steps, "client_cpus": 1, "client_gpus": 0.0},
     }
-
-
-@pytest.fixture
-def tiny(tmp_path, monkeypatch):
-    monkeypatch.setenv("FEDSEG_CACHE", str(tmp_path / "cache"))
-    cases = make_data(tmp_path / "data")
-    return tiny_config(tmp_path / "data"), cases, tmp_path / "run"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -269,7 +272,7 @@ def test_a_restarted_client_keeps_its_local_best_from_disk(tiny):
     cfg, cases, run_dir = tiny
     node = {"dataset": "liver"}
     path = task.local_best_path(run_dir, "liver")
-    task.save_checkpoint({}, path, step=1, val_mean_dice=2.0)  # unbeatable (Dice <= 1)
+    save_checkpoint({}, path, step=1, val_mean_dice=2.0)  # unbeatable (Dice <= 1)
     message, _ = client_message(cfg, "train", server_round=2)
     out = client_app.app(message, client_context(cfg, run_dir, cases, node))  # fresh state: a restart
     assert out.content["metrics"]["local-best-updated"] == 0
@@ -316,10 +319,10 @@ def test_study_config_from_run_config_and_node_config(tmp_path):
     assert fl["local_steps"] == 7 and fl["fraction_train"] == 1.0 and fl["keep_optimizer"] is False
     assert fl["rounds"] == cfg.get("federated", {}).get("rounds", 2)
     assert task.study_config({**run_config, "clients": "liver,spleen"})["federated"]["min_clients"] == 2
-    assert task.site_identity({"partition-id": 1}, {"clients": "liver,spleen"}) == ("spleen", 1)
-    assert task.site_identity({"dataset": "kits19"}, {}) == ("kits19", 2)
+    assert sites.site_identity({"partition-id": 1}, {"clients": "liver,spleen"}) == ("spleen", 1)
+    assert sites.site_identity({"dataset": "kits19"}, {}) == ("kits19", 2)
     with pytest.raises(ValueError, match="node-config"):
-        task.site_identity({}, {})
+        sites.site_identity({}, {})
     with pytest.raises(ValueError, match="run-dir"):
         task.study_config({**run_config, "run-dir": ""})
 
@@ -327,11 +330,11 @@ def test_study_config_from_run_config_and_node_config(tmp_path):
 def test_shards_split_a_dataset_into_disjoint_virtual_clients(tmp_path):
     cases = make_data(tmp_path / "data", {"liver": (5, 1), "spleen": (2, 1)})
     cfg = tiny_config(tmp_path / "data")
-    assert task.client_list({"clients": "liver,spleen", "shards": "2"}) == (
+    assert sites.client_list({"clients": "liver,spleen", "shards": "2"}) == (
         "liver-1of2", "liver-2of2", "spleen-1of2", "spleen-2of2")
-    assert task.client_list({"clients": "liver,spleen", "shards": "liver=3"}) == (
+    assert sites.client_list({"clients": "liver,spleen", "shards": "liver=3"}) == (
         "liver-1of3", "liver-2of3", "liver-3of3", "spleen")
-    assert len(task.client_list({"shards": 4})) == 16
+    assert len(sites.client_list({"shards": 4})) == 16
     assert task.study_config({"profile": "smoke", "run-dir": str(tmp_path), "shards": "4"})["federated"]["min_clients"] == 16
     trains = [task.client_records(cfg, cases, f"liver-{k}of2") for k in (1, 2)]
     ids = [[r["case_id"] for r in train] for train, _ in trains]
@@ -342,9 +345,9 @@ def test_shards_split_a_dataset_into_disjoint_virtual_clients(tmp_path):
         task.client_records(cfg, cases, "spleen-1of3")
     for bad in ("liver-3of2", "lung", "liver-0of2"):
         with pytest.raises(ValueError, match="client"):
-            task.parse_client(bad)
+            sites.parse_client(bad)
     with pytest.raises(ValueError, match="shards="):
-        task.client_list({"clients": "liver", "shards": "spleen=2"})
+        sites.client_list({"clients": "liver", "shards": "spleen=2"})
     # an unsharded client keeps the seeds it always had; shards of one dataset draw different batches
     assert task.round_seed(0, "liver", 1) == int(np.random.SeedSequence([0, 0, 1]).generate_state(1)[0] % 2**31)
     assert len({task.round_seed(0, name, 1) for name in ("liver", "liver-1of2", "liver-2of2")}) == 3
@@ -437,7 +440,7 @@ def test_integer_buffers_stay_integers(tmp_path):
 @pytest.mark.parametrize("keep_optimizer", [False, True])
 def test_the_learning_rate_anneals_once_over_the_whole_federation(tiny, keep_optimizer):
     """A client's learning rate at round r, local step s is the cosine schedule's value at global step
-    (r - 1) * local_steps + s of rounds * local_steps, typed here independently of fedseg.training."""
+    (r - 1) * local_steps + s of rounds * local_steps, typed here independently of fedseg.train.training."""
     cfg, cases, run_dir = tiny
     rounds, local_steps, lr = 3, 2, cfg["train"]["lr"]
     cfg["federated"].update(rounds=rounds, local_steps=local_steps, keep_optimizer=keep_optimizer)

@@ -26,7 +26,6 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-
 from test_federated import make_data, tiny_config
 
 pytestmark = pytest.mark.slow

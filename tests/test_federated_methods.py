@@ -5,12 +5,12 @@ import pandas as pd
 import pytest
 import torch
 from flwr.app import ArrayRecord
+from test_federated import client_context, client_message, reply
 
+from fedseg.data.labels import owned_mask
 from fedseg.federated import client_app, methods, task
 from fedseg.federated.strategies import StudyFedAvg, StudyOwnerFedAvg, StudySegViz
-from fedseg.labels import owned_mask
-from fedseg.models import SharedTaskUNet, build_network, split_state_dict
-from test_federated import client_context, client_message, reply, tiny  # noqa: F401 (fixture)
+from fedseg.train.models import SharedTaskUNet, build_network, split_state_dict
 
 
 def segviz_state(value, tasks=("liver", "spleen")):
@@ -121,7 +121,7 @@ def test_a_fedprox_client_stays_closer_to_the_global_model(tiny):
 
 @pytest.mark.slow
 def test_a_segviz_federation_runs_in_simulation_and_its_checkpoints_load_as_trained(tiny):
-    from fedseg.evaluation import load_best
+    from fedseg.evaluate.evaluation import load_best
     from fedseg.federated.simulation import run_federation
 
     cfg, cases, run_dir = tiny
@@ -173,8 +173,8 @@ def test_a_distill_client_trains_and_replies(tiny):
 
 
 def test_fedgin_switches_gin_on_in_local_training_only():
-    from fedseg.gin import RandGINd
-    from fedseg.transforms import augment
+    from fedseg.data.gin import RandGINd
+    from fedseg.data.transforms import augment
 
     cfg = {"preprocess": {"patch_size": [8, 8, 8], "patches_per_volume": 1, "patch_sampling": "random",
                           "intensity_shift": {"prob": 0.0, "offset": 0.1}}, "federated": {"method": "fedgin"}}
@@ -193,7 +193,7 @@ def test_fedgin_switches_gin_on_in_local_training_only():
 
 
 def test_a_pseudo_client_trains_on_targets_completed_by_the_global_model(tiny):
-    from fedseg.transforms import case_records
+    from fedseg.data.transforms import case_records
 
     cfg, cases, run_dir = tiny
     cfg["federated"].update(method="pseudo", pseudo_after=0)
@@ -316,7 +316,7 @@ def test_the_strategy_writes_the_dilution_of_every_round(tmp_path):
 
 
 def test_output_layer_finds_the_logit_convolution_and_its_channel_axis():
-    from fedseg.models import output_layer
+    from fedseg.train.models import output_layer
 
     transposed = build_network("UNet", channels=[8, 16], strides=[2], num_res_units=0)
     residual = build_network("UNet", channels=[8, 16], strides=[2], num_res_units=1)

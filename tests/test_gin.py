@@ -1,4 +1,4 @@
-"""GIN augmentation (fedseg.gin) on small arrays: shapes, labels, intensities, ranges, seeding, edge cases."""
+"""GIN augmentation (fedseg.data.gin) on small arrays: shapes, labels, intensities, ranges, seeding, edge cases."""
 
 from __future__ import annotations
 
@@ -9,7 +9,13 @@ import torch.nn.functional as F
 from monai import transforms as mt
 from monai.data import MetaTensor
 
-from fedseg.gin import RandGINd, draw_gin_network, gin_augment, gin_forward, rescale_to_range
+from fedseg.data.gin import (
+    RandGINd,
+    draw_gin_network,
+    gin_augment,
+    gin_forward,
+    rescale_to_range,
+)
 
 SHAPE = (1, 12, 10, 8)
 

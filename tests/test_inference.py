@@ -9,7 +9,9 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from fedseg.inference import (
+from fedseg.data.labels import CHANNEL_INDEX, NUM_CHANNELS, to_multihot
+from fedseg.data.transforms import preprocess
+from fedseg.train.inference import (
     btcv_truth,
     coarse_to_fine_logits,
     ensemble_logits,
@@ -21,9 +23,7 @@ from fedseg.inference import (
     to_original_grid,
     write_prediction,
 )
-from fedseg.labels import CHANNEL_INDEX, NUM_CHANNELS, to_multihot
-from fedseg.models import ABSENT_LOGIT, build_network
-from fedseg.transforms import preprocess
+from fedseg.train.models import ABSENT_LOGIT, build_network
 
 CPU = torch.device("cpu")
 

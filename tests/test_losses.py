@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedseg.labels import CHANNEL_INDEX, NUM_CHANNELS, owned_mask
-from fedseg.losses import LOSSES, build_loss
+from fedseg.data.labels import CHANNEL_INDEX, NUM_CHANNELS, owned_mask
+from fedseg.train.losses import LOSSES, build_loss
 
 SHAPE = (6, 6, 6)
 LIVER, TUMOR, SPLEEN, KIDNEY = (CHANNEL_INDEX[c] for c in ("liver", "liver_tumor", "spleen", "kidney"))
@@ -129,7 +129,7 @@ def test_unknown_loss_or_setting_names_the_choices():
 
 def test_literal_dice_ce_really_teaches_absent_on_unlabelled_channels():
     """Unlike soft Dice, the cross-entropy of the literal compound loss pushes an unlabelled channel down."""
-    from fedseg.losses import build_loss
+    from fedseg.train.losses import build_loss
 
     torch.manual_seed(0)
     pred = torch.zeros(2, 8, 8, 8, 8, requires_grad=True)

@@ -1,4 +1,4 @@
-"""Tests for the study data manifest (data_manifest.csv) and fedseg.manifest."""
+"""Tests for the study data manifest (data_manifest.csv) and fedseg.data.manifest."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import re
 import pandas as pd
 import pytest
 
-from fedseg.manifest import (
+from fedseg.data.manifest import (
     MANIFEST_PATH,
     SPLITS,
     TABLE1,
@@ -19,7 +19,7 @@ from fedseg.manifest import (
     subset_manifest,
 )
 
-# Written out independently of fedseg.manifest so a wrong path rule there fails here.
+# Written out independently of fedseg.data.manifest so a wrong path rule there fails here.
 LAYOUT = {
     "liver": (r"liver_(\d{1,3})", "imagesTr/{id}.nii.gz", "labelsTr/{id}.nii.gz"),
     "pancreas": (r"pancreas_(\d{3})", "imagesTr/{id}.nii.gz", "labelsTr/{id}.nii.gz"),

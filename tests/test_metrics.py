@@ -7,7 +7,14 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from fedseg.metrics import DEFAULT_TOLERANCE_MM, ORGANS, paired_test, score_case, score_masks, summarise
+from fedseg.evaluate.metrics import (
+    DEFAULT_TOLERANCE_MM,
+    ORGANS,
+    paired_test,
+    score_case,
+    score_masks,
+    summarise,
+)
 
 SHAPE = (10, 10, 10)
 SPACING = (2.5, 2.0, 2.0)  # anisotropic, mm

@@ -5,9 +5,15 @@ import importlib.util
 import pytest
 import torch
 
-from fedseg.labels import CHANNEL_INDEX, NUM_CHANNELS
-from fedseg.models import (
-    ABSENT_LOGIT, NETWORKS, SharedTaskUNet, build_network, count_parameters, network_kwargs, parameter_group,
+from fedseg.data.labels import CHANNEL_INDEX, NUM_CHANNELS
+from fedseg.train.models import (
+    ABSENT_LOGIT,
+    NETWORKS,
+    SharedTaskUNet,
+    build_network,
+    count_parameters,
+    network_kwargs,
+    parameter_group,
     split_state_dict,
 )
 

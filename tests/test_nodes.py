@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedseg import nodes
+from fedseg.experiments import nodes
 
 
 def test_each_node_set_adds_the_papers_next_organ_and_is_scored_on_its_own_organs(tmp_path):

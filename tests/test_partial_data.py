@@ -11,10 +11,17 @@ import pandas as pd
 import pytest
 import torch
 
-from fedseg import datasets as ds
-from fedseg import external, run
-from fedseg.datasets import DataError, check_dataset, manifest_for, obtain_data, require_valid
-from fedseg.labels import TRAIN_DATASETS
+from fedseg import config, run
+from fedseg.data import datasets as ds
+from fedseg.data.datasets import (
+    DataError,
+    check_dataset,
+    manifest_for,
+    obtain_data,
+    require_valid,
+)
+from fedseg.data.labels import TRAIN_DATASETS
+from fedseg.evaluate import external
 
 SHAPE = (12, 10, 6)
 AFFINE = np.diag([0.8, 0.8, 2.5, 1.0])
@@ -151,13 +158,13 @@ def test_obtain_data_requires_only_the_declared_folders(partial_root):
 def test_profiles_and_notebook_01_take_datasets_and_cases():
     import papermill as pm
 
-    for name in run.PROFILE_NAMES:
-        assert run.load_profile(name)["data"]["datasets"] == "" and run.load_profile(name)["data"]["cases"] == ""
-    params = pm.inspect_notebook(str(run.notebooks_dir() / "01_data_prep.ipynb"))
+    for name in config.PROFILE_NAMES:
+        assert config.load_profile(name)["data"]["datasets"] == "" and config.load_profile(name)["data"]["cases"] == ""
+    params = pm.inspect_notebook(str(config.notebooks_dir() / "01_data_prep.ipynb"))
     assert {"datasets", "cases"} <= set(params)
     run.check_parameters({"datasets": "spleen,btcv", "cases": "spleen_2"}, run.CHAIN)  # not refused
     # 01's parameters win over the profile's data.datasets / data.cases; "" (the profiles' default) means all
-    profile = run.load_profile("smoke")
+    profile = config.load_profile("smoke")
     assert ds.declare(profile)["data"]["datasets"] is None and profile["data"]["cases"] is None
     profile = {"data": {"datasets": "btcv,spleen", "cases": ""}}
     assert ds.declare(profile)["data"]["datasets"] == ["spleen", "btcv"]  # study order

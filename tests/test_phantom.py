@@ -1,4 +1,4 @@
-"""The synthetic abdominal-CT generator (`fedseg.phantom`): layout, labels, anatomy, determinism.
+"""The synthetic abdominal-CT generator (`fedseg.data.phantom`): layout, labels, anatomy, determinism.
 
 Everything runs at coarse zooms (8x in-plane, 3x slice) on the smallest case subset, so the module
 takes seconds.
@@ -18,10 +18,10 @@ import pandas as pd
 import pytest
 from scipy import ndimage
 
-from fedseg import phantom
-from fedseg.datasets import DATASET_DIRS, LOCAL_MANIFEST, relative_paths
-from fedseg.labels import allowed_values
-from fedseg.manifest import load_manifest, subset_manifest
+from fedseg.data import phantom
+from fedseg.data.labels import allowed_values
+from fedseg.data.layouts import DATASET_DIRS, LOCAL_MANIFEST, relative_paths
+from fedseg.data.manifest import load_manifest, subset_manifest
 
 FAST = dict(case_scale=0.0, min_cases=(1, 1, 1), inplane_zoom=8.0, slice_zoom=3.0, progress=False)
 

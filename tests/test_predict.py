@@ -14,12 +14,13 @@ import pytest
 import torch
 from test_inference import AFFINES, config, write_case
 
-from fedseg import external, inference
-from fedseg.evaluation import load_best
-from fedseg.labels import CHANNEL_INDEX, FOREGROUND, NUM_CHANNELS, TRAIN_DATASETS
-from fedseg.models import build_network
+from fedseg.data.labels import CHANNEL_INDEX, FOREGROUND, NUM_CHANNELS, TRAIN_DATASETS
+from fedseg.evaluate import external
+from fedseg.evaluate.evaluation import load_best
 from fedseg.predict import DEFAULT_MODEL, MODELS, predict, resolve_model
 from fedseg.run import main
+from fedseg.train import inference
+from fedseg.train.models import build_network
 
 MODEL = {"name": "UNet", "channels": [4, 8], "strides": [2], "num_res_units": 0}
 CPU = torch.device("cpu")

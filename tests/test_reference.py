@@ -12,7 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedseg import nodes, report
+from fedseg.experiments import nodes
+from fedseg.reporting import report
 from fedseg.run import CHAIN
 
 REFERENCE = Path(__file__).resolve().parents[1] / "results" / "reference"
@@ -126,7 +127,7 @@ def test_the_reference_cross_contrast_run_tests_every_model_in_both_contrasts():
 
 def test_the_reference_claims_are_what_its_scores_decide():
     """The claims table of the README is recomputed from the committed per-case scores: nothing in it was typed."""
-    from fedseg.claims import claims_table
+    from fedseg.reporting.claims import claims_table
 
     committed = pd.read_csv(REFERENCE / "tables" / "claims.csv")
     again = claims_table(REFERENCE, seed=0)

@@ -6,12 +6,12 @@ import os
 import nbformat
 import pytest
 
-from fedseg import run
+from fedseg import config, run
 
 
-@pytest.mark.parametrize("name", run.PROFILE_NAMES)
+@pytest.mark.parametrize("name", config.PROFILE_NAMES)
 def test_profiles_load_with_every_preprocessing_knob(name):
-    profile = run.load_profile(name)
+    profile = config.load_profile(name)
     assert profile["name"] == name
     for key in ("spacing", "hu_window", "intensity_shift", "patch_size", "patch_sampling", "patches_per_volume"):
         assert key in profile["preprocess"], key
@@ -20,7 +20,7 @@ def test_profiles_load_with_every_preprocessing_knob(name):
 
 
 def test_paper_profile_has_the_papers_settings():
-    paper = run.load_profile("paper")
+    paper = config.load_profile("paper")
     assert paper["preprocess"]["spacing"] == [1.0, 1.0, 1.0]
     assert paper["preprocess"]["patch_size"] == [96, 96, 96]
     assert paper["data"]["source"] == "real"
@@ -28,21 +28,21 @@ def test_paper_profile_has_the_papers_settings():
 
 def test_unknown_profile_is_a_clear_error():
     with pytest.raises(ValueError, match="Unknown profile 'laptp'"):
-        run.load_profile("laptp")
+        config.load_profile("laptp")
 
 
 def test_paper_profile_without_data_root_says_how_to_fix():
     with pytest.raises(ValueError, match="data_root"):
-        run.resolve("paper")
+        config.resolve("paper")
 
 
 def test_synthetic_data_root_depends_on_seed_and_generator_settings(tmp_path):
-    laptop = run.load_profile("laptop")
-    a = run.synthetic_data_root(laptop, 0, tmp_path)
-    assert a == run.synthetic_data_root(laptop, 0, tmp_path)
-    assert a != run.synthetic_data_root(laptop, 1, tmp_path)
+    laptop = config.load_profile("laptop")
+    a = config.synthetic_data_root(laptop, 0, tmp_path)
+    assert a == config.synthetic_data_root(laptop, 0, tmp_path)
+    assert a != config.synthetic_data_root(laptop, 1, tmp_path)
     laptop["data"]["phantom"]["case_scale"] = 0.2
-    assert a != run.synthetic_data_root(laptop, 0, tmp_path)
+    assert a != config.synthetic_data_root(laptop, 0, tmp_path)
 
 
 def test_an_earlier_run_is_never_overwritten_unless_asked(tmp_path):
@@ -108,7 +108,7 @@ def test_a_failing_notebook_stops_the_chain_naming_notebook_and_cell(tmp_path, m
 
 
 def test_portable_replaces_machine_paths(tmp_path):
-    record = {"a": str(tmp_path / "results" / "r" / "x.csv"), "b": [str(run.repo_root() / "data")], "c": 3}
+    record = {"a": str(tmp_path / "results" / "r" / "x.csv"), "b": [str(config.repo_root() / "data")], "c": 3}
     clean = run.portable(record, tmp_path / "results" / "r")
     assert clean == {"a": "<run_dir>/x.csv", "b": ["<repo>/data"], "c": 3}
 
@@ -158,21 +158,21 @@ def test_a_run_works_in_the_project_it_is_started_from_not_the_checkout_installe
     """Issue: repo_root() came from the installed package's path, so a second checkout using the first one's
     virtual environment wrote its results and data into the first."""
     second = _project(tmp_path / "second")
-    monkeypatch.delenv(run.HOME_ENV, raising=False)
+    monkeypatch.delenv(config.HOME_ENV, raising=False)
     monkeypatch.delenv("FEDSEG_DATA", raising=False)
     monkeypatch.chdir(second / "notebooks")  # JupyterLab's kernel starts in the notebook's folder
-    assert run.package_checkout() != second  # this test's code comes from another checkout
-    assert run.repo_root() == second
-    assert run.resolve("smoke")["data_root"].startswith(str(second / "data" / "synthetic"))
+    assert config.package_checkout() != second  # this test's code comes from another checkout
+    assert config.repo_root() == second
+    assert config.resolve("smoke")["data_root"].startswith(str(second / "data" / "synthetic"))
     assert run.notebook_setup("smoke", None, None, None)["run_dir"] == str(second / "results" / "lab-smoke")
-    assert run.notebooks_dir() == second / "notebooks"
-    monkeypatch.setenv(run.HOME_ENV, str(tmp_path / "chosen"))  # the explicit setting wins
-    assert run.repo_root() == (tmp_path / "chosen").resolve()
-    monkeypatch.delenv(run.HOME_ENV)
+    assert config.notebooks_dir() == second / "notebooks"
+    monkeypatch.setenv(config.HOME_ENV, str(tmp_path / "chosen"))  # the explicit setting wins
+    assert config.repo_root() == (tmp_path / "chosen").resolve()
+    monkeypatch.delenv(config.HOME_ENV)
     plain = tmp_path / "plain"
     plain.mkdir()
     monkeypatch.chdir(plain)  # no fedseg project here or above: the working directory itself
-    assert run.repo_root() == plain.resolve()
+    assert config.repo_root() == plain.resolve()
 
 
 def test_the_chain_says_where_it_writes_and_its_kernels_share_the_project(tmp_path, monkeypatch, capsys):
@@ -181,18 +181,18 @@ def test_the_chain_says_where_it_writes_and_its_kernels_share_the_project(tmp_pa
     second = _project(tmp_path / "second")
     _notebook(second / "notebooks" / "01_where.ipynb",
               ["profile = None\nrun_dir = None\ndata_root = None\nseed = None",
-               "from fedseg import run\nopen('project.txt', 'w').write(str(run.repo_root()))"])
+               "from fedseg import config\nopen('project.txt', 'w').write(str(config.repo_root()))"])
     _notebook(second / "notebooks" / "02_again.ipynb",
               ["profile = None\nrun_dir = None\ndata_root = None\nseed = None\noverwrite = False",
                "open('overwrite.txt', 'w').write(str(overwrite))"])
-    monkeypatch.delenv(run.HOME_ENV, raising=False)
+    monkeypatch.delenv(config.HOME_ENV, raising=False)
     monkeypatch.chdir(second)
     chain = ("01_where", "02_again")
     run_dir = run.run_chain("smoke", run_name="r", results=tmp_path / "elsewhere", notebooks=chain)
     assert (run_dir / "project.txt").read_text() == str(second)
     out = capsys.readouterr().out
     assert f"writing {run_dir}" in out and f"project {second}" in out
-    assert run.HOME_ENV not in os.environ  # the setting lasts only while the chain runs
+    assert config.HOME_ENV not in os.environ  # the setting lasts only while the chain runs
     assert (run_dir / "overwrite.txt").read_text() == "False"
     # --only 02 --overwrite: the folder and 01's files stay, and the notebook is told to overwrite its own
     run.run_chain("smoke", run_name="r", results=tmp_path / "elsewhere", notebooks=chain, only="02",
@@ -212,7 +212,7 @@ def test_papermill_by_hand_with_an_unknown_parameter_is_refused_by_the_notebook(
     """Issue: `papermill ... -p stepz 5` printed one easily missed line and ran with the defaults."""
     import papermill as pm
 
-    source = run.notebooks_dir() / "02_standalone_baselines.ipynb"
+    source = config.notebooks_dir() / "02_standalone_baselines.ipynb"
     with pytest.raises(pm.PapermillExecutionError) as failure:
         pm.execute_notebook(str(source), str(tmp_path / "02.ipynb"), cwd=str(tmp_path), progress_bar=False,
                             parameters={"profile": "smoke", "run_dir": str(tmp_path / "run"), "stepz": 5})

@@ -36,7 +36,7 @@ def test_no_other_module_spells_a_run_folder_path():
     """Every artifact's path comes from run_folder: a literal "best.pt", "cases.csv" or `/ "checkpoints"`
     elsewhere in the package (docstrings and comments aside) would fork the contract."""
     pattern = re.compile(r'"(best\.pt|final\.pt|cases\.csv|status\.json|state\.pt|summary\.json)"'
-                         r'|/ "(checkpoints|metrics|tables|figures|predictions|fl|data)"')
+                         r'|/ "(checkpoints|metrics|tables|figures|predictions|fl|data)"|"run\.json"')
     found = []
     for path in sorted(SRC.rglob("*.py")):
         if path.name == "run_folder.py":

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedseg.labels import owned_mask
-from fedseg.models import build_network
-from fedseg.training import train_model
+from fedseg.data.labels import owned_mask
+from fedseg.train.models import build_network
+from fedseg.train.training import train_model
 
 VOXEL = 2.0
 
@@ -102,7 +102,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(setup):
 KILLED_RUN = textwrap.dedent("""
     import sys, time, torch
     sys.path.insert(0, {tests!r})
-    import fedseg.training as training
+    import fedseg.train.training as training
     from test_training import make_records, tiny_config, new_model
     from pathlib import Path
     slow = training.build_loss
@@ -148,7 +148,7 @@ def test_a_killed_process_resumes_to_the_same_weights(setup):
 def test_models_trained_in_parallel_processes_equal_those_trained_one_by_one(setup, monkeypatch):
     """fit_models with two worker processes (one torch thread each) gives every model the weights it gets
     trained alone with one thread: the parallelism changes when models train, not how."""
-    from fedseg.training import fit_models
+    from fedseg.train.training import fit_models
 
     root, cfg, records = setup
     cfg["train"].update(steps=4, val_every=2)
@@ -169,7 +169,12 @@ def test_models_trained_in_parallel_processes_equal_those_trained_one_by_one(set
 
 
 def test_learning_rate_schedule_and_budget_rules():
-    from fedseg.training import budget_note, central_budget, learning_rate, validation_interval
+    from fedseg.train.training import (
+        budget_note,
+        central_budget,
+        learning_rate,
+        validation_interval,
+    )
 
     train = {"lr": 0.01, "schedule": "cosine", "warmup_steps": 0, "steps": 100, "val_every": 7}
     assert learning_rate(train, 1, 100) == pytest.approx(0.01)
@@ -199,8 +204,8 @@ def test_the_localiser_trains_at_coarser_voxels_and_records_its_settings(setup):
     settings written beside it; 04 refuses it for another voxel size."""
     import json
 
-    from fedseg.external import load_localiser
-    from fedseg.training import fit_localiser, localiser_config
+    from fedseg.evaluate.external import load_localiser
+    from fedseg.train.training import fit_localiser, localiser_config
 
     tmp_path, cfg, records = setup
     cfg = {**cfg, "localiser": {"factor": 2.0, "steps": 2}}
@@ -225,7 +230,7 @@ def test_a_checkpoint_is_never_resumed_under_other_settings(setup):
     """Issue: `-p loss masked_dice` on an existing run resumed the other loss's checkpoints and reported them as
     the new loss's; `-p steps 6` below the saved step crashed with a negative progress total. Every checkpoint
     now carries its training settings, and a resume under others is refused, naming each difference."""
-    from fedseg.training import StaleCheckpointError
+    from fedseg.train.training import StaleCheckpointError
 
     tmp_path, cfg, records = setup
     out = tmp_path / "model"

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
-from fedseg.labels import CHANNEL_INDEX, CHANNELS, owned_mask, to_multihot
-from fedseg.transforms import IMAGE, LABEL, augment, case_records, preprocess
+from fedseg.data.labels import CHANNEL_INDEX, CHANNELS, owned_mask, to_multihot
+from fedseg.data.transforms import IMAGE, LABEL, augment, case_records, preprocess
 
 
 def config(spacing=(2.0, 2.0, 2.0), sampling="random"):
@@ -155,7 +155,7 @@ def test_training_patches_have_the_patch_size_and_eight_channels(tmp_path, sampl
 
 
 def test_training_reads_the_cache_and_never_decodes_nifti_again(tmp_path, monkeypatch):
-    from fedseg.transforms import build_cache, training_dataset
+    from fedseg.data.transforms import build_cache, training_dataset
 
     image, label = blob_volume()
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
@@ -193,7 +193,7 @@ def test_class_balanced_patches_centre_on_the_tumour_as_often_as_on_the_organ(tm
 def test_in_memory_training_volumes_give_the_batches_of_the_cache(tmp_path, monkeypatch):
     """`preprocess.in_memory` keeps each volume and its foreground/background positions: the posneg
     sampler then draws exactly the patches it draws when it reads the cache and searches every time."""
-    from fedseg.training import PatchBatches
+    from fedseg.train.training import PatchBatches
 
     monkeypatch.setenv("FEDSEG_CACHE", str(tmp_path / "cache"))
     image, label = blob_volume((24, 20, 16))
@@ -218,7 +218,13 @@ def test_a_file_replaced_under_the_same_name_is_preprocessed_again_and_the_cache
     regenerated case is read again; the cache folder says what made it, and refuses other settings."""
     import os
 
-    from fedseg.transforms import CACHE_SETTINGS, StaleCacheError, cache_dir, evaluation_dataset, file_stamp
+    from fedseg.data.transforms import (
+        CACHE_SETTINGS,
+        StaleCacheError,
+        cache_dir,
+        evaluation_dataset,
+        file_stamp,
+    )
 
     monkeypatch.setenv("FEDSEG_CACHE", str(tmp_path / "cache"))
     image, label = blob_volume()

@@ -1,11 +1,11 @@
 """Apply a trained run to one's own CT: `python -m fedseg predict --run results/<run> --images <folder>`.
 
-Every NIfTI of the folder goes through 04's path (`fedseg.external`) unchanged: the profile's preprocessing
+Every NIfTI of the folder goes through 04's path (`fedseg.evaluate.external`) unchanged: the profile's preprocessing
 (`inference.inference_transform`: RAS, the run's voxel size, the HU window), sliding-window inference with the
 chosen model's checkpoints, the combination 04 uses for that method (the FL local ensemble takes each channel
 from the client that owns it; "processed" adds the connected-component post-processing), inversion to the
 image's own grid (MONAI Invertd, `inference.to_original_grid`) and fusion into one label map whose values are
-channel indices (`fedseg.labels.CHANNELS`: 1 liver, 2 liver tumour, 3 spleen, 4 pancreas, 5 pancreas tumour,
+channel indices (`fedseg.data.labels.CHANNELS`: 1 liver, 2 liver tumour, 3 spleen, 4 pancreas, 5 pancreas tumour,
 6 kidney, 7 kidney tumour), as 04 writes BTCV's predictions. Per image it writes, into the output folder:
 
 - `<case>.nii.gz`: the label map on the image's grid (its shape, affine and header; uint8),
@@ -24,9 +24,22 @@ from typing import Any, NamedTuple
 import nibabel as nib
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
-from fedseg import external, inference, run_folder
-from fedseg.labels import CHANNEL_INDEX, CHANNELS, COLOURS, FOREGROUND, NUM_CHANNELS
+from fedseg import run_folder
+from fedseg.config import PROFILE_FILE, load_profile
+from fedseg.data.labels import (
+    CHANNEL_INDEX,
+    CHANNELS,
+    COLOURS,
+    FOREGROUND,
+    NUM_CHANNELS,
+)
+from fedseg.evaluate import external
+from fedseg.federated.task import require_finished
+from fedseg.reporting.report import best_axial_slice, canonical, overlay
+from fedseg.train import inference
+from fedseg.train.training import select_device
 
 #: Model names on the command line -> 04's method (`external.METHODS`). Each name is also its output folder.
 MODELS: dict[str, str] = {
@@ -49,7 +62,6 @@ VOLUME_COLUMNS = ("voxel_mm3", *(f"{name}_ml" for name in FOREGROUND))
 
 class Prediction(NamedTuple):
     """What `predict` returns."""
-
     #: The folder holding the label maps, overlays and volumes.csv.
     out: Path
     #: volumes.csv as written: index `case`, columns `VOLUME_COLUMNS`.
@@ -80,12 +92,10 @@ def available_models(run_dir: str | Path) -> list[str]:
 def run_config(run_dir: str | Path, profile: str | Path | None = None) -> dict[str, Any]:
     """The settings the run was trained with: `profile` when given (a name or YAML path), else the run's own
     record (`run.json`'s profile_config, written by `python -m fedseg run`), else its `profile.yaml`."""
-    from fedseg.run import PROFILE_FILE, load_profile
-
     if profile is not None:
         return load_profile(profile)
     run_dir = Path(run_dir)
-    record = run_dir / "run.json"
+    record = run_folder.run_record(run_dir)
     if record.exists():
         config = json.loads(record.read_text()).get("profile_config")
         if config:
@@ -147,7 +157,6 @@ def overlay_figure(image_path: str | Path, label_path: str | Path, title: str = 
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
-    from fedseg.report import best_axial_slice, canonical, overlay
 
     hu, _ = canonical(image_path)
     fused, (sx, sy, sz) = canonical(label_path)
@@ -184,11 +193,6 @@ def predict(run_dir: str | Path, images: str | Path, model: str = DEFAULT_MODEL,
     not finish (`task.require_finished`), a model whose checkpoints the run lacks (naming them and the notebook
     that makes them), and an image folder without 3D NIfTI images. Returns the output folder and the volumes.
     """
-    from tqdm.auto import tqdm
-
-    from fedseg.federated.task import require_finished
-    from fedseg.training import select_device
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"Run folder {run_dir} does not exist: pass a run's folder, e.g. results/<run-name>.")

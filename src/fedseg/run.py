@@ -1,4 +1,5 @@
-"""Profiles, run folders and the papermill chain; `python -m fedseg` is its command line.
+"""The papermill chain and the studies built on it (sweep, node sets, contrast); `python -m fedseg` is its
+command line. Profiles and the project a run works in are `fedseg.config`.
 
 A run executes the numbered notebooks in order into `results/<run-name>/`, passing each the same
 `profile`, `run_dir`, `data_root` and `seed`. Notebooks talk to each other only through files in that
@@ -9,9 +10,9 @@ so an interrupted run keeps its record.
 from __future__ import annotations
 
 import argparse
-import copy
+import ast
 import datetime as dt
-import hashlib
+import difflib
 import json
 import os
 import platform
@@ -20,18 +21,44 @@ import subprocess
 import sys
 import threading
 import time
-import tomllib
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from importlib import metadata, resources
+from collections.abc import Mapping, Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+import torch
 import yaml
 
 from fedseg import run_folder
+from fedseg.config import (
+    PROFILE_FILE,
+    load_profile,
+    notebooks_dir,
+    package_checkout,
+    project_env,
+    repo_root,
+    resolve,
+)
+from fedseg.data.labels import TRAIN_DATASETS
+from fedseg.evaluate import metrics
+from fedseg.experiments import contrast
+from fedseg.experiments import nodes as node_sets
+from fedseg.federated.methods import check_method
+from fedseg.predict import predict, volume_table
+from fedseg.reporting import report
+from fedseg.reporting.readme import results_readme
+from fedseg.reporting.report import (
+    DILUTION_NOTE,
+    dilution_figure,
+    dilution_summary,
+    read_dilution,
+    save_figure,
+    save_table,
+    sweep_table,
+)
+from fedseg.train.losses import LOSSES
 
-PROFILE_NAMES = ("smoke", "laptop", "paper")
 #: The chain, in order.
 CHAIN: tuple[str, ...] = ("01_data_prep", "02_standalone_baselines", "03_federated_training", "04_external_evaluation",
                           "05_figures")
@@ -40,106 +67,8 @@ VERSIONED_PACKAGES = (
 )
 
 
-#: A run's own profile, written into its folder before the chain when the run derives one (`run_contrast`).
-PROFILE_FILE = "profile.yaml"
-
-
 class ChainError(RuntimeError):
     """A notebook of the chain failed; the message names the notebook, the cell and the kept output."""
-
-
-#: Environment variable naming the project folder a run reads `data/` from and writes `results/` into.
-HOME_ENV = "FEDSEG_HOME"
-
-
-def _is_project(folder: Path) -> bool:
-    """Whether `folder` is a fedseg checkout (its pyproject.toml names the project fedseg)."""
-    try:
-        return tomllib.loads((folder / "pyproject.toml").read_text()).get("project", {}).get("name") == "fedseg"
-    except (OSError, tomllib.TOMLDecodeError):
-        return False
-
-
-def repo_root() -> Path:
-    """The project a run works in (its `results/` and `data/`): `$FEDSEG_HOME` when set, else the fedseg
-    checkout the working directory is in (it or a folder above it), else the working directory.
-
-    Not the checkout the package was installed from: a second checkout using the first one's virtual
-    environment would write its results and data into the first."""
-    explicit = os.environ.get(HOME_ENV)
-    if explicit:
-        return Path(explicit).expanduser().resolve()
-    cwd = Path.cwd().resolve()
-    return next((folder for folder in (cwd, *cwd.parents) if _is_project(folder)), cwd)
-
-
-def package_checkout() -> Path | None:
-    """The checkout the running code comes from (an editable install), or None for an installed wheel."""
-    here = Path(__file__).resolve().parents[2]
-    return here if _is_project(here) else None
-
-
-def notebooks_dir() -> Path:
-    """The chain's notebooks: the project's own, else those of the checkout the package comes from."""
-    own = repo_root() / "notebooks"
-    checkout = package_checkout()
-    return own if own.is_dir() or checkout is None else checkout / "notebooks"
-
-
-@contextmanager
-def project_env() -> Iterator[Path]:
-    """`$FEDSEG_HOME` set to this project while the chain's kernels run: a notebook executes in its run folder,
-    which may lie outside the project (`--results`), and must still find the same data and cache."""
-    root = repo_root()
-    before = os.environ.get(HOME_ENV)
-    os.environ[HOME_ENV] = str(root)
-    try:
-        yield root
-    finally:
-        if before is None:
-            os.environ.pop(HOME_ENV, None)
-        else:
-            os.environ[HOME_ENV] = before
-
-
-def load_profile(name_or_path: str | Path) -> dict[str, Any]:
-    """A profile by name (smoke, laptop, paper) or from a YAML file path."""
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml"):
-        if not path.exists():
-            raise FileNotFoundError(f"Profile file {path} does not exist: pass one of {PROFILE_NAMES} or a YAML path.")
-        text = path.read_text()
-    elif str(name_or_path) in PROFILE_NAMES:
-        text = resources.files("fedseg.profiles").joinpath(f"{name_or_path}.yaml").read_text()
-    else:
-        raise ValueError(f"Unknown profile {name_or_path!r}: use one of {', '.join(PROFILE_NAMES)} or a YAML path.")
-    return yaml.safe_load(text)
-
-
-def synthetic_data_root(profile: dict[str, Any], seed: int, base: str | Path | None = None) -> Path:
-    """Where the synthetic data of a profile and seed lives: one folder per distinct generator setting."""
-    phantom = profile["data"]["phantom"]
-    key = hashlib.sha256(json.dumps({"phantom": phantom, "seed": seed}, sort_keys=True).encode()).hexdigest()[:8]
-    base = Path(base) if base else Path(os.environ.get("FEDSEG_DATA", repo_root() / "data"))
-    return base / "synthetic" / f"{profile['name']}-seed{seed}-{key}"
-
-
-def resolve(profile: str, seed: int | None = None, data_root: str | Path | None = None) -> dict[str, Any]:
-    """The profile with `seed` and `data_root` filled in: the configuration every notebook works from."""
-    cfg = copy.deepcopy(load_profile(profile))
-    cfg["seed"] = int(cfg.get("seed", 0) if seed is None else seed)
-    if data_root is not None:
-        cfg["data_root"] = str(Path(data_root).resolve())
-        cfg["data"]["source"] = "synthetic" if (Path(data_root) / "phantom.json").exists() else "real"
-    elif cfg["data"]["source"] == "synthetic":
-        cfg["data_root"] = str(synthetic_data_root(cfg, cfg["seed"]).resolve())
-    else:
-        raise ValueError(
-            f"Profile {profile!r} reads real data: pass data_root=/path/to/datasets "
-            "(e.g. `-p data_root=/data/fedseg`), or use the laptop profile for the synthetic data."
-        )
-    return cfg
-
 
 def notebook_setup(profile: str, run_dir: str | Path | None, data_root: str | Path | None,
                    seed: int | None) -> dict[str, Any]:
@@ -184,8 +113,6 @@ def host_record() -> dict[str, Any]:
     notebooks' kernels inherit (OMP/MKL variables; torch's own default is the number of cores) and
     torch's deterministic settings. Float sums in convolutions differ with the thread count, so two
     machines agree to rounding, not bit for bit (see the README's reproducibility section)."""
-    import torch
-
     return {"platform": platform.platform(), "cpus": os.cpu_count(), "cpu_model": cpu_model(),
             "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
             "thread_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ},
@@ -226,7 +153,6 @@ def git_commit() -> dict[str, Any]:
 
 class PeakMemory:
     """Samples the resident memory of a process tree (the notebook's kernel and its children)."""
-
     def __init__(self, interval: float = 0.25):
         import psutil
 
@@ -294,8 +220,6 @@ def new_run_dir(results: Path, run_name: str | None, profile: str, overwrite: bo
 
 def _unknown_parameters(unknown: Sequence[str], known: set[str], where: str) -> ValueError:
     """The refusal of `unknown` parameters, each with the closest of `known` (difflib)."""
-    import difflib
-
     hints = []
     for key in unknown:
         close = difflib.get_close_matches(key, sorted(known), n=1)
@@ -318,8 +242,6 @@ def check_parameters(params: Mapping[str, Any], notebooks: Sequence[str]) -> Non
 
 def _assigned(source: str) -> list[str]:
     """The names a cell assigns at its top level, in order (a parameters cell, or papermill's injected one)."""
-    import ast
-
     try:
         tree = ast.parse(source)
     except SyntaxError:
@@ -378,7 +300,7 @@ def run_chain(profile: str = "laptop", *, run_name: str | None = None, params: d
     cfg = resolve(profile, seed, data_root)
     results = Path(results) if results else repo_root() / "results"
     run_dir = new_run_dir(results, run_name, cfg["name"], overwrite, only).resolve()
-    record_path = run_dir / "run.json"
+    record_path = run_folder.run_record(run_dir)
     record = json.loads(record_path.read_text()) if record_path.exists() else {"notebooks": {}}
     record.update({
         "profile": cfg["name"], "profile_config": cfg, "seed": cfg["seed"], "data_root": cfg["data_root"],
@@ -436,9 +358,7 @@ def run_chain(profile: str = "laptop", *, run_name: str | None = None, params: d
 
 
 def _write_readme(run_dir: Path) -> None:
-    """The run's README.md from its final run.json, tables and figures (`report.results_readme`)."""
-    from fedseg.report import results_readme
-
+    """The run's README.md from its final run.json, tables and figures (`readme.results_readme`)."""
     results_readme(run_dir)
 
 
@@ -451,11 +371,6 @@ def run_sweep(profile: str = "laptop", methods: tuple[str, ...] = ("fedavg",), *
     global and local Dice per channel with the SL row and its wall time. 03's own second federation
     (`compare_loss`) is switched off here: the sweep's losses say what runs. A folder that already holds 01 and
     02 (a chain's run) keeps them, and federations that finished there are not run again."""
-    from fedseg.federated.methods import check_method
-    from fedseg.losses import LOSSES
-    from fedseg.report import (DILUTION_NOTE, dilution_figure, dilution_summary, read_dilution, save_figure, save_table,
-                               sweep_table)
-
     for method in methods:
         check_method(method)
     unknown = [loss for loss in losses if loss not in LOSSES]
@@ -470,7 +385,7 @@ def run_sweep(profile: str = "laptop", methods: tuple[str, ...] = ("fedavg",), *
     for method in methods:
         for loss in losses or (None,):
             folder = method if loss is None else f"{method}-{loss}"
-            if "03_federated_training" not in finished_notebooks(run_dir / folder):  # a rerun resumes the sweep
+            if "03_federated_training" not in run_folder.finished_notebooks(run_dir / folder):  # a rerun resumes the sweep
                 extra = {"method": method, **({"loss": loss} if loss else {})}
                 _run_federation_notebook(profile, run_dir, run_dir / folder, {**(params or {}), **extra}, log_output)
             folders.append(folder)
@@ -499,19 +414,11 @@ def _run_federation_notebook(profile: str, run_dir: Path, folder: Path, params: 
                      notebooks=CHAIN, log_output=log_output)
 
 
-def finished_notebooks(run_dir: Path) -> set[str]:
-    """The notebooks that ran to the end in `run_dir` (its run.json)."""
-    record = run_dir / "run.json"
-    if not record.exists():
-        return set()
-    return {name for name, entry in json.loads(record.read_text()).get("notebooks", {}).items() if entry.get("status") == "ok"}
-
-
 def _run_baselines(profile: str, run_dir: Path, params: dict[str, Any], log_output: bool) -> None:
     """01 and 02 into `run_dir` unless they already finished there; an interrupted one runs again (its
     training resumes from its last checkpoint)."""
     for name in CHAIN[:2]:
-        if name not in finished_notebooks(run_dir):
+        if name not in run_folder.finished_notebooks(run_dir):
             run_chain(profile, run_name=run_dir.name, params=params, only=name, results=run_dir.parent,
                       notebooks=CHAIN, log_output=log_output)
 
@@ -519,7 +426,7 @@ def _run_baselines(profile: str, run_dir: Path, params: dict[str, Any], log_outp
 def run_nodes(profile: str = "laptop", nodes: tuple[int, ...] = (2, 3, 4), *, run_name: str | None = None,
               params: dict[str, Any] | None = None, results: str | Path | None = None, n_boot: int = 2000,
               log_output: bool = False) -> Path:
-    """SegViz's node-set experiment (`fedseg.nodes`) into one run folder, resuming whatever it already holds.
+    """SegViz's node-set experiment (`fedseg.experiments.nodes`) into one run folder, resuming whatever it already holds.
 
     01 and 02 once (kept if the folder has them, e.g. a sweep's); per node set, the central model on its pooled
     data and 03 with `method` fedavg and segviz on its clients into `<run>/nodes-<n>/`; then every model on
@@ -527,10 +434,6 @@ def run_nodes(profile: str = "laptop", nodes: tuple[int, ...] = (2, 3, 4), *, ru
     `tables/segviz_nodes.*` and `figures/segviz_nodes.png`, with the wall time of each step in
     `metrics/segviz_nodes_time.csv`.
     """
-    import pandas as pd
-
-    from fedseg import metrics, nodes as node_sets, report
-
     nodes = node_sets.check_nodes(nodes)
     params = dict(params or {})
     results = Path(results) if results else repo_root() / "results"
@@ -558,7 +461,7 @@ def run_nodes(profile: str = "laptop", nodes: tuple[int, ...] = (2, 3, 4), *, ru
             folder = node_sets.federation_dir(run_dir, n, method)
             if node_sets.finished_federation(folder):
                 if (setup, row) not in done:
-                    wall = json.loads((folder / "run.json").read_text())["notebooks"]["03_federated_training"]["wall_s"]
+                    wall = json.loads(run_folder.run_record(folder).read_text())["notebooks"]["03_federated_training"]["wall_s"]
                     timing.append({"setup": setup, "model": row, "wall_s": wall})
                 continue
             clients = ",".join(node_sets.NODE_SETS[n])
@@ -583,19 +486,13 @@ def run_contrast(profile: str = "laptop", mri_like: tuple[str, ...] | None = Non
                  methods: tuple[str, ...] = ("fedavg", "fedgin"), *, run_name: str | None = None,
                  params: dict[str, Any] | None = None, results: str | Path | None = None,
                  log_output: bool = False) -> Path:
-    """FedGIN's cross-contrast experiment (`fedseg.contrast`) into one run folder, resuming what it holds.
+    """FedGIN's cross-contrast experiment (`fedseg.experiments.contrast`) into one run folder, resuming what it holds.
 
     The profile with `mri_like` clients (default `contrast.DEFAULT_MRI_LIKE`) MRI-like is written to `<run>/profile.yaml`; 01 and 02 run on it once,
     then 03 per method into `<run>/<method>/`; then SL, FL global and FL local models are tested on every
     test case in both contrasts: `metrics/contrast_per_case.csv`, `tables/contrast_channels.*`,
     `tables/contrast_summary.*`, `figures/contrast_channels.png`.
     """
-    import pandas as pd
-
-    from fedseg import contrast, report
-    from fedseg.federated.methods import check_method
-    from fedseg.labels import TRAIN_DATASETS
-
     for method in methods:
         check_method(method)
     mri_like = tuple(mri_like or contrast.DEFAULT_MRI_LIKE)
@@ -617,7 +514,7 @@ def run_contrast(profile: str = "laptop", mri_like: tuple[str, ...] | None = Non
     _run_baselines(str(profile_path), run_dir, params, log_output)
     for method in methods:
         folder = run_dir / method
-        if run_folder.FEDERATED not in finished_notebooks(folder):
+        if run_folder.FEDERATED not in run_folder.finished_notebooks(folder):
             _run_federation_notebook(str(profile_path), run_dir, folder, {**params, "method": method}, log_output)
     cfg = resolve(str(profile_path), params.get("seed"))
     cases = run_folder.read_cases(run_dir)
@@ -677,8 +574,6 @@ EXPERIMENTS: dict[str, tuple[Any, str, str]] = {
 
 def _predict(args: argparse.Namespace) -> int:
     """`python -m fedseg predict`: `fedseg.predict.predict`, then the volumes table."""
-    from fedseg.predict import predict, volume_table
-
     try:
         result = predict(args.run, args.images, args.model, out=args.out, device=args.device, profile=args.profile)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
@@ -741,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ChainError, FileExistsError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    record = json.loads((run_dir / "run.json").read_text())
+    record = json.loads(run_folder.run_record(run_dir).read_text())
     print(f"run {run_dir} finished in {record['wall_s']} s (peak memory {record['peak_rss_mb']} MB)")
     for name, entry in record["notebooks"].items():
         print(f"  {name:28s} {entry['status']:6s} {entry['wall_s']:8.1f} s {entry['peak_rss_mb']:9.1f} MB")

@@ -22,6 +22,7 @@ This module imports nothing of fedseg, so every layer can use it.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -158,3 +159,16 @@ def model_notebook(model: str) -> str:
 def read_cases(run_dir: str | Path) -> pd.DataFrame:
     """`data/cases.csv` as a DataFrame; refused, naming 01, when the run has none."""
     return pd.read_csv(require(cases_file(run_dir), DATA_PREP, run_dir))
+
+
+def run_record(run_dir: str | Path) -> Path:
+    """`run.json`: what ran, with what, and what it cost (rewritten after every notebook)."""
+    return Path(run_dir) / "run.json"
+
+
+def finished_notebooks(run_dir: str | Path) -> set[str]:
+    """The notebooks that ran to the end in `run_dir` (its run.json)."""
+    record = run_record(run_dir)
+    if not record.exists():
+        return set()
+    return {name for name, entry in json.loads(record.read_text()).get("notebooks", {}).items() if entry.get("status") == "ok"}

@@ -16,15 +16,23 @@ import math
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedseg.federated import methods, task
-from fedseg.labels import TRAIN_DATASETS
+from fedseg.data.labels import TRAIN_DATASETS
+from fedseg.data.transforms import evaluation_dataset
+from fedseg.federated import methods, sites, task
+from fedseg.train.models import build_network
+from fedseg.train.training import (
+    channel_means,
+    save_checkpoint,
+    select_device,
+    validate,
+)
 
 app = ClientApp()
 
 
 def _site(context: Context) -> tuple[dict, str, int, list, list]:
     """(cfg, dataset, partition id, train records, val records) of this site."""
-    dataset, partition_id = task.site_identity(context.node_config, context.run_config)
+    dataset, partition_id = sites.site_identity(context.node_config, context.run_config)
     cfg = task.study_config(context.run_config, context.node_config)
     train, val = task.client_records(cfg, task.load_cases(cfg, context.run_config), dataset)
     return cfg, dataset, partition_id, train, val
@@ -38,7 +46,7 @@ def _named_failure(context: Context, kind: str, server_round: int):
     except Exception as error:
         who = context.node_config.get("dataset") or f"partition {context.node_config.get('partition-id')}"
         with contextlib.suppress(Exception):
-            who = task.site_identity(context.node_config, context.run_config)[0]
+            who = sites.site_identity(context.node_config, context.run_config)[0]
         raise RuntimeError(f"Client {who!r} failed in {kind} of round {server_round}: {_causes(error)}") from error
 
 
@@ -54,12 +62,11 @@ def _causes(error: BaseException) -> str:
 
 def identity(client: str) -> dict[str, int]:
     """What a reply says about who sent it: the dataset's index and, for a shard, its index and count."""
-    dataset, shard, shards = task.parse_client(client)
+    dataset, shard, shards = sites.parse_client(client)
     return {"dataset-index": TRAIN_DATASETS.index(dataset), "shard": shard, "shards": shards}
 
 
 def _global_model(cfg: dict, msg: Message):
-    from fedseg.models import build_network
 
     model = build_network(**cfg["model"])
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
@@ -77,7 +84,7 @@ def _keep_local_best(context: Context, cfg: dict, dataset: str, server_round: in
         best = task.saved_metric(path)
     if not metric > best:
         return False
-    task.save_checkpoint(task.state_dict_cpu(model), path, step=server_round, val_mean_dice=metric,
+    save_checkpoint(task.state_dict_cpu(model), path, step=server_round, val_mean_dice=metric,
                          settings=task.federation_settings(cfg))
     context.state["local-best"] = MetricRecord({"val-mean-dice": metric, "round": server_round})
     return True
@@ -88,7 +95,7 @@ def query(msg: Message, context: Context) -> Message:
     """Who this site is (its client name as `identity` metrics): the server asks before round 1, so it can say
     which sites are missing and name a site it later loses."""
     with _named_failure(context, "the identity query", 0):
-        client, partition_id = task.site_identity(context.node_config, context.run_config)
+        client, partition_id = sites.site_identity(context.node_config, context.run_config)
         metrics = {"partition-id": partition_id, **identity(client)}
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
@@ -101,7 +108,7 @@ def train(msg: Message, context: Context) -> Message:
         cfg, dataset, partition_id, train_records, val_records = _site(context)
         model = _global_model(cfg, msg)
         method = cfg["federated"]["method"]
-        block = task.parse_client(dataset)[0] if method == "segviz" else None  # SegViz: own task block
+        block = sites.parse_client(dataset)[0] if method == "segviz" else None  # SegViz: own task block
         extra = None
         if method == "fedprox":
             extra = methods.proximal_term(model.state_dict(), cfg["federated"]["mu"])
@@ -109,7 +116,6 @@ def train(msg: Message, context: Context) -> Message:
             extra = methods.distillation_term(_global_model(cfg, msg), cfg["federated"]["distill_weight"])
         volumes = None
         if method == "pseudo" and server_round > cfg["federated"]["pseudo_after"]:
-            from fedseg.training import select_device
 
             volumes = methods.pseudo_labelled_volumes(cfg, _global_model(cfg, msg), train_records, select_device())
         result = task.train_locally(methods.local_training_config(cfg), model, dataset, server_round, train_records,
@@ -128,9 +134,6 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Validation Dice of the global weights on this site's validation cases (owned channels)."""
-    from fedseg.training import channel_means, select_device, validate
-    from fedseg.transforms import evaluation_dataset
-
     server_round = int(msg.content["config"]["server-round"])
     with _named_failure(context, "evaluate", server_round):
         cfg, dataset, partition_id, _, val_records = _site(context)

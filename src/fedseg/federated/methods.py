@@ -11,11 +11,11 @@
 - `segviz`: SegViz (Kanhere et al. 2024): the `SharedTaskUNet`; each client trains the shared block and its own
   task block, the server averages only the shared block (n_k / n) and keeps each task block as its owner
   sent it; the global model is then the meta-model (shared block + every client's task block).
-- `fedgin`: FedGIN (Nagaraju et al. 2025): FedAvg with GIN augmentation (`fedseg.gin.RandGINd`) in every client's local
+- `fedgin`: FedGIN (Nagaraju et al. 2025): FedAvg with GIN augmentation (`fedseg.data.gin.RandGINd`) in every client's local
   training; `preprocess.gin` gives its settings (default `{prob: 0.5}`). Pair it with MRI-like clients
   (`data.phantom.mri_like`) for the cross-contrast experiment.
 - `distill`: FedAvg where each client's unlabelled channels are supervised by the received global model's
-  predictions on the same patch (ConDistFL-style conditional distillation, `fedseg.completion`), weighted
+  predictions on the same patch (ConDistFL-style conditional distillation, `fedseg.train.completion`), weighted
   by `federated.distill_weight`, on the voxels the client's own labels call background.
 - `pseudo`: FedAvg, then from round `federated.pseudo_after` + 1 (default: half the rounds) each client lets the
   received global model label its training cases' unlabelled channels (sigmoid > 0.5, the largest connected
@@ -33,7 +33,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedseg.models import parameter_group
+from fedseg.data.labels import CHANNELS, owned_mask
+from fedseg.data.transforms import FOREGROUND, IMAGE, LABEL, evaluation_dataset
+from fedseg.federated.sites import parse_client
+from fedseg.train.completion import distillation_loss, pseudo_label_volume
+from fedseg.train.models import parameter_group
 
 METHODS: tuple[str, ...] = ("fedavg", "ownerfedavg", "fedprox", "segviz", "fedgin", "distill", "pseudo")
 #: GIN settings of `fedgin` when the profile's `preprocess.gin` gives none.
@@ -67,9 +71,6 @@ def evaluation_block(model: torch.nn.Module, client: str) -> str | None:
     client's owned channels needs only that block: the same logits at a quarter of the decoding (4 tasks).
     None (decode the whole meta-model) for a non-SegViz network or when another block gives an owned channel.
     """
-    from fedseg.federated.task import parse_client
-    from fedseg.labels import owned_mask
-
     sources = getattr(model, "channel_source", None)
     if sources is None:
         return None
@@ -145,9 +146,6 @@ def _channel(array: np.ndarray, axis: int, channel: int) -> np.ndarray:
 
 def channel_owners(datasets: Sequence[str], channel: int) -> list[int]:
     """Indices of the clients whose dataset annotates `channel` (client names of shards map to their dataset)."""
-    from fedseg.federated.task import parse_client
-    from fedseg.labels import owned_mask
-
     return [k for k, name in enumerate(datasets) if owned_mask(parse_client(name)[0])[channel]]
 
 
@@ -188,8 +186,6 @@ def output_moves(previous: Mapping[str, np.ndarray], states: Sequence[Mapping[st
     which FedAvg makes n_owner / n (`owner_share`) when the others do not move c; `cosine` between the global
     and the owners' update (negative: the others pull c the other way, as a literal loss teaching "absent" does).
     """
-    from fedseg.labels import CHANNELS
-
     def vector(arrays: Mapping[str, np.ndarray], channel: int) -> np.ndarray:
         """Channel `channel`'s output weights (its weight row and bias) as one float64 vector."""
         return np.concatenate([_channel(np.asarray(arrays[k]), axis, channel) for k, axis in output_axes.items()])
@@ -223,9 +219,6 @@ def distillation_term(teacher: torch.nn.Module, weight: float):
     """ConDistFL-style distillation as a training extra loss: `weight` x `completion.distillation_loss` of
     the student's logits against the frozen `teacher`'s (the received global model) on the same patch, over
     the channels the sample's dataset does not own, on voxels its own labels call background."""
-    from fedseg.completion import distillation_loss
-    from fedseg.transforms import IMAGE, LABEL
-
     teacher = teacher.eval()
     for parameter in teacher.parameters():
         parameter.requires_grad_(False)
@@ -247,9 +240,6 @@ def pseudo_labelled_volumes(cfg: dict[str, Any], teacher: torch.nn.Module, recor
     """The client's preprocessed training volumes with their unowned channels completed by `teacher`
     (`completion.pseudo_label_volume`), the owned mask switched on for those channels, and the sampler's
     foreground recomputed from the completed target."""
-    from fedseg.completion import pseudo_label_volume
-    from fedseg.transforms import FOREGROUND, IMAGE, LABEL, evaluation_dataset
-
     teacher = teacher.to(device).eval()
     cached = evaluation_dataset(cfg, records)
     volumes = []

@@ -20,8 +20,15 @@ from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedseg import run_folder
-from fedseg.federated import task
-from fedseg.federated.strategies import StudyFedAvg, StudyOwnerFedAvg, StudySegViz, wait_for_sites
+from fedseg.federated import sites, task
+from fedseg.federated.strategies import (
+    StudyFedAvg,
+    StudyOwnerFedAvg,
+    StudySegViz,
+    wait_for_sites,
+)
+from fedseg.train.models import build_network, output_layer
+from fedseg.train.training import check_resumable, save_checkpoint, seed_everything
 
 #: The strategy of each method; the others train differently on the clients and aggregate with FedAvg.
 STRATEGIES = {"segviz": StudySegViz, "ownerfedavg": StudyOwnerFedAvg}
@@ -36,9 +43,6 @@ def main(grid: Grid, context: Context) -> None:
     A finished federation in run-dir is refused unless the run config says `overwrite`; an unfinished one (a
     crash, a lost site) with the same settings and sites continues after its last finished round
     (`fl/state.pt`) and ends with the weights an uninterrupted run would have."""
-    from fedseg.models import build_network, output_layer
-    from fedseg.training import check_resumable, seed_everything
-
     began = time.perf_counter()
     cfg = task.study_config(context.run_config)
     fl, run_dir = cfg["federated"], Path(cfg["run_dir"])
@@ -65,10 +69,10 @@ def main(grid: Grid, context: Context) -> None:
                               progress=bool(context.run_config.get("progress", False)), output_axes=axes,
                               settings=settings)
     try:
-        expected = task.client_list(context.run_config) if context.run_config.get("clients") else None
-        sites = wait_for_sites(grid, fl["min_clients"], expected, float(fl["wait_timeout"]))
-        strategy.node_names.update(sites)
-        strategy.state_settings = {**settings, "sites": sorted(sites.values())}
+        expected = sites.client_list(context.run_config) if context.run_config.get("clients") else None
+        connected = wait_for_sites(grid, fl["min_clients"], expected, float(fl["wait_timeout"]))
+        strategy.node_names.update(connected)
+        strategy.state_settings = {**settings, "sites": sorted(connected.values())}
         arrays, done = ArrayRecord(task.state_dict_cpu(model)), 0
         if state_path.exists():
             state = torch.load(state_path, map_location="cpu", weights_only=False)
@@ -83,7 +87,7 @@ def main(grid: Grid, context: Context) -> None:
         task.write_status(run_dir, "failed", f"{type(error).__name__}: {error}")
         raise
 
-    final = task.save_checkpoint(arrays.to_torch_state_dict(), run_folder.checkpoint(run_dir, "fl-global", "final"),
+    final = save_checkpoint(arrays.to_torch_state_dict(), run_folder.checkpoint(run_dir, "fl-global", "final"),
                                  step=fl["rounds"], val_mean_dice=strategy.last_metric, settings=settings)
     summary = {"num_rounds": fl["rounds"], "local_steps": fl["local_steps"], "clients": fl["min_clients"],
                "resumed_after_round": done if done else None,

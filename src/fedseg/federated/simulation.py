@@ -19,8 +19,8 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from fedseg import run_folder
-from fedseg.federated import task
-from fedseg.labels import TRAIN_DATASETS
+from fedseg.data.labels import TRAIN_DATASETS
+from fedseg.federated import client_app, server_app, sites, task
 
 
 def _with_run_config(context: Context, run_config: dict[str, Any]) -> Context:
@@ -31,8 +31,6 @@ def _with_run_config(context: Context, run_config: dict[str, Any]) -> Context:
 
 def simulation_apps(run_config: dict[str, Any]) -> tuple[ServerApp, ClientApp]:
     """ServerApp and ClientApp of the study that see `run_config` as if it came from `flwr run`."""
-    from fedseg.federated import client_app, server_app
-
     client = ClientApp()
 
     @client.query()
@@ -62,7 +60,7 @@ def run_federation(cfg: dict[str, Any], run_dir: str | Path, cases: pd.DataFrame
     """Conventional FL (FedAvg) of `clients` (one dataset each) in Flower's simulation engine.
 
     `shards` splits each dataset's training cases into that many virtual clients (an int, or per dataset
-    "liver=5,spleen=2"; see `task.client_list`), e.g. 16 virtual clients from four datasets.
+    "liver=5,spleen=2"; see `sites.client_list`), e.g. 16 virtual clients from four datasets.
     Knobs come from `cfg["federated"]` (see `task.FL_DEFAULTS`); `min_clients` is set to the client count.
     `cases` (default `<run_dir>/data/cases.csv`, else the data root's manifest) is copied to
     `<run_dir>/fl/cases.csv`, which every client reads. Raises if any client fails in any round.
@@ -74,7 +72,7 @@ def run_federation(cfg: dict[str, Any], run_dir: str | Path, cases: pd.DataFrame
     from flwr.simulation import run_simulation
 
     run_dir = Path(run_dir).resolve()
-    names = task.client_list({"clients": ",".join(clients), "shards": shards})  # checks the names
+    names = sites.client_list({"clients": ",".join(clients), "shards": shards})  # checks the names
     cfg = copy.deepcopy(cfg)
     cfg["run_dir"] = str(run_dir)
     cfg["federated"] = {**(cfg.get("federated") or {}), "min_clients": len(names)}

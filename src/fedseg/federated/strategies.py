@@ -36,7 +36,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedseg import run_folder
-from fedseg.labels import CHANNELS, TRAIN_DATASETS
+from fedseg.data.labels import CHANNELS, TRAIN_DATASETS
+from fedseg.federated.methods import (
+    output_moves,
+    owner_output_average,
+    selective_average,
+)
+from fedseg.federated.sites import client_name, parse_client
+from fedseg.train.training import save_checkpoint
 
 FOREGROUND = CHANNELS[1:]
 #: Metric keys that name a client rather than measure it: never averaged.
@@ -51,7 +58,6 @@ CLIENT_FAILURE = re.compile(r"Client '(\w+)' failed in [^\n]*")
 
 class FederationError(RuntimeError):
     """A federated round cannot be aggregated: a client failed or did not reply."""
-
 
 def site_names(grid: Grid, node_ids: Iterable[int], timeout: float = 120.0) -> dict[int, str]:
     """Ask each node who it is (a `query` message, answered by `client_app.query` with the site's identity):
@@ -141,7 +147,6 @@ def aggregate_study_metrics(records: list[RecordDict], weighted_by_key: str) -> 
 
 class StudyFedAvg(FedAvg):
     """FedAvg over `num_clients` sites with sorted, fail-loud aggregation and the FL global best."""
-
     def __init__(self, run_dir: str | Path, num_clients: int, fraction_train: float = 1.0, progress: bool = False,
                  output_axes: dict[str, int] | None = None, settings: dict[str, Any] | None = None):
         super().__init__(fraction_train=fraction_train, fraction_evaluate=1.0,
@@ -245,7 +250,6 @@ class StudyFedAvg(FedAvg):
         return states, [int(_metrics(m)["num-examples"]) for m in replies], [_dataset_name(_metrics(m)) for m in replies]
 
     def _measure_dilution(self, server_round: int, replies: list[Message], arrays: ArrayRecord) -> None:
-        from fedseg.federated.methods import output_moves
 
         keys = self.output_axes
         states, sizes, names = self._replies(replies, keys)  # the output layer alone
@@ -276,7 +280,6 @@ class StudyFedAvg(FedAvg):
         metrics["global-mean-dice"] = self.last_metric = metric
         improved = metric > self.best_metric
         if improved:
-            from fedseg.federated.task import save_checkpoint
 
             self.best_metric, self.best_round = metric, server_round
             save_checkpoint(self.global_arrays.to_torch_state_dict(), self.global_best_path, step=server_round,
@@ -355,11 +358,10 @@ class StudyFedAvg(FedAvg):
 
 
 def _dataset_name(metrics: MetricRecord) -> str:
-    """The sending client's name (`task.client_name`): its dataset, or the shard of it."""
+    """The sending client's name (`sites.client_name`): its dataset, or the shard of it."""
     index = int(metrics.get("dataset-index", -1))
     if not 0 <= index < len(TRAIN_DATASETS):
         return f"unknown-{index}"
-    from fedseg.federated.task import client_name
 
     return client_name(TRAIN_DATASETS[index], int(metrics.get("shard", 0)), int(metrics.get("shards", 1)))
 
@@ -383,10 +385,7 @@ def _like_first_reply(arrays: ArrayRecord | None, replies: list[Message]) -> Arr
 class StudySegViz(StudyFedAvg):
     """SegViz's selective aggregation (Kanhere et al. 2024) on the study's fail-loud, sorted FedAvg: the shared block
     is averaged with n_k / n, each task block is kept as its owner sent it (`methods.selective_average`)."""
-
     def _average(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        from fedseg.federated.methods import selective_average
-        from fedseg.federated.task import parse_client
 
         metrics = self.train_metrics_aggr_fn([m.content for m in replies], self.weighted_by_key)
         states, sizes, names = self._replies(replies)
@@ -399,14 +398,12 @@ class StudySegViz(StudyFedAvg):
 class StudyOwnerFedAvg(StudyFedAvg):
     """`ownerfedavg`: the study's FedAvg, then each output channel's weights and bias replaced by their mean
     over that channel's owners (`methods.owner_output_average`); needs the network's `output_axes`."""
-
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         if not self.output_axes:
             raise ValueError("ownerfedavg needs the network's output layer (models.output_layer) as output_axes.")
 
     def _average(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        from fedseg.federated.methods import owner_output_average
 
         arrays, metrics = super()._average(server_round, replies)
         states, sizes, names = self._replies(replies, self.output_axes)  # the output layer alone

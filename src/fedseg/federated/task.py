@@ -9,9 +9,10 @@ profile as JSON under `study-config`. A site's identity comes only from `context
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
-import re
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -20,9 +21,13 @@ import pandas as pd
 import torch
 
 from fedseg import run_folder
+from fedseg.config import resolve
+from fedseg.data.datasets import manifest_for
+from fedseg.data.labels import CHANNELS, TRAIN_DATASETS
+from fedseg.data.transforms import case_records
 from fedseg.federated.methods import METHOD_DEFAULTS, check_method, network_config
-from fedseg.labels import CHANNELS, TRAIN_DATASETS
-from fedseg.training import _save, save_checkpoint, train_model  # noqa: F401 (save_checkpoint re-exported)
+from fedseg.federated.sites import client_list, parse_client
+from fedseg.train.training import save_atomic, train_model, weight_settings
 
 FOREGROUND = CHANNELS[1:]
 #: FL knobs of a profile's `federated:` section and their values when the profile has none.
@@ -67,11 +72,9 @@ def study_config(run_config: Mapping[str, Any], node_config: Mapping[str, Any] |
     """The resolved profile a run (server) or site (client, with its node_config) works from.
 
     `study-config` (JSON of a resolved profile) wins; else `profile`, `seed`, `data-root` are resolved with
-    `fedseg.run.resolve`. A node_config `data-root` / `run-dir` replaces the run's (each site's own paths).
+    `fedseg.config.resolve`. A node_config `data-root` / `run-dir` replaces the run's (each site's own paths).
     Non-empty FL keys of run_config override the profile's `federated` section.
     """
-    from fedseg.run import resolve
-
     node_config = node_config or {}
     if run_config.get("study-config"):
         cfg = json.loads(run_config["study-config"])
@@ -96,73 +99,8 @@ def study_config(run_config: Mapping[str, Any], node_config: Mapping[str, Any] |
     return cfg
 
 
-def client_name(dataset: str, shard: int = 0, shards: int = 1) -> str:
-    """A virtual client's name: its dataset, or `<dataset>-<k>of<n>` for shard k (1-based) of n."""
-    return dataset if shards == 1 else f"{dataset}-{shard + 1}of{shards}"
-
-
-def parse_client(name: str) -> tuple[str, int, int]:
-    """(dataset, shard index from 0, number of shards) of a client name (see `client_name`)."""
-    found = re.fullmatch(r"([a-z0-9]+)(?:-(\d+)of(\d+))?", name)
-    if not found or found.group(1) not in TRAIN_DATASETS:
-        raise ValueError(f"client {name!r}: use a dataset ({', '.join(TRAIN_DATASETS)}) or '<dataset>-<k>of<n>'.")
-    dataset, k, n = found.group(1), int(found.group(2) or 1), int(found.group(3) or 1)
-    if not 1 <= k <= n:
-        raise ValueError(f"client {name!r}: shard {k} of {n} does not exist.")
-    return dataset, k - 1, n
-
-
-def shard_counts(shards: Any, datasets: tuple[str, ...]) -> dict[str, int]:
-    """Shards per dataset from run_config `shards`: an int for all ("4") or per dataset ("liver=5,spleen=2")."""
-    text = str(shards if shards not in (None, "", 0) else 1).strip()
-    if re.fullmatch(r"\d+", text):
-        counts = dict.fromkeys(datasets, int(text))
-    else:
-        pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
-        if not all(len(p) == 2 and p[1].strip().isdigit() for p in pairs):
-            raise ValueError(f"shards={shards!r}: use an integer or 'dataset=count,...' (e.g. 'liver=5,spleen=2').")
-        given = {name.strip(): int(count) for name, count in pairs}
-        unknown = set(given) - set(datasets)
-        if unknown:
-            raise ValueError(f"shards={shards!r}: {sorted(unknown)} are not among the clients {datasets}.")
-        counts = {d: given.get(d, 1) for d in datasets}
-    if min(counts.values()) < 1:
-        raise ValueError(f"shards={shards!r}: every dataset needs at least one shard.")
-    return counts
-
-
-def client_list(run_config: Mapping[str, Any]) -> tuple[str, ...]:
-    """The client of each partition id: run_config `clients` ("liver,spleen", default all four datasets),
-    each split into run_config `shards` virtual clients (default 1: one client per dataset)."""
-    names = tuple(n.strip() for n in str(run_config.get("clients") or "").split(",") if n.strip())
-    unknown = set(names) - set(TRAIN_DATASETS)
-    if unknown:
-        raise ValueError(f"clients={run_config['clients']!r}: {sorted(unknown)} not in {TRAIN_DATASETS}.")
-    datasets = names or TRAIN_DATASETS
-    counts = shard_counts(run_config.get("shards"), datasets)
-    return tuple(client_name(d, k, counts[d]) for d in datasets for k in range(counts[d]))
-
-
-def site_identity(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> tuple[str, int]:
-    """(client name, partition id) of this site: node_config `dataset` (a real site holds its whole dataset),
-    else `client_list(run_config)[partition-id]` (a dataset, or one shard of it, in simulation)."""
-    if node_config.get("dataset"):
-        dataset = str(node_config["dataset"])
-        if dataset not in TRAIN_DATASETS:
-            raise ValueError(f"node-config dataset={dataset!r}: use one of {', '.join(TRAIN_DATASETS)}.")
-        return dataset, int(node_config.get("partition-id", TRAIN_DATASETS.index(dataset)))
-    if "partition-id" not in node_config:
-        raise ValueError("This SuperNode has no identity: start it with --node-config 'dataset=\"liver\"'.")
-    clients, pid = client_list(run_config), int(node_config["partition-id"])
-    if pid >= len(clients):
-        raise ValueError(f"partition-id {pid} but only {len(clients)} clients {clients}: set run_config clients / shards.")
-    return clients[pid], pid
-
-
 def load_cases(cfg: Mapping[str, Any], run_config: Mapping[str, Any]) -> pd.DataFrame:
     """The cases table: run_config `cases`, else `<run_dir>/data/cases.csv` (01_data_prep), else the manifest."""
-    from fedseg.datasets import manifest_for
-
     for path in (run_config.get("cases"), run_folder.cases_file(cfg["run_dir"])):
         if path and Path(path).exists():
             return pd.read_csv(path)
@@ -175,8 +113,6 @@ def client_records(cfg: Mapping[str, Any], cases: pd.DataFrame, client: str) -> 
     A shard `<dataset>-<k>of<n>` trains on every n-th training case of its dataset (sorted by case id,
     starting at the k-th) and validates on the dataset's whole validation split.
     """
-    from fedseg.transforms import case_records
-
     dataset, shard, shards = parse_client(client)
     own = cases[cases["dataset"] == dataset].sort_values("case_id")
     train_cases = own[own["split"] == "train"]
@@ -222,7 +158,7 @@ def train_locally(cfg: dict[str, Any], model: torch.nn.Module, client: str, serv
     if fl["keep_optimizer"] and server_round > 1 and last.exists():
         saved = torch.load(last, map_location="cpu", weights_only=False)
         saved["model"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        _save(saved, last)
+        save_atomic(saved, last)
         start, resume = int(saved["state"]["step"]), True
     seed = round_seed(cfg["seed"], client, 0 if fl["keep_optimizer"] else server_round)
     summary = train_model(cfg, model, train_records, val_records, out_dir, steps=start + fl["local_steps"],
@@ -259,8 +195,6 @@ def federation_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """What every checkpoint of a federation carries (its FL global and local bests, the final model): the
     settings that change the weights (`training.weight_settings`), the loss, the seed and the federation's
     knobs; the clients' cases are in `fl/cases.csv` beside them."""
-    from fedseg.training import weight_settings
-
     return {**weight_settings(cfg), "loss": cfg["train"]["loss"], "seed": int(cfg["seed"]),
             "federated": {k: v for k, v in cfg["federated"].items() if k not in NEUTRAL_FL_KEYS}}
 
@@ -271,10 +205,6 @@ def status_path(run_dir: str | Path) -> Path:
 
 def write_status(run_dir: str | Path, status: str, reason: str = "") -> None:
     """`<run_dir>/fl/status.json`: running, finished or failed (with the reason), written atomically."""
-    import datetime
-    import json
-    import os
-
     path = status_path(run_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {"status": status, "reason": reason[:4000],
@@ -286,8 +216,6 @@ def write_status(run_dir: str | Path, status: str, reason: str = "") -> None:
 
 def read_status(run_dir: str | Path) -> str | None:
     """The federation's status in `run_dir` (running, finished, failed), None when it has none."""
-    import json
-
     path = status_path(run_dir)
     return json.loads(path.read_text()).get("status") if path.exists() else None
 
@@ -303,8 +231,6 @@ def refuse_finished(run_dir: str | Path, overwrite: bool) -> None:
 def require_finished(run_dir: str | Path) -> None:
     """Refuse to evaluate a federation that did not finish: its folder holds the rounds and bests it reached,
     which look like a finished run's. A folder without a status (made before it was written) passes."""
-    import json
-
     path = status_path(run_dir)
     if not path.exists():
         return

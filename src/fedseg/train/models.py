@@ -1,7 +1,7 @@
 """Networks by name, and the SegViz network with one shared block and one task block per client.
 
 Every network maps a (B, 1, *patch) CT patch to (B, 8, *patch) raw logits, one per channel of
-`fedseg.labels.CHANNELS`; sigmoids are applied by the losses and metrics (independent, multi-label).
+`fedseg.data.labels.CHANNELS`; sigmoids are applied by the losses and metrics (independent, multi-label).
 
 The paper's network (Shen et al. 2022) is C2FNAS (Yu et al., CVPR 2020), which MONAI does not ship. Its stand-in
 is MONAI's `DynUNet`, the default of the `paper` profile: C2FNAS is a searched U-shaped 3D encoder-decoder
@@ -21,10 +21,15 @@ from typing import Any
 
 import torch
 from monai.networks import nets
-from monai.networks.blocks.dynunet_block import UnetBasicBlock, UnetOutBlock, UnetResBlock, UnetUpBlock
+from monai.networks.blocks.dynunet_block import (
+    UnetBasicBlock,
+    UnetOutBlock,
+    UnetResBlock,
+    UnetUpBlock,
+)
 from torch import nn
 
-from fedseg.labels import LABEL_MAPS, NUM_CHANNELS, TRAIN_DATASETS, owned_mask
+from fedseg.data.labels import LABEL_MAPS, NUM_CHANNELS, TRAIN_DATASETS, owned_mask
 
 #: Logit given in the meta-model output to a foreground channel no task block owns: sigmoid ~ 2e-9, absent.
 ABSENT_LOGIT = -20.0
@@ -98,12 +103,12 @@ def _check_shared_task_args(tasks: Sequence[str], out_channels: int, channels: S
     unknown = [t for t in tasks if t not in LABEL_MAPS]
     if not tasks or unknown:
         raise ValueError(f"SharedTaskUNet tasks {list(tasks)} must be non-empty dataset names from "
-                         f"{', '.join(LABEL_MAPS)} (fedseg.labels), which say which channels each task owns.")
+                         f"{', '.join(LABEL_MAPS)} (fedseg.data.labels), which say which channels each task owns.")
     if len(set(tasks)) != len(tasks):
         raise ValueError(f"SharedTaskUNet tasks {list(tasks)} repeat a name: give each task once.")
     if out_channels != NUM_CHANNELS:
         raise ValueError(f"SharedTaskUNet out_channels={out_channels}: the meta-model needs the "
-                         f"{NUM_CHANNELS} channels of fedseg.labels.CHANNELS.")
+                         f"{NUM_CHANNELS} channels of fedseg.data.labels.CHANNELS.")
     if len(channels) < 2 or len(strides) != len(channels) - 1:
         raise ValueError(f"SharedTaskUNet channels {list(channels)} and strides {list(strides)}: give at "
                          "least two channel counts and one stride per downsampling (len(channels) - 1).")

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fedseg.datasets import relative_paths
-from fedseg.labels import DATASETS
+from fedseg.data.labels import DATASETS
+from fedseg.data.layouts import relative_paths
 
 TABLE1: dict[str, tuple[int, int, int]] = {
     "liver": (79, 26, 26),
@@ -35,7 +35,7 @@ SPLIT_SOURCES: tuple[str, ...] = ("condistfl", "seeded", "paper")
 FALLBACK_SEED = 0
 """Seed of the `seeded_split` fallback, used only for a dataset whose ConDistFL split is missing or off Table 1."""
 
-MANIFEST_PATH = Path(__file__).resolve().parents[2] / "data_manifest.csv"
+MANIFEST_PATH = Path(__file__).resolve().parents[3] / "data_manifest.csv"
 
 CONDISTFL_FOLDERS: dict[str, str] = {"liver": "Liver", "pancreas": "Pancreas", "kits19": "KiTS19", "spleen": "Spleen"}
 """Folder of each dataset's datalist.json under NVFlare's research/condist-fl/data/."""
@@ -120,7 +120,7 @@ def load_manifest(path: str | Path = MANIFEST_PATH) -> pd.DataFrame:
     """Read and validate a manifest CSV (columns, dataset names, split values, unique case ids)."""
     path = Path(path)
     df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    fix = "fix the file or regenerate it with `python -m fedseg.manifest --condistfl-dir DIR`"
+    fix = "fix the file or regenerate it with `python -m fedseg.data.manifest --condistfl-dir DIR`"
     if tuple(df.columns) != COLUMNS:
         raise ValueError(f"{path} has columns {list(df.columns)} instead of {list(COLUMNS)}; {fix}.")
     for column, allowed in (("dataset", DATASETS), ("split", SPLITS), ("split_source", SPLIT_SOURCES)):
@@ -171,7 +171,7 @@ def subset_manifest(df: pd.DataFrame, scale: float, minimum: Sequence[int] = (2,
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Print Table 1 from the manifest, or rebuild it from ConDistFL's datalists with --condistfl-dir."""
-    parser = argparse.ArgumentParser(prog="python -m fedseg.manifest", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m fedseg.data.manifest", description=main.__doc__)
     parser.add_argument("--condistfl-dir", type=Path, help="NVFlare's research/condist-fl/data folder")
     parser.add_argument("--out", type=Path, default=MANIFEST_PATH, help="manifest CSV to read or write")
     parser.add_argument("--check", action="store_true", help="with --condistfl-dir: compare instead of writing")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedseg.labels import CHANNELS, COLOURS, LABEL_MAPS
+from fedseg.data.labels import CHANNELS, COLOURS, LABEL_MAPS
 
 #: Not a dataset: a fused prediction (`inference.fuse`), whose label values are channel indices.
 PREDICTION = "prediction"

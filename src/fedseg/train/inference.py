@@ -13,7 +13,7 @@ The global model is `predict_logits({"global": model}, ...)["global"]`, no ensem
 (Wang & Ma 2022) replaces `predict_logits` where the fine pass should only run around the organs.
 
 Everything is on channel-first tensors without a batch dimension: images (1, X, Y, Z), logits and masks
-(8, X, Y, Z) in the order of `fedseg.labels.CHANNELS`.
+(8, X, Y, Z) in the order of `fedseg.data.labels.CHANNELS`.
 """
 
 from __future__ import annotations
@@ -33,10 +33,17 @@ from monai.inferers import sliding_window_inference
 from monai.transforms.utils import generate_spatial_bounding_box
 from monai.utils import TraceKeys
 
-from fedseg.labels import CHANNEL_INDEX, FOREGROUND, NUM_CHANNELS, TRAIN_DATASETS, owned_mask, to_multihot
-from fedseg.models import ABSENT_LOGIT, meta_channel_sources, meta_logits
-from fedseg.training import autocast
-from fedseg.transforms import IMAGE
+from fedseg.data.labels import (
+    CHANNEL_INDEX,
+    FOREGROUND,
+    NUM_CHANNELS,
+    TRAIN_DATASETS,
+    owned_mask,
+    to_multihot,
+)
+from fedseg.data.transforms import IMAGE
+from fedseg.train.models import ABSENT_LOGIT, meta_channel_sources, meta_logits
+from fedseg.train.training import autocast
 
 Predictor = Union[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor]]
 Models = Union[Predictor, Mapping[str, Predictor]]

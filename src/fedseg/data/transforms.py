@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any, Hashable, Mapping
 
@@ -20,11 +21,12 @@ import pandas as pd
 import torch
 from monai import transforms as mt
 from monai.data import Dataset, PersistentDataset
+from tqdm.auto import tqdm
 
-from fedseg.datasets import case_files
-from fedseg.gin import RandGINd
-from fedseg.labels import owned_mask, to_multihot
-from fedseg.run import repo_root
+from fedseg.config import repo_root
+from fedseg.data.gin import RandGINd
+from fedseg.data.labels import owned_mask, to_multihot
+from fedseg.data.layouts import case_files
 
 IMAGE, LABEL, FOREGROUND = "image", "label", "foreground"
 FG_POSTFIX, BG_POSTFIX = "_fg", "_bg"
@@ -55,7 +57,6 @@ class ScaleIntensityByModalityd(mt.MapTransform):
     ScaleIntensityRange), MRI through the image's own percentiles (ScaleIntensityRangePercentiles), since
     MRI values have no absolute scale. MONAI has both scalings but no per-record switch: this only picks one.
     """
-
     def __init__(self, keys: str, hu_window: tuple[float, float], mri_percentiles: tuple[float, float] = MRI_PERCENTILES,
                  modality_key: str = "modality"):
         super().__init__(keys)
@@ -76,12 +77,11 @@ class ScaleIntensityByModalityd(mt.MapTransform):
 
 
 class MultiHotd(mt.MapTransform):
-    """Maps a dataset's integer label map into the 8-channel multi-hot target (`fedseg.labels`).
+    """Maps a dataset's integer label map into the 8-channel multi-hot target (`fedseg.data.labels`).
 
     Written here because the scheme is the study's own; it also adds a one-channel union of the
     dataset's foreground, which the foreground-biased patch sampler draws its centres from.
     """
-
     def __init__(self, keys: str = LABEL, dataset_key: str = "dataset"):
         super().__init__(keys)
         self.dataset_key = dataset_key
@@ -141,7 +141,7 @@ def preprocess(cfg: dict[str, Any]) -> mt.Compose:
 
 def augment(cfg: dict[str, Any]) -> mt.Compose:
     """The random part of training: patches (random or foreground-biased), GIN if `preprocess.gin` is set
-    (e.g. `{prob: 0.5}`; `fedseg.gin.RandGINd`'s arguments), then the intensity shift."""
+    (e.g. `{prob: 0.5}`; `fedseg.data.gin.RandGINd`'s arguments), then the intensity shift."""
     pre = cfg["preprocess"]
     patch, count = pre["patch_size"], pre["patches_per_volume"]
     keys = [IMAGE, LABEL]
@@ -231,7 +231,6 @@ def cache_dir(cfg: dict[str, Any]) -> Path:
 class StaleCacheError(RuntimeError):
     """A cache folder holds volumes preprocessed under other settings than the ones asked for."""
 
-
 def training_dataset(cfg: dict[str, Any], records: list[dict[str, Any]]) -> Dataset:
     """Random training patches: whole volumes read from the preprocessed cache, then `augment`.
 
@@ -248,10 +247,6 @@ def evaluation_dataset(cfg: dict[str, Any], records: list[dict[str, Any]]) -> Pe
 
 def build_cache(cfg: dict[str, Any], records: list[dict[str, Any]], progress: bool = True) -> dict[str, Any]:
     """Preprocess every case once into the cache; returns what was done (cases, seconds, size)."""
-    import time
-
-    from tqdm.auto import tqdm
-
     dataset = evaluation_dataset(cfg, records)
     start = time.perf_counter()
     for index in tqdm(range(len(dataset)), desc="preprocess → cache", disable=not progress):

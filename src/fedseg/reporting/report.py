@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,16 @@ from matplotlib.colors import ListedColormap
 from matplotlib.patches import Patch
 
 from fedseg import run_folder
-from fedseg.datasets import case_files
-from fedseg.labels import CHANNEL_INDEX, COLOURS, DATASETS, owned_channels
-from fedseg.manifest import SPLITS, TABLE1, split_counts
+from fedseg.data.labels import (
+    CHANNEL_INDEX,
+    CHANNELS,
+    COLOURS,
+    DATASETS,
+    owned_channels,
+)
+from fedseg.data.layouts import case_files
+from fedseg.data.manifest import SPLITS, TABLE1, split_counts
+from fedseg.data.transforms import IMAGE, LABEL, evaluation_dataset
 
 #: Row labels of the paper's Table 1.
 PAPER_NAMES = {"liver": "MSD liver", "pancreas": "MSD pancreas", "kits19": "KiTS19", "spleen": "MSD spleen",
@@ -141,8 +149,6 @@ def figure1(volumes: dict[str, tuple[np.ndarray, np.ndarray, str]]) -> plt.Figur
 
 def first_training_volumes(cfg: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, tuple]:
     """For Fig. 1: each dataset's first case, preprocessed (read from the cache), as numpy arrays."""
-    from fedseg.transforms import IMAGE, LABEL, evaluation_dataset
-
     firsts: dict[str, dict[str, Any]] = {}
     for record in records:
         firsts.setdefault(record["dataset"], record)
@@ -184,13 +190,11 @@ def sweep_table(run_dir: str | Path, methods: tuple[str, ...]) -> pd.DataFrame:
     rows (Dice %, 7 channels and Avg.), the SL row once, and the method's 03 wall time in seconds; then the
     paper's rows where it has them (Shen et al. 2022's Table 2: SL and FedAvg; the other methods' papers report
     other datasets and label sets)."""
-    import json
-
     rows = {}
     for method in methods:
         folder = Path(run_dir) / method
         table = pd.read_csv(run_folder.table_file(folder, "table2"), index_col=0)
-        seconds = json.loads((folder / "run.json").read_text())["notebooks"]["03_federated_training"]["wall_s"]
+        seconds = json.loads(run_folder.run_record(folder).read_text())["notebooks"]["03_federated_training"]["wall_s"]
         if not rows and "SL (this run)" in table.index:
             rows["SL"] = {**table.loc["SL (this run)"].to_dict(), "03 wall time (s)": np.nan}
         for kind in ("FL global model (server)", "FL local model (client)"):
@@ -438,7 +442,6 @@ def figure3(image_path: str | Path, fused_path: str | Path, title: str = "", ste
     from mpl_toolkits.mplot3d.art3d import Poly3DCollection
     from skimage.measure import marching_cubes
 
-    from fedseg.labels import CHANNELS
 
     hu, _ = canonical(image_path)
     fused, spacing = canonical(fused_path)
@@ -470,89 +473,3 @@ def figure3(image_path: str | Path, fused_path: str | Path, title: str = "", ste
     fig.legend(handles=legend, loc="lower center", ncol=max(1, len(legend)), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     return fig
-
-
-# --------------------------------------------------------------------------------------------------
-# The run's README
-# --------------------------------------------------------------------------------------------------
-
-#: Tables of a run, in reading order, with a heading each (those a run does not have are skipped).
-README_TABLES = {
-    "claims": "The papers' claims, decided by this run's numbers",
-    "table1": "Table 1: cases per dataset and split",
-    "table2": "Table 2: Dice (%) on each task's test split",
-    "table3": "Table 3: Dice (%) on the external BTCV set",
-    "table3_detail": "BTCV in detail: Dice, NSD, HD95 (mean ± std [bootstrap 95% CI], cases scored)",
-    "btcv_paired": "BTCV: paired comparisons between methods",
-    "btcv_inference_time": "BTCV: inference time per case, full sliding window vs coarse-to-fine",
-    "segviz_nodes": "SegViz table: Dice on BTCV per node set (`python -m fedseg nodes`)",
-    "sweep_methods": "Every federated method side by side (`python -m fedseg sweep`)",
-    "sweep_dilution": "How far each channel's head moves, per swept federation (label conflict vs dilution)",
-    "dilution": "How far each channel's head moves in the global model (FedAvg's dilution)",
-    "contrast_summary": "FedGIN: in- and cross-contrast Dice (%) (`python -m fedseg contrast`)",
-    "contrast_channels": "FedGIN: Dice (%) per channel, tested on CT and on MRI-like",
-    "table2_baselines": "Baselines (02): SL and central aggregation",
-}
-README_FIGURES = {
-    "fig1_datasets": "Fig. 1: one case per dataset",
-    "learning_curves_baselines": "Learning curves of the SL and central models",
-    "fl_learning_curves": "FL learning curves, global and local",
-    "fl_dilution": "How far each channel's head moves: global vs owners' update, per round",
-    "sweep_dilution": "How far each channel's head moves, per swept federation",
-    "btcv_dice_bars": "BTCV Dice with bootstrap 95% confidence intervals",
-    "btcv_nsd_bars": "BTCV normalized surface Dice with bootstrap 95% confidence intervals",
-    "fig3_btcv": "Fig. 3: a BTCV case, post-processed ensemble of the FL local models",
-    "fig4_test_cases": "Fig. 4: a test case per task: ground truth, SL, FL global, FL local",
-    "segviz_nodes": "SegViz node sets: Dice on BTCV, the paper's means as ticks",
-    "contrast_channels": "FedGIN: Dice per channel tested on CT and on MRI-like",
-}
-
-
-def results_readme(run_dir: str | Path) -> Path:
-    """Write `<run_dir>/README.md`: what ran (profile, data, commit, times, memory), the tables, the figures.
-
-    Built only from the files the run wrote, so it never claims a result the run does not hold.
-    """
-    import json
-
-    from fedseg.claims import save_claims
-
-    run_dir = Path(run_dir)
-    save_claims(run_dir, seed=0)  # from the scores the run wrote, before the README shows them
-    record = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
-    cfg = record.get("profile_config", {})
-    lines = [f"# Run `{run_dir.name}`", ""]
-    if record:
-        git, host = record.get("git", {}), record.get("host", {})
-        phantom = cfg.get("data", {}).get("phantom", {})
-        source = cfg.get("data", {}).get("source", "?")
-        data = (f"synthetic CT (fedseg.phantom, case_scale {phantom.get('case_scale')}, seed {record.get('seed')})"
-                if source == "synthetic" else f"real data at `{record.get('data_root')}`")
-        lines += [
-            f"- **profile** `{record.get('profile')}`, seed {record.get('seed')}, parameters {record.get('parameters') or '{}'}",
-            f"- **data**: {data}; voxels {cfg.get('preprocess', {}).get('spacing')} mm, "
-            f"model {cfg.get('model', {}).get('name')} {cfg.get('model', {}).get('channels')}",
-            f"- **code**: commit `{str(git.get('commit', '?'))[:12]}`{' (uncommitted changes)' if git.get('dirty') else ''}, "
-            f"torch {record.get('versions', {}).get('torch')}, monai {record.get('versions', {}).get('monai')}, "
-            f"flwr {record.get('versions', {}).get('flwr')}",
-            f"- **host**: {host.get('cpus')} CPUs ({host.get('cpu_model', '?')}), "
-            f"torch threads {host.get('torch_threads', '?')}, {host.get('platform')}",
-            f"- **status** {record.get('status')}, started {record.get('started')}, ended {record.get('ended')}",
-            "", "| notebook | status | wall time (s) | peak memory (MB) |", "|---|---|---|---|",
-        ]
-        for name, entry in record.get("notebooks", {}).items():
-            lines.append(f"| {name} | {entry.get('status')} | {entry.get('wall_s', '')} | {entry.get('peak_rss_mb', '')} |")
-        if record.get("wall_s") is not None:
-            lines.append(f"| **chain** | {record.get('status')} | {record.get('wall_s')} | {record.get('peak_rss_mb')} |")
-        lines.append("")
-    for name, heading in README_TABLES.items():
-        path = run_folder.table_file(run_dir, name, ".md")
-        if path.exists():
-            lines += [f"## {heading}", "", path.read_text().strip(), ""]
-    figures = [(name, heading) for name, heading in README_FIGURES.items() if run_folder.figure_file(run_dir, name).exists()]
-    if figures:
-        lines += ["## Figures", ""]
-        lines += [f"### {heading}\n\n![{heading}](figures/{name}.png)\n" for name, heading in figures]
-    path = run_dir / "README.md"
-    path.write_text("\n".join(lines).rstrip() + "\n")
-    return path

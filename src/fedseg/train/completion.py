@@ -1,7 +1,7 @@
 """Label completion for a client's unlabelled channels from the global model (docs/study.md, Experiments, item 7).
 
-Every client annotates only some of the 8 channels (`fedseg.labels.owned_mask`); the partial-label losses
-(`fedseg.losses`) leave the others unsupervised. Two ways to supervise them with the federated model:
+Every client annotates only some of the 8 channels (`fedseg.data.labels.owned_mask`); the partial-label losses
+(`fedseg.train.losses`) leave the others unsupervised. Two ways to supervise them with the federated model:
 
 - `distillation_loss`: conditional distillation as in ConDistFL (Wang et al., "ConDistFL: Conditional
   Distillation for Federated Learning from Partially Annotated Data", MICCAI DeCaF 2023; reference code
@@ -16,7 +16,7 @@ Every client annotates only some of the 8 channels (`fedseg.labels.owned_mask`);
   prediction is cleaned by connected-component analysis (largest component per channel), merged into the
   labels, and training continues on the completed targets.
 
-How an integrator calls them (not wired into `fedseg.training` / `fedseg.federated`)::
+How an integrator calls them (not wired into `fedseg.train.training` / `fedseg.federated`)::
 
     # distillation, inside a client's local round; `global_model` is a frozen copy of the received weights
     with torch.no_grad():
@@ -42,8 +42,9 @@ import torch
 import torch.nn.functional as F
 from monai import transforms as mt
 
-from fedseg.labels import CHANNEL_INDEX, CHANNELS, FOREGROUND, NUM_CHANNELS
-from fedseg.losses import owned_pairs
+from fedseg.data.labels import CHANNEL_INDEX, CHANNELS, FOREGROUND, NUM_CHANNELS
+from fedseg.train.inference import predict_logits
+from fedseg.train.losses import owned_pairs
 
 _TUMOUR_SUFFIX = "_tumor"
 
@@ -158,7 +159,7 @@ def pseudo_label(teacher: torch.Tensor | np.ndarray, target: torch.Tensor | np.n
         raise ValueError(f"Expected teacher and target of the same shape ({NUM_CHANNELS}, X, Y, Z), got "
                          f"{probability.shape} and {labels.shape}.")
     if own.shape != (NUM_CHANNELS,):
-        raise ValueError(f"owned must be the ({NUM_CHANNELS},) mask of fedseg.labels.owned_mask, got {own.shape}.")
+        raise ValueError(f"owned must be the ({NUM_CHANNELS},) mask of fedseg.data.labels.owned_mask, got {own.shape}.")
     unknown = [name for name in channels or () if name not in FOREGROUND]
     if unknown:
         raise ValueError(f"channels {unknown} are not foreground channels: use {', '.join(FOREGROUND)}.")
@@ -206,7 +207,5 @@ def pseudo_label_volume(model: Any, image: torch.Tensor, target: torch.Tensor | 
     `model` is the global model (on `device`) or a callable, as for `inference.predict_logits`; `target`
     is the case's (8, X, Y, Z) multi-hot target on the same grid. `kwargs` go to `pseudo_label`.
     """
-    from fedseg.inference import predict_logits  # inference imports training: keep this module light
-
     logits = predict_logits(model, image, cfg, device)
     return pseudo_label(logits, target, owned, from_logits=True, **kwargs)

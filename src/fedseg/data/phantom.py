@@ -13,7 +13,7 @@ RAS frame (+x patient right, +y anterior, +z superior) and sampled onto its data
   in-plane voxels; 70 % hypodense by 15-55 HU, else hyperdense by 15-35 HU, large ones with a necrotic
   core) strictly inside the liver, the pancreas or a kidney (a large one widens its organ, as a mass
   does), and only in the images of the dataset whose task includes them;
-* labels: each dataset annotates only its own organs with its own values (`fedseg.labels`); the other
+* labels: each dataset annotates only its own organs with its own values (`fedseg.data.labels`); the other
   organs are in its images but unlabelled;
 * per-dataset heterogeneity: voxel size, field of view, scan range, contrast phase, HU offset and gain,
   noise, and the orientation of the stored array (`PROFILES`); every affine maps voxels to RAS mm, so
@@ -44,12 +44,19 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 from nibabel.affines import voxel_sizes
-from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
+from nibabel.orientations import (
+    apply_orientation,
+    axcodes2ornt,
+    inv_ornt_aff,
+    ornt_transform,
+)
 from scipy import ndimage
 from scipy.interpolate import CubicSpline
+from tqdm.auto import tqdm
 
-from fedseg.datasets import DATASET_DIRS, LOCAL_MANIFEST
-from fedseg.labels import DATASETS
+from fedseg.data.labels import DATASETS
+from fedseg.data.layouts import DATASET_DIRS, LOCAL_MANIFEST
+from fedseg.data.manifest import load_manifest, subset_manifest
 
 #: Bump when the generator's output changes for the same parameters (phantom.json records it).
 PHANTOM_VERSION = "1.0.0"
@@ -154,7 +161,6 @@ _MSD_JSON = {
 
 class Grid(NamedTuple):
     """World (RAS mm) coordinates of the voxel centres along each axis of a canonical RAS array."""
-
     x: np.ndarray
     y: np.ndarray
     z: np.ndarray
@@ -850,7 +856,7 @@ def _msd_json(dataset: str, rows: pd.DataFrame, mri: bool) -> bytes:
         "name": name,
         "description": f"fedseg synthetic {name} (phantom {PHANTOM_VERSION}), in the layout of MSD "
                        f"{DATASET_DIRS[dataset]}",
-        "reference": "fedseg.phantom (synthetic; not the Medical Segmentation Decathlon data)",
+        "reference": "fedseg.data.phantom (synthetic; not the Medical Segmentation Decathlon data)",
         "licence": "CC-BY-SA 4.0",
         "release": PHANTOM_VERSION,
         "tensorImageSize": "3D",
@@ -908,15 +914,13 @@ def generate(data_root: str | Path, *, seed: int = 0, case_scale: float = 0.1,
     parameters, written at the very end). A finished generation with the same parameters is reused as
     it is; the same parameters always give the same bytes.
     """
-    from fedseg.manifest import load_manifest, subset_manifest
-
     root = Path(data_root)
     unknown = sorted(set(mri_like).union(datasets or ()) - set(PROFILES))
     if unknown:
         raise ValueError(f"Unknown dataset(s) {unknown} in mri_like/datasets: use names from {list(PROFILES)}.")
     if min(inplane_zoom, slice_zoom) <= 0:
         raise ValueError(f"inplane_zoom and slice_zoom must be positive, got {inplane_zoom}, {slice_zoom}.")
-    record = dict(generator="fedseg.phantom", version=PHANTOM_VERSION,
+    record = dict(generator="fedseg.data.phantom", version=PHANTOM_VERSION,
                   parameters=_parameters(seed, case_scale, min_cases, inplane_zoom, slice_zoom, mri_like, datasets))
     if _is_current(root, record):
         if progress:
@@ -953,7 +957,6 @@ def generate(data_root: str | Path, *, seed: int = 0, case_scale: float = 0.1,
 
 
 def _run_jobs(jobs: list[dict[str, Any]], workers: int | None, progress: bool) -> list[dict[str, Any]]:
-    from tqdm.auto import tqdm
 
     workers = min(2, os.cpu_count() or 1) if workers is None else int(workers)
     bar = tqdm(total=len(jobs), desc="phantom", unit="case", disable=not progress)

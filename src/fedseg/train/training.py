@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import json
+import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -22,12 +26,19 @@ from monai.data import PersistentDataset
 from monai.inferers import sliding_window_inference
 from monai.metrics import DiceMetric
 from monai.utils import set_determinism
+from tqdm.auto import tqdm
 
 from fedseg import run_folder
-from fedseg.labels import CHANNELS
-from fedseg.losses import build_loss
-from fedseg.transforms import IMAGE, LABEL, augment, evaluation_dataset, sampling_indices
-
+from fedseg.data.labels import CHANNELS
+from fedseg.data.transforms import (
+    IMAGE,
+    LABEL,
+    augment,
+    evaluation_dataset,
+    sampling_indices,
+)
+from fedseg.train.losses import build_loss
+from fedseg.train.models import build_network
 
 #: A term added to the training loss: (model, logits, batch with the image on the device) -> scalar tensor.
 ExtraLoss = Callable[[torch.nn.Module, torch.Tensor, dict[str, Any]], torch.Tensor]
@@ -51,7 +62,6 @@ class PatchBatches(torch.utils.data.Dataset):
     Reads whole preprocessed volumes from the cache and applies the random part of the pipeline
     (patches, intensity shift) with a generator seeded per step, so resuming at step s is exact.
     """
-
     def __init__(self, cfg: dict[str, Any], records: list[dict[str, Any]], seed: int, cases_per_step: int,
                  volumes: Sequence[dict[str, Any]] | None = None):
         if not records:
@@ -203,7 +213,7 @@ def cpu_has_bf16() -> bool:
         return False
 
 
-def _save(obj: Any, path: Path) -> None:
+def save_atomic(obj: Any, path: Path) -> None:
     """Atomic torch.save: a checkpoint is either the old one or the complete new one, never half."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
@@ -214,7 +224,7 @@ def save_checkpoint(state_dict: dict[str, torch.Tensor], path: Path, **info: Any
     """A weights checkpoint (`best.pt` format: {"model": state_dict, "step": ..., "val_mean_dice": ...}),
     written atomically; the SL/central best and the FL global and local bests all use it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    _save({"model": dict(state_dict), **info}, path)
+    save_atomic({"model": dict(state_dict), **info}, path)
     return path
 
 
@@ -235,7 +245,6 @@ def _is_out_of_memory(error: BaseException) -> bool:
 class StaleCheckpointError(RuntimeError):
     """A checkpoint was made under other settings than those a run now asks for: resuming it would mix two trainings."""
 
-
 #: Settings that change neither the weights a training produces nor which checkpoint is kept as the best.
 NEUTRAL_TRAIN_KEYS = ("checkpoint_every", "parallel_models", "sw_batch_size", "steps", "central_steps")
 NEUTRAL_PREPROCESS_KEYS = ("num_workers", "in_memory")
@@ -243,8 +252,6 @@ NEUTRAL_PREPROCESS_KEYS = ("num_workers", "in_memory")
 
 def _case_list(records: Sequence[Mapping[str, Any]]) -> str:
     """A short, order-free fingerprint of the cases a model trains or validates on: their count and a hash."""
-    import hashlib
-
     ids = sorted(f"{r['dataset']}/{r['case_id']}" for r in records)
     return f"{len(ids)} cases, sha256 {hashlib.sha256(chr(10).join(ids).encode()).hexdigest()[:12]}"
 
@@ -272,8 +279,6 @@ def training_settings(cfg: dict[str, Any], *, loss: str, budget: int, seed: int,
 
 def _json_equal(a: Any, b: Any) -> bool:
     """Equal once both went through JSON (tuples and lists, int and float keys alike)."""
-    import json
-
     return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
 
 
@@ -324,8 +329,6 @@ def train_model(cfg: dict[str, Any], model: torch.nn.Module, train_records: list
     Returns a summary: steps done, best step and metric, seconds, the history table and the learning rate
     of each step of this call.
     """
-    from tqdm.auto import tqdm
-
     train = cfg["train"]
     steps = int(steps if steps is not None else train["steps"])
     seed = int(cfg["seed"] if seed is None else seed)
@@ -402,7 +405,7 @@ def train_model(cfg: dict[str, Any], model: torch.nn.Module, train_records: list
                 tick = time.perf_counter()
             if step % train["checkpoint_every"] == 0 or step == end:
                 state["train_s"] += time.perf_counter() - tick
-                _save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                        "scaler": scaler.state_dict(), "state": state, "settings": settings}, last)
                 tick = time.perf_counter()
     except (torch.OutOfMemoryError, RuntimeError) as error:
@@ -423,8 +426,6 @@ def fit(cfg: dict[str, Any], name: str, train_records: list[dict[str, Any]], val
     The SL baselines, central aggregation (and the FL clients through `train_model`) share this path;
     a notebook rerun after an interruption continues from the last checkpoint.
     """
-    from fedseg.models import build_network
-
     seed_everything(cfg["seed"])
     model = build_network(**cfg["model"])
     out_dir = run_folder.model_dir(run_dir, name)
@@ -456,8 +457,6 @@ def fit_localiser(cfg: dict[str, Any], train_records: list[dict[str, Any]], val_
                   run_dir: str | Path, *, loss: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Train the coarse-to-fine localiser (`localiser_config`) on pooled records into
     `run_dir/checkpoints/localiser/`, beside a `localiser.json` with the settings it was trained under."""
-    import json
-
     coarse = localiser_config(cfg)
     result = fit(coarse, LOCALISER_NAME, train_records, val_records, run_dir, steps=coarse["train"]["steps"],
                  loss=loss, progress=progress)
@@ -483,11 +482,6 @@ def fit_models(cfg: dict[str, Any], jobs: dict[str, tuple[list[dict[str, Any]], 
     second model: on 2 cores one thread per model trains ~1.5x more steps per second in all than two
     threads per model (see the README's measurements). Each model's training is the same as alone.
     """
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-    import multiprocessing
-
-    from tqdm.auto import tqdm
-
     workers = int(workers or cfg["train"].get("parallel_models") or 1)
     if workers <= 1 or len(jobs) <= 1:
         return {name: fit(cfg, name, train, val, run_dir, steps=steps, loss=loss, progress=progress)

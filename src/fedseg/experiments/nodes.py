@@ -13,7 +13,7 @@ node set, Dice mean ± std over the cases:
 
 `run_nodes` is resumable: 01/02, each central model and each federation already in the run folder are
 reused (for 4 nodes, a sweep's `<run>/<method>/` is the same federation), so an interrupted run goes on.
-Inference and scoring are `fedseg.inference` and `fedseg.metrics`, as in the external evaluation.
+Inference and scoring are `fedseg.train.inference` and `fedseg.evaluate.metrics`, as in the external evaluation.
 """
 
 from __future__ import annotations
@@ -24,8 +24,15 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from fedseg import run_folder
+from fedseg.data.transforms import case_records
+from fedseg.evaluate import metrics
+from fedseg.evaluate.evaluation import load_best
+from fedseg.evaluate.external import btcv_test_cases, load_btcv_case
+from fedseg.train import inference
+from fedseg.train.training import central_budget, fit, select_device
 
 #: The node sets of the SegViz table, by node count, in the paper's order.
 NODE_SETS: dict[int, tuple[str, ...]] = {
@@ -88,9 +95,7 @@ def central_checkpoint(run_dir: str | Path, nodes: int) -> Path:
 
 def finished_federation(folder: Path) -> bool:
     """Whether `folder` holds a federation whose notebook 03 ran to the end, with its global best model."""
-    from fedseg.run import finished_notebooks
-
-    return (run_folder.FEDERATED in finished_notebooks(folder)
+    return (run_folder.FEDERATED in run_folder.finished_notebooks(folder)
             and run_folder.checkpoint(folder, "fl-global").exists())
 
 
@@ -118,13 +123,6 @@ def score_btcv(cfg: dict[str, Any], cases: pd.DataFrame, models: Mapping[tuple[s
     is resampled back to the BTCV grid (`inference.to_original_grid`) and scored (`metrics.score_case`).
     Long form: setup, model, case_id, organ, dice, nsd, hd95, pred_empty, truth_empty.
     """
-    from tqdm.auto import tqdm
-
-    from fedseg import inference, metrics
-    from fedseg.evaluation import load_best
-    from fedseg.external import btcv_test_cases, load_btcv_case
-    from fedseg.training import select_device
-
     missing = sorted({str(p) for organs in models.values() for p in organs.values() if not Path(p).exists()})
     if missing:
         raise FileNotFoundError(f"Checkpoints missing for the SegViz table: {', '.join(missing)}. "
@@ -196,10 +194,10 @@ def segviz_figure(scores: pd.DataFrame, paper: Mapping[tuple[str, str], Mapping[
     axes[0][0].set_ylabel("Dice on BTCV (mean ± std over cases)")
     handles, labels = [], []
     for ax in axes[0]:
-        for h, l in zip(*ax.get_legend_handles_labels()):
-            if l not in labels:
-                handles.append(h)
-                labels.append(l)
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            if label not in labels:
+                handles.append(handle)
+                labels.append(label)
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     return fig
@@ -208,9 +206,6 @@ def segviz_figure(scores: pd.DataFrame, paper: Mapping[tuple[str, str], Mapping[
 def train_central(cfg: dict[str, Any], run_dir: str | Path, cases: pd.DataFrame, nodes: int) -> dict[str, Any]:
     """The node set's central aggregation model (02's recipe: the profile's loss; `central_steps`, by default
     the node set's SL models' steps together) into `<run>/nodes-<n>/checkpoints/central/`."""
-    from fedseg.training import central_budget, fit
-    from fedseg.transforms import case_records
-
     datasets = NODE_SETS[nodes]
 
     def records(split: str) -> list[dict[str, Any]]:

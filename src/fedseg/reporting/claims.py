@@ -26,7 +26,10 @@ import numpy as np
 import pandas as pd
 
 from fedseg import run_folder
-from fedseg.labels import TRAIN_DATASETS, owned_channels
+from fedseg.data.labels import TRAIN_DATASETS, owned_channels
+from fedseg.data.transforms import CT, MRI
+from fedseg.evaluate.external import GLOBAL, LOCAL, LOCAL_PP, SL
+from fedseg.reporting.report import save_table
 
 HELD, NOT_HELD, NOT_TESTED = "held", "not held", "not tested at this scale"
 #: A channel "fails" below this Dice (%), the threshold the claims of Shen et al. 2022 are read with.
@@ -97,7 +100,7 @@ def _paired(a: pd.DataFrame, b: pd.DataFrame, group: str, value: str = "dice") -
 def federation_label(folder: Path) -> str:
     """"fedavg, loss dice_ce": method and loss of the federation whose files are in `folder`, from its resolved
     configuration (`fl/config.json`), else from its `run.json` (the profile, then 03's parameters over it)."""
-    config, record = run_folder.fl_config(folder), folder / "run.json"
+    config, record = run_folder.fl_config(folder), run_folder.run_record(folder)
     if config.exists():
         cfg = json.loads(config.read_text())
         method, loss = cfg.get("federated", {}).get("method"), cfg.get("train", {}).get("loss")
@@ -146,8 +149,6 @@ def _btcv_organ(scores: pd.DataFrame, method: str) -> pd.DataFrame:
 
 def shen_btcv_claims(btcv: pd.DataFrame, tested_on: str, n_boot: int = 2000, seed: int = 0) -> list[dict[str, Any]]:
     """Shen et al. 2022 on BTCV: processed FL local ensemble > ensemble > FL global; FL local > SL (ensembles)."""
-    from fedseg.external import GLOBAL, LOCAL, LOCAL_PP, SL
-
     present = set(btcv["method"])
     rows = []
     chain = [(LOCAL_PP, LOCAL), (LOCAL, GLOBAL)]
@@ -220,7 +221,6 @@ def fedgin_claims(contrast: pd.DataFrame | None, mri_like: Sequence[str], n_boot
     claim = "GIN raises cross-contrast Dice (FL global model, fedgin vs fedavg)"
     if contrast is None or contrast.empty:
         return [_not_tested(FEDGIN, claim, "`python -m fedseg contrast` did not run in this folder")]
-    from fedseg.transforms import CT, MRI
 
     trained = {c: (MRI if d in mri_like else CT) for d in TRAIN_DATASETS for c in owned_channels(d)}
     cross = contrast[contrast["contrast"] != contrast["channel"].map(trained)].dropna(subset=["dice"])
@@ -265,7 +265,7 @@ def claims_table(run_dir: str | Path, n_boot: int = 2000, seed: int = 0) -> pd.D
     else:
         rows += shen_btcv_claims(btcv, f"BTCV, {federation_label(run_dir)}", n_boot, seed)
     rows += segviz_claims(_read(metrics / "segviz_nodes_per_case.csv"), n_boot, seed)
-    record = run_dir / "run.json"
+    record = run_folder.run_record(run_dir)
     cfg = json.loads(record.read_text()).get("profile_config", {}) if record.exists() else {}
     mri_like = tuple(cfg.get("data", {}).get("phantom", {}).get("mri_like") or ())
     rows += fedgin_claims(_read(metrics / "contrast_per_case.csv"), mri_like, n_boot, seed)
@@ -274,8 +274,6 @@ def claims_table(run_dir: str | Path, n_boot: int = 2000, seed: int = 0) -> pd.D
 
 def save_claims(run_dir: str | Path, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
     """`claims_table` written as `tables/claims.{csv,md}` (the README shows the markdown)."""
-    from fedseg.report import save_table
-
     table = claims_table(run_dir, n_boot, seed)
     shown = table[["paper", "claim", "tested on", "evidence", "verdict"]].set_index("paper")
     save_table(shown, run_dir, "claims", note=NOTE)

@@ -23,6 +23,7 @@ Every prediction is written as a NIfTI label map (fused, values = channel index)
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from pathlib import Path
@@ -32,12 +33,17 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
-from fedseg import inference, metrics, run_folder
-from fedseg.datasets import case_files, present_datasets
-from fedseg.evaluation import load_best
-from fedseg.labels import TRAIN_DATASETS
-from fedseg.training import select_device
+from fedseg import run_folder
+from fedseg.data.datasets import present_datasets
+from fedseg.data.labels import TRAIN_DATASETS
+from fedseg.data.layouts import case_files
+from fedseg.evaluate import metrics
+from fedseg.evaluate.evaluation import load_best
+from fedseg.federated.task import require_finished
+from fedseg.train import inference
+from fedseg.train.training import LOCALISER_NAME, select_device
 
 GLOBAL, LOCAL, LOCAL_PP = "FL global model", "FL local model (ensemble)", "FL local model (processed)"
 SL, SL_PP, CENTRAL = "SL (ensemble)", "SL (processed)", "Central aggregation"
@@ -96,10 +102,6 @@ def load_group(cfg: dict[str, Any], paths: Mapping[str, Path], device: torch.dev
 def load_localiser(run_dir: str | Path, cfg: dict[str, Any], device: torch.device) -> tuple[dict[str, torch.nn.Module], float] | None:
     """The run's coarse-to-fine localiser (`training.fit_localiser`) and its voxel size over the profile's, or
     None when the run has none. Refuses a localiser trained for another voxel size or network than `cfg`'s."""
-    import json
-
-    from fedseg.training import LOCALISER_NAME
-
     folder = run_folder.model_dir(run_dir, LOCALISER_NAME)
     if not (folder / run_folder.BEST).exists():
         return None
@@ -162,10 +164,6 @@ def evaluate_btcv(cfg: dict[str, Any], cases: pd.DataFrame, run_dir: str | Path,
     the models of the training datasets `cases` holds. Without BTCV in `cases` (a run on part of the data), it
     says so and returns both tables empty.
     """
-    from tqdm.auto import tqdm
-
-    from fedseg.federated.task import require_finished
-
     run_dir = Path(run_dir)
     if not ((cases["dataset"] == "btcv") & (cases["split"] == "test")).any():
         print("BTCV is absent from this run's cases (01_data_prep did not use it: not declared, or not under "

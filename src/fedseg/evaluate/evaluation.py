@@ -2,7 +2,7 @@
 
 Scores are Dice per case and per channel the case's dataset owns (sigmoid > 0.5, MONAI's DiceMetric),
 computed on the preprocessed grid of the profile (sliding-window inference, MONAI). Scoring on the
-original grid, ensembles and post-processing for BTCV are in `fedseg.external`.
+original grid, ensembles and post-processing for BTCV are in `fedseg.evaluate.external`.
 """
 
 from __future__ import annotations
@@ -14,11 +14,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from fedseg import run_folder
-from fedseg.models import build_network
-from fedseg.training import select_device, validate
-from fedseg.transforms import case_records, evaluation_dataset
+from fedseg.data.transforms import IMAGE, LABEL, case_records, evaluation_dataset
+from fedseg.train.inference import predict_logits
+from fedseg.train.models import build_network
+from fedseg.train.training import select_device, validate
 
 
 def trained_network(cfg: dict[str, Any], checkpoint: str | Path, saved: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -52,8 +54,6 @@ def score_test_splits(cfg: dict[str, Any], checkpoints: dict[str, str | Path], c
 
     Long form: model, dataset, case_id, channel, dice (NaN where the case has none of that channel).
     """
-    from tqdm.auto import tqdm
-
     device = select_device()
     tests = cases[(cases["split"] == "test") & cases["dataset"].isin(datasets)]
     records = case_records(cfg["data_root"], tests)
@@ -80,9 +80,6 @@ def test_case_panels(cfg: dict[str, Any], cases: pd.DataFrame, models_of: dict[s
     `models_of[name][task]` is the checkpoint model `name` uses on `task` (e.g. "SL" -> sl-<task>/best.pt,
     "FL global" -> the same global best for every task). Masks are sigmoid > 0.5 of sliding-window logits.
     """
-    from fedseg.inference import predict_logits
-    from fedseg.transforms import IMAGE, LABEL
-
     device = select_device()
     loaded: dict[str, torch.nn.Module] = {}
     panels = {}

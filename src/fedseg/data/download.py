@@ -40,7 +40,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from fedseg.datasets import DATASET_DIRS, dataset_dir
+from tqdm.auto import tqdm
+
+from fedseg.data.layouts import DATASET_DIRS, dataset_dir
 
 USER_AGENT = "fedseg-download/0.1"
 
@@ -51,14 +53,11 @@ _FATAL_HTTP = {400, 401, 403, 404, 405, 410, 451}
 class DownloadError(RuntimeError):
     """A download or extraction failed; the message names the URL or file and what to do."""
 
-
 class ChecksumError(DownloadError):
     """The complete downloaded file does not have the expected checksum."""
 
-
 class LoginRequired(DownloadError):
     """The dataset cannot be downloaded without an account; the message says where to put the files."""
-
 
 # --------------------------------------------------------------------------------------------------
 # Checksums and file checks
@@ -122,8 +121,6 @@ def _open(url: str, offset: int, timeout: float):
 
 def _transfer(url: str, part: Path, chunk: int, timeout: float, progress: bool) -> None:
     """One attempt: append the rest of `url` to `part` (or rewrite it); raise if the body ends early."""
-    from tqdm.auto import tqdm
-
     offset = part.stat().st_size if part.exists() else 0
     try:
         response = _open(url, offset, timeout)
@@ -312,7 +309,6 @@ class Source:
     KiTS19: `image_url` / `label_url` are per-case templates (`{case}` = case_XXXXX) for `cases`; no
     checksums are published for them (see `SOURCES`), so each file is checked to be a complete gzip NIfTI.
     """
-
     url: str | None = None
     md5: str | None = None
     archive_root: str | None = None
@@ -360,7 +356,7 @@ def btcv_instructions(data_root: str | Path) -> str:
         f"  RawData/Training/img/img0001.nii.gz ...   -> {root / 'img' / 'img0001.nii.gz'} ...\n"
         f"  RawData/Training/label/label0001.nii.gz ... -> {root / 'label' / 'label0001.nii.gz'} ...\n"
         "(for example: unzip RawData.zip, then move RawData/Training/img and RawData/Training/label to "
-        f"{root}/img and {root}/label). Then check them with fedseg.datasets.check_dataset(data_root, 'btcv')."
+        f"{root}/img and {root}/label). Then check them with fedseg.data.datasets.check_dataset(data_root, 'btcv')."
     )
 
 
@@ -370,7 +366,7 @@ def fetch_dataset(dataset: str, data_root: str | Path, progress: bool = True, ke
     What is already complete is skipped: an MSD folder exists only once fully extracted (atomic rename),
     a KiTS19 file only once fully downloaded. The MSD tar goes to `<data_root>/.downloads/` (resumable)
     and is deleted after extraction unless `keep_archive`. BTCV raises `LoginRequired` with
-    `btcv_instructions`. Run `fedseg.datasets.check_dataset` afterwards to validate every case.
+    `btcv_instructions`. Run `fedseg.data.datasets.check_dataset` afterwards to validate every case.
     """
     if dataset == "btcv":
         raise LoginRequired(btcv_instructions(data_root))
@@ -390,7 +386,6 @@ def fetch_dataset(dataset: str, data_root: str | Path, progress: bool = True, ke
             archive.unlink(missing_ok=True)
         return target
 
-    from tqdm.auto import tqdm
 
     for case in tqdm(source.cases, desc=f"fetch {dataset}", unit="case", disable=not progress):
         for template, name in ((source.image_url, "imaging.nii.gz"), (source.label_url, "segmentation.nii.gz")):

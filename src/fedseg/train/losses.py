@@ -1,7 +1,7 @@
 """Partial-label losses: what a client's loss does with the channels its dataset does not annotate.
 
 Every loss takes `pred` logits (B, 8, *spatial), `target` multi-hot (B, 8, *spatial) from
-`fedseg.labels.to_multihot`, and `owned` (B, 8) or (8,), the channels each sample's dataset annotates
+`fedseg.data.labels.to_multihot`, and `owned` (B, 8) or (8,), the channels each sample's dataset annotates
 (`labels.owned_mask`), and returns a scalar. The soft Dice is MONAI's `DiceLoss` on sigmoids, per sample
 and channel; which (sample, channel) pairs count is decided here.
 
@@ -57,7 +57,7 @@ def owned_pairs(owned: torch.Tensor | np.ndarray, pred: torch.Tensor) -> torch.T
     mask = torch.as_tensor(owned, device=pred.device).bool()
     if mask.shape[-1] != pred.shape[1]:
         raise ValueError(f"owned has {mask.shape[-1]} channels but pred has {pred.shape[1]}: pass the "
-                         "(B, 8) mask of fedseg.labels.owned_mask for each sample.")
+                         "(B, 8) mask of fedseg.data.labels.owned_mask for each sample.")
     return mask.expand(pred.shape[0], -1) if mask.ndim == 1 else mask
 
 

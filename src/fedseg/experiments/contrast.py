@@ -16,11 +16,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from fedseg.labels import CHANNELS, TRAIN_DATASETS, owned_channels
-from fedseg.transforms import CT, MRI
+from fedseg.config import synthetic_data_root
+from fedseg.data.datasets import obtain_data
+from fedseg.data.labels import CHANNELS, TRAIN_DATASETS, owned_channels
+from fedseg.data.layouts import case_files
+from fedseg.data.transforms import CT, MRI
+from fedseg.evaluate.evaluation import score_test_splits
 
 DEFAULT_MRI_LIKE = ("liver", "spleen")
 CONTRAST_NAMES = {CT: "CT", MRI: "MRI-like"}
@@ -49,9 +54,6 @@ def contrast_profile(profile: Mapping[str, Any], mri_like: Sequence[str]) -> dic
 def test_roots(profile: Mapping[str, Any], seed: int, progress: bool = True) -> dict[str, Path]:
     """The data roots holding every case in one contrast: {CT: all CT, MRI: all MRI-like}, generated if missing.
     The all-CT root is the base profile's own synthetic data."""
-    from fedseg.datasets import obtain_data
-    from fedseg.run import synthetic_data_root
-
     roots = {}
     for contrast, mri_like in ((CT, []), (MRI, list(TRAIN_DATASETS))):
         variant = copy.deepcopy(dict(profile))
@@ -64,10 +66,6 @@ def test_roots(profile: Mapping[str, Any], seed: int, progress: bool = True) -> 
 
 def check_same_cases(cases: pd.DataFrame, roots: Mapping[str, Path]) -> None:
     """Every test case of `cases` exists with identical labels in every root (the contrasts differ, not the anatomy)."""
-    import nibabel as nib
-
-    from fedseg.datasets import case_files
-
     tests = cases[(cases["split"] == "test") & cases["dataset"].isin(TRAIN_DATASETS)]
     for _, row in tests.iterrows():
         labels = []
@@ -86,8 +84,6 @@ def score_contrasts(cfg: dict[str, Any], cases: pd.DataFrame, checkpoints: Mappi
                     roots: Mapping[str, Path], progress: bool = True) -> pd.DataFrame:
     """`evaluation.score_test_splits` of every checkpoint on the test splits of each contrast's root.
     Long form: model, dataset, case_id, channel, dice, contrast."""
-    from fedseg.evaluation import score_test_splits
-
     frames = [score_test_splits({**cfg, "data_root": str(root)}, dict(checkpoints), cases, TRAIN_DATASETS,
                                 progress=progress).assign(contrast=contrast) for contrast, root in roots.items()]
     return pd.concat(frames, ignore_index=True)

@@ -1,7 +1,7 @@
-"""Where each dataset lives on disk, in its own real layout, and how a case's files are found.
+"""A data root as a run uses it: its manifest, its validation against the manifest (`check_data`), obtaining the
+data (synthetic generation or download) and the part of it a run declares (datasets, cases).
 
-One place defines each dataset's layout (MSD `imagesTr/`+`labelsTr/`, KiTS19 `case_XXXXX/`, BTCV
-`img/`+`label/`); the synthetic generator writes the same layouts, so every reader works on both.
+The layouts themselves (where each dataset's files lie) are `fedseg.data.layouts`.
 """
 
 from __future__ import annotations
@@ -10,56 +10,26 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
-from fedseg.labels import DATASETS, TRAIN_DATASETS
-
-#: Folder of each dataset under a data root, as the dataset ships (MSD tar, KiTS19 repo, BTCV zip).
-DATASET_DIRS: dict[str, str] = {
-    "liver": "Task03_Liver",
-    "pancreas": "Task07_Pancreas",
-    "spleen": "Task09_Spleen",
-    "kits19": "kits19/data",
-    "btcv": "BTCV",
-}
-
-#: Case-relative paths (image, label) of each layout; `{case}` is the manifest's case id.
-LAYOUTS: dict[str, tuple[str, str]] = {
-    "liver": ("imagesTr/{case}.nii.gz", "labelsTr/{case}.nii.gz"),
-    "pancreas": ("imagesTr/{case}.nii.gz", "labelsTr/{case}.nii.gz"),
-    "spleen": ("imagesTr/{case}.nii.gz", "labelsTr/{case}.nii.gz"),
-    "kits19": ("{case}/imaging.nii.gz", "{case}/segmentation.nii.gz"),
-    "btcv": ("img/{case}.nii.gz", "label/{label_case}.nii.gz"),
-}
-
-#: Name of the manifest a generated (synthetic) data root carries; real roots use data_manifest.csv.
-LOCAL_MANIFEST = "manifest.csv"
-
-
-def dataset_dir(data_root: str | Path, dataset: str) -> Path:
-    """The folder of `dataset` under `data_root`."""
-    if dataset not in DATASET_DIRS:
-        raise ValueError(f"Unknown dataset {dataset!r}: use one of {', '.join(DATASETS)}.")
-    return Path(data_root) / DATASET_DIRS[dataset]
-
-
-def relative_paths(dataset: str, case_id: str) -> tuple[str, str]:
-    """(image, label) paths of a case relative to its dataset folder, in the dataset's real layout."""
-    image, label = LAYOUTS[dataset]
-    label_case = case_id.replace("img", "label", 1) if dataset == "btcv" else case_id
-    return image.format(case=case_id), label.format(case=case_id, label_case=label_case)
-
-
-def case_files(data_root: str | Path, row: pd.Series) -> tuple[Path, Path]:
-    """Absolute (image, label) paths of one manifest row."""
-    root = dataset_dir(data_root, row["dataset"])
-    return root / row["image"], root / row["label"]
+from fedseg.data import download as downloads
+from fedseg.data.labels import DATASETS, TRAIN_DATASETS, allowed_values
+from fedseg.data.layouts import (
+    DATASET_DIRS,
+    LAYOUTS,
+    LOCAL_MANIFEST,
+    case_files,
+    dataset_dir,
+)
+from fedseg.data.manifest import MANIFEST_PATH, load_manifest
+from fedseg.data.phantom import generate
 
 
 def manifest_for(data_root: str | Path) -> pd.DataFrame:
     """The manifest that defines a data root: its own `manifest.csv` (synthetic data) or the study's."""
-    from fedseg.manifest import MANIFEST_PATH, load_manifest
-
     local = Path(data_root) / LOCAL_MANIFEST
     return load_manifest(local if local.exists() else MANIFEST_PATH)
 
@@ -81,10 +51,8 @@ EXTRA_PREFIX = "not in manifest"
 class DataError(ValueError):
     """A data root does not match its manifest; the message names the file and the fix."""
 
-
 class _Fault(Exception):
     """Internal: one problem of one file (the message is the user-facing sentence)."""
-
     def __init__(self, file: Path, message: str):
         super().__init__(message)
         self.file = file
@@ -94,20 +62,17 @@ class _Fault(Exception):
 def _fix_hint(dataset: str) -> str:
     """How to get a good copy of a file of `dataset` back (ends a problem sentence)."""
     if dataset == "btcv":
-        return "put the file from Synapse's RawData.zip in place as fedseg.download.btcv_instructions() describes"
+        return "put the file from Synapse's RawData.zip in place as fedseg.data.download.btcv_instructions() describes"
     if dataset == "kits19":
-        return "run fedseg.download.fetch_dataset('kits19', data_root), which fetches missing files (delete bad ones)"
+        return "run fedseg.data.download.fetch_dataset('kits19', data_root), which fetches missing files (delete bad ones)"
     return (
-        f"delete the {DATASET_DIRS[dataset]} folder and run fedseg.download.fetch_dataset({dataset!r}, data_root) "
+        f"delete the {DATASET_DIRS[dataset]} folder and run fedseg.data.download.fetch_dataset({dataset!r}, data_root) "
         "to extract the MSD archive again"
     )
 
 
 def _read(path: Path, dataset: str, role: str, scaled: bool):
     """Load a NIfTI and read its whole data array once (so truncated files fail here, not in training)."""
-    import nibabel as nib
-    import numpy as np
-
     if not path.is_file():
         raise _Fault(
             path, f"{role} file {path} is missing: fix the manifest row if it is wrong, else {_fix_hint(dataset)}."
@@ -131,7 +96,6 @@ def _read(path: Path, dataset: str, role: str, scaled: bool):
 
 
 def _format_values(values) -> str:
-    import numpy as np
 
     vals = [int(v) if float(v).is_integer() else float(v) for v in np.asarray(values).tolist()]
     shown = ", ".join(str(v) for v in vals[:10])
@@ -143,11 +107,6 @@ def _case_problems(data_root: str | Path, row: pd.Series, keep: bool = False):
 
     With `keep`, the returned nibabel images hold the arrays already read (data read once).
     """
-    import nibabel as nib
-    import numpy as np
-
-    from fedseg.labels import allowed_values
-
     dataset = str(row["dataset"])
     image_path, label_path = case_files(data_root, row)
     problems: list[tuple[Path, str]] = []
@@ -211,7 +170,7 @@ def load_case(data_root: str | Path, row: pd.Series):
     if problems:
         message = problems[0][1]
         if len(problems) > 1:
-            message += f" ({len(problems) - 1} more problem(s) in this case; see fedseg.datasets.check_case.)"
+            message += f" ({len(problems) - 1} more problem(s) in this case; see fedseg.data.datasets.check_case.)"
         raise DataError(message)
     return image, label
 
@@ -237,7 +196,7 @@ def require_root(data_root: str | Path) -> Path:
     root = Path(data_root)
     if not root.exists():
         raise DataError(f"data root {root} does not exist: check the path (data_root), or create it and put the "
-                        "datasets there (real data: see fedseg.download; download=True fetches the MSD tasks and KiTS19).")
+                        "datasets there (real data: see fedseg.data.download; download=True fetches the MSD tasks and KiTS19).")
     if not root.is_dir():
         raise DataError(f"data root {root} is not a folder: data_root must be the folder that holds the datasets.")
     return root
@@ -259,8 +218,6 @@ def check_dataset(
     `cases` (rows of the manifest, e.g. `select_cases`'s) limits the check to those cases; the files of the
     manifest's other cases are still "listed", so they are no warning. A missing `data_root` raises `DataError`.
     """
-    from tqdm.auto import tqdm
-
     require_root(data_root)
     if manifest is None:
         manifest = manifest_for(data_root)
@@ -326,7 +283,7 @@ def require_valid(
         where = f"dataset {dataset!r}" if dataset else "the manifest's datasets"
         raise DataError(
             f"{len(faults)} problem(s) in {where} under {data_root} "
-            f"(run fedseg.datasets.check_dataset for the full table): {first}{more}"
+            f"(run fedseg.data.datasets.check_dataset for the full table): {first}{more}"
         )
     return report
 
@@ -335,11 +292,8 @@ def obtain_data(cfg: dict, download: bool = False, progress: bool = True) -> Pat
     """The data root of a resolved profile, ready to check: synthetic data generated once, real data found
     (and, with `download`, fetched where the source allows it). Real data: a missing data root, or a missing
     folder of a dataset the run uses (`cfg["data"]["datasets"]`/`["cases"]`, default all), is an error naming it."""
-    from fedseg import download as downloads
-
     root = Path(cfg["data_root"])
     if cfg["data"]["source"] == "synthetic":
-        from fedseg.phantom import generate
 
         phantom = dict(cfg["data"]["phantom"])
         phantom["min_cases"] = tuple(phantom["min_cases"])
@@ -445,7 +399,6 @@ def select_cases(manifest: pd.DataFrame, datasets: str | Iterable[str] | None = 
 @dataclass
 class DataCheck:
     """What `check_data` found: the cases the run uses, their problems, and the datasets it leaves out."""
-
     data_root: Path
     #: The manifest rows the run uses (declared datasets and cases), in manifest order: 01's cases.csv.
     cases: pd.DataFrame

@@ -30,7 +30,7 @@ replication, not zeros, so a patch does not get a bright or dark frame the netwo
 input's Frobenius norm; here the GIN output is min-max rescaled to the input's range *before* blending, so
 the result stays in [0, 1] like every other image of the study (HU window scaled to [0, 1]).
 
-Where it plugs in. After the patch crop of the training augmentation (``fedseg.transforms.augment``),
+Where it plugs in. After the patch crop of the training augmentation (``fedseg.data.transforms.augment``),
 on each patch, before or beside the intensity shift; it touches only the image key, never the label.
 The integrator wires ``RandGINd`` there when a profile sets ``preprocess.gin``; it is not wired here.
 

@@ -12,8 +12,9 @@ place and downloads into a temporary folder, so a failed transfer never leaves a
 final name; but it cannot resume (an interrupted multi-GB MSD tar restarts from byte 0), its temporary
 folder is in the system temp dir so the final `shutil.move` is a copy, not an atomic rename, whenever
 /tmp is another filesystem (and /tmp must hold the whole archive), and it silently ignores a
-PermissionError / NotADirectoryError raised anywhere in the download or the move. Its `extractall` extracts straight into the target folder and
-skips extraction when that folder is non-empty, so a half-extracted folder would be taken as done.
+PermissionError / NotADirectoryError raised anywhere in the download or the move. Its `extractall` extracts
+straight into the target folder and skips extraction when that folder is non-empty, so a half-extracted folder
+would be taken as done.
 
 Sources: MSD URLs and md5 checksums are the ones MONAI's `DecathlonDataset.resource` / `.md5` use.
 KiTS19 follows the official starter code (github.com/neheller/kits19, commit 456b293, 2026-05-13):
@@ -37,11 +38,11 @@ import urllib.error
 import urllib.request
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from tqdm.auto import tqdm
 
+from fedseg.data.catalogue import CATALOGUE, Source
 from fedseg.data.layouts import DATASET_DIRS, dataset_dir
 
 USER_AGENT = "fedseg-download/0.1"
@@ -296,54 +297,8 @@ def extract(archive: str | Path, dest_dir: str | Path, *, subdir: str | None = N
 # Sources
 # --------------------------------------------------------------------------------------------------
 
-_MSD = "https://msd-for-monai.s3-us-west-2.amazonaws.com/{task}.tar"
-KITS19_COMMIT = "456b293435b25303bbc7995f094f83a0afdff0eb"
-_KITS19_HF = "https://huggingface.co/datasets/neheller/KiTS-Challenge-Imaging/resolve/main"
-
-
-@dataclass(frozen=True)
-class Source:
-    """Where a dataset comes from without a login.
-
-    MSD: `url` is one tar (`md5` from MONAI) whose `archive_root` folder is the dataset folder.
-    KiTS19: `image_url` / `label_url` are per-case templates (`{case}` = case_XXXXX) for `cases`; no
-    checksums are published for them (see `SOURCES`), so each file is checked to be a complete gzip NIfTI.
-    """
-    url: str | None = None
-    md5: str | None = None
-    archive_root: str | None = None
-    image_url: str | None = None
-    label_url: str | None = None
-    cases: tuple[str, ...] = ()
-    origin: str = ""
-
-
-SOURCES: dict[str, Source] = {
-    # URLs and md5 as in monai.apps.DecathlonDataset.resource / .md5 (MONAI 1.6.1, monai/apps/datasets.py).
-    "liver": Source(
-        url=_MSD.format(task="Task03_Liver"), md5="a90ec6c4aa7f6a3d087205e23d4e6397",
-        archive_root="Task03_Liver", origin="MSD via MONAI DecathlonDataset",
-    ),
-    "pancreas": Source(
-        url=_MSD.format(task="Task07_Pancreas"), md5="4f7080cfca169fa8066d17ce6eb061e4",
-        archive_root="Task07_Pancreas", origin="MSD via MONAI DecathlonDataset",
-    ),
-    "spleen": Source(
-        url=_MSD.format(task="Task09_Spleen"), md5="410d4a301da4e5b2f6f86ec3ddba524e",
-        archive_root="Task09_Spleen", origin="MSD via MONAI DecathlonDataset",
-    ),
-    # KiTS19 as in the official starter code (neheller/kits19 starter_code/get_imaging.py): imaging from
-    # the Hugging Face dataset neheller/KiTS-Challenge-Imaging; segmentations are repository files,
-    # pinned here to a commit so they cannot change under us. Neither source publishes checksums in the
-    # kits19 repository, so files are verified as complete gzip NIfTIs (and by check_dataset afterwards).
-    # Only the 210 labelled training cases (case_00000..case_00209) are fetched.
-    "kits19": Source(
-        image_url=_KITS19_HF + "/images/{case}.nii.gz",
-        label_url=f"https://raw.githubusercontent.com/neheller/kits19/{KITS19_COMMIT}/data/{{case}}/segmentation.nii.gz",
-        cases=tuple(f"case_{i:05d}" for i in range(210)),
-        origin="KiTS19 official starter code (github.com/neheller/kits19)",
-    ),
-}
+#: Each dataset's download without a login (`catalogue.Dataset.source`); BTCV needs a Synapse login.
+SOURCES: dict[str, Source] = {d.name: d.source for d in CATALOGUE if d.source is not None}
 
 
 def btcv_instructions(data_root: str | Path) -> str:

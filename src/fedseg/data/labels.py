@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from fedseg.data.catalogue import CATALOGUE
+
 #: Output channels of every network in the study, in order (independent sigmoids, multi-label).
 CHANNELS: tuple[str, ...] = (
     "background",
@@ -24,35 +26,14 @@ CHANNEL_INDEX = {name: i for i, name in enumerate(CHANNELS)}
 #: Foreground channels (all but background): the ones losses and metrics are computed on.
 FOREGROUND = CHANNELS[1:]
 
-#: The four training datasets (one FL client each) and the external test set.
-TRAIN_DATASETS: tuple[str, ...] = ("liver", "pancreas", "kits19", "spleen")
-TEST_DATASETS: tuple[str, ...] = ("btcv",)
+#: The four training datasets (one FL client each) and the external test set, as `catalogue` declares them.
+TRAIN_DATASETS: tuple[str, ...] = tuple(d.name for d in CATALOGUE if d.role == "train")
+TEST_DATASETS: tuple[str, ...] = tuple(d.name for d in CATALOGUE if d.role == "test")
 DATASETS: tuple[str, ...] = TRAIN_DATASETS + TEST_DATASETS
 
-#: Each dataset's label values and the channels each value switches on. An organ channel covers the
-#: whole organ, tumour included; a tumour channel the tumour alone. BTCV values that map to no channel
-#: (gallbladder, oesophagus, stomach, vessels, adrenals) are legal but ignored.
-LABEL_MAPS: dict[str, dict[int, tuple[str, ...]]] = {
-    "liver": {1: ("liver",), 2: ("liver", "liver_tumor")},
-    "pancreas": {1: ("pancreas",), 2: ("pancreas", "pancreas_tumor")},
-    "kits19": {1: ("kidney",), 2: ("kidney", "kidney_tumor")},
-    "spleen": {1: ("spleen",)},
-    "btcv": {
-        1: ("spleen",),
-        2: ("kidney",),  # right kidney
-        3: ("kidney",),  # left kidney
-        4: (),  # gallbladder
-        5: (),  # esophagus
-        6: ("liver",),
-        7: (),  # stomach
-        8: (),  # aorta
-        9: (),  # inferior vena cava
-        10: (),  # portal and splenic vein
-        11: ("pancreas",),
-        12: (),  # right adrenal gland
-        13: (),  # left adrenal gland
-    },
-}
+#: Each dataset's label values and the channels each value switches on (`catalogue.Dataset.label_map`). An organ
+#: channel covers the whole organ, tumour included; a tumour channel the tumour alone.
+LABEL_MAPS: dict[str, dict[int, tuple[str, ...]]] = {d.name: d.label_map for d in CATALOGUE}
 
 #: Shen et al. 2022, Fig. 1 colours (RGB 0..1): kidney pink, kidney tumor brown, liver red, liver tumor green,
 #: pancreas yellow, pancreas tumor aquamarine, spleen blue.

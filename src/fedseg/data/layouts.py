@@ -10,25 +10,14 @@ from pathlib import Path
 
 import pandas as pd
 
+from fedseg.data.catalogue import CATALOGUE
 from fedseg.data.labels import DATASETS
 
 #: Folder of each dataset under a data root, as the dataset ships (MSD tar, KiTS19 repo, BTCV zip).
-DATASET_DIRS: dict[str, str] = {
-    "liver": "Task03_Liver",
-    "pancreas": "Task07_Pancreas",
-    "spleen": "Task09_Spleen",
-    "kits19": "kits19/data",
-    "btcv": "BTCV",
-}
+DATASET_DIRS: dict[str, str] = {d.name: d.folder for d in CATALOGUE}
 
 #: Case-relative paths (image, label) of each layout; `{case}` is the manifest's case id.
-LAYOUTS: dict[str, tuple[str, str]] = {
-    "liver": ("imagesTr/{case}.nii.gz", "labelsTr/{case}.nii.gz"),
-    "pancreas": ("imagesTr/{case}.nii.gz", "labelsTr/{case}.nii.gz"),
-    "spleen": ("imagesTr/{case}.nii.gz", "labelsTr/{case}.nii.gz"),
-    "kits19": ("{case}/imaging.nii.gz", "{case}/segmentation.nii.gz"),
-    "btcv": ("img/{case}.nii.gz", "label/{label_case}.nii.gz"),
-}
+LAYOUTS: dict[str, tuple[str, str]] = {d.name: d.layout for d in CATALOGUE}
 
 #: Name of the manifest a generated (synthetic) data root carries; real roots use data_manifest.csv.
 LOCAL_MANIFEST = "manifest.csv"

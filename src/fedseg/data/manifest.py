@@ -14,16 +14,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fedseg.data.catalogue import CATALOGUE
 from fedseg.data.labels import DATASETS
 from fedseg.data.layouts import relative_paths
 
-TABLE1: dict[str, tuple[int, int, int]] = {
-    "liver": (79, 26, 26),
-    "pancreas": (169, 56, 56),
-    "kits19": (126, 42, 42),
-    "spleen": (25, 8, 8),
-    "btcv": (0, 0, 30),
-}
+TABLE1: dict[str, tuple[int, int, int]] = {d.name: d.table1 for d in CATALOGUE}
 """Cases per (train, val, test) split of each dataset, as in Table 1 of the paper."""
 
 SPLITS: tuple[str, str, str] = ("train", "val", "test")
@@ -37,12 +32,12 @@ FALLBACK_SEED = 0
 
 MANIFEST_PATH = Path(__file__).resolve().parents[3] / "data_manifest.csv"
 
-CONDISTFL_FOLDERS: dict[str, str] = {"liver": "Liver", "pancreas": "Pancreas", "kits19": "KiTS19", "spleen": "Spleen"}
+CONDISTFL_FOLDERS: dict[str, str] = {d.name: d.condistfl[0] for d in CATALOGUE if d.condistfl}
 """Folder of each dataset's datalist.json under NVFlare's research/condist-fl/data/."""
 
 _CONDISTFL_LISTS = {"training": "train", "validation": "val", "testing": "test"}
 _CONDISTFL_NAME = re.compile(r"IM_(LVR|PAN|SPL|KITS)_(\d+)\.nii\.gz")
-_CONDISTFL_TAG = {"liver": "LVR", "pancreas": "PAN", "spleen": "SPL", "kits19": "KITS"}
+_CONDISTFL_TAG = {d.name: d.condistfl[1] for d in CATALOGUE if d.condistfl}
 
 BTCV_IDS: tuple[str, ...] = tuple(f"img{i:04d}" for i in [*range(1, 11), *range(21, 41)])
 """The 30 labelled BTCV cases (its Training folder); img0011-img0020 are not part of the release."""
@@ -107,7 +102,8 @@ def build_manifest(
                 if not ids and base is not None:
                     ids = base.loc[base["dataset"] == dataset, "case_id"].tolist()
                 if not ids:
-                    raise ValueError(f"no ConDistFL datalist and no base rows for {dataset}; pass condistfl_dir or base.")
+                    raise ValueError(f"no ConDistFL datalist and no base rows for {dataset}; "
+                                     "pass condistfl_dir or base.")
                 assignment, source = seeded_split(ids, TABLE1[dataset], seed), "seeded"
         for case_id in sorted(assignment, key=_number):
             image, label = relative_paths(dataset, case_id)

@@ -54,6 +54,7 @@ from scipy import ndimage
 from scipy.interpolate import CubicSpline
 from tqdm.auto import tqdm
 
+from fedseg.data.catalogue import CATALOGUE
 from fedseg.data.labels import DATASETS
 from fedseg.data.layouts import DATASET_DIRS, LOCAL_MANIFEST
 from fedseg.data.manifest import load_manifest, subset_manifest
@@ -108,55 +109,18 @@ TUMOURS: dict[str, int] = {"liver": 1, "pancreas": 2, "kidney": 3}
 
 #: Each dataset's label values from the internal organ / tumour maps (tumour wins over organ).
 _LABEL_RULES: dict[str, tuple[dict[str, int], dict[str, int]]] = {
-    "liver": ({"liver": 1}, {"liver": 2}),
-    "pancreas": ({"pancreas": 1}, {"pancreas": 2}),
-    "kits19": ({"kidney_right": 1, "kidney_left": 1}, {"kidney": 2}),
-    "spleen": ({"spleen": 1}, {}),
-    "btcv": ({"spleen": 1, "kidney_right": 2, "kidney_left": 3, "gallbladder": 4, "liver": 6,
-              "stomach": 7, "aorta": 8, "ivc": 9, "pancreas": 11}, {}),
-}
+    d.name: (d.phantom.organs, d.phantom.tumours) for d in CATALOGUE}
 #: Which tumours each dataset's patients carry: (organ, fewest, most per patient).
-_TUMOUR_TASKS: dict[str, tuple[tuple[str, int, int], ...]] = {
-    "liver": (("liver", 1, 3),),
-    "pancreas": (("pancreas", 1, 2),),
-    "kits19": (("kidney", 1, 2),),
-    "spleen": (),
-    "btcv": (),
-}
+_TUMOUR_TASKS: dict[str, tuple[tuple[str, int, int], ...]] = {d.name: d.phantom.tumour_counts for d in CATALOGUE}
 #: Tumour radius range (mm, real scale; log-uniform, at least two in-plane voxels).
 _TUMOUR_RADIUS = {"liver": (3.0, 25.0), "pancreas": (5.0, 18.0), "kidney": (5.0, 25.0)}
 
 #: Per-dataset acquisition, at real scale (mm; in-plane and slice spacing are multiplied by the zooms).
 #: axcodes: orientation of the stored array (nibabel codes: the direction each array axis points to).
-PROFILES: dict[str, dict[str, Any]] = {
-    "liver": dict(  # LiTS: many sites, 0.7-5 mm slices, portal venous, stored L-P-S like DICOM
-        axcodes=("L", "P", "S"), phase="portal", inplane=(0.70, 0.90), slices=("log", 0.8, 5.0),
-        fov=(300.0, 400.0), z_extent=(170.0, 230.0), target="liver", noise=(10.0, 20.0),
-        gain=1.00, offset=0.0),
-    "pancreas": dict(  # MSD pancreas (MSKCC): 2.5 mm, portal venous, stored R-A-S
-        axcodes=("R", "A", "S"), phase="portal", inplane=(0.70, 0.85), slices=("fixed", 2.5, 2.5),
-        fov=(310.0, 380.0), z_extent=(140.0, 200.0), target="pancreas", noise=(10.0, 14.0),
-        gain=0.98, offset=6.0),
-    "kits19": dict(  # KiTS19: late arterial, slice axis first, affine permuted (I-P-L) like the release
-        axcodes=("I", "P", "L"), phase="arterial", inplane=(0.70, 0.90), slices=("log", 0.8, 3.0),
-        fov=(300.0, 380.0), z_extent=(120.0, 170.0), target="kidneys", noise=(12.0, 20.0),
-        gain=1.02, offset=-8.0),
-    "spleen": dict(  # MSD spleen: 1.5-5 mm, portal venous, stored L-P-S
-        axcodes=("L", "P", "S"), phase="portal", inplane=(0.75, 0.90), slices=("log", 1.5, 5.0),
-        fov=(310.0, 400.0), z_extent=(180.0, 250.0), target="spleen", noise=(8.0, 12.0),
-        gain=1.00, offset=4.0),
-    "btcv": dict(  # BTCV: 2.5-5 mm, portal venous, whole abdomen, stored L-A-S (radiological)
-        axcodes=("L", "A", "S"), phase="portal", inplane=(0.70, 0.90), slices=("uniform", 2.5, 5.0),
-        fov=(320.0, 420.0), z_extent=(240.0, 300.0), target="abdomen", noise=(14.0, 20.0),
-        gain=0.97, offset=0.0),
-}
+PROFILES: dict[str, dict[str, Any]] = {d.name: d.phantom.scanner for d in CATALOGUE}
 
 #: MSD dataset.json fields of the three MSD tasks.
-_MSD_JSON = {
-    "liver": ("Liver", {"0": "background", "1": "liver", "2": "cancer"}),
-    "pancreas": ("Pancreas", {"0": "background", "1": "pancreas", "2": "cancer"}),
-    "spleen": ("Spleen", {"0": "background", "1": "spleen"}),
-}
+_MSD_JSON = {d.name: d.phantom.msd_json for d in CATALOGUE if d.phantom.msd_json}
 
 
 class Grid(NamedTuple):

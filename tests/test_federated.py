@@ -5,6 +5,7 @@ import itertools
 import json
 import math
 import time
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -24,10 +25,12 @@ from flwr.app import (
 
 from fedseg.data.labels import TRAIN_DATASETS
 from fedseg.federated import client_app, sites, strategies, task
+from fedseg.federated.simulation import federation_run_config
 from fedseg.federated.strategies import FederationError, StudyFedAvg, fedavg_weights
 from fedseg.train.models import build_network
 from fedseg.train.training import save_checkpoint
 
+ROOT = Path(__file__).resolve().parents[1]
 VOXEL = 2.0
 SIZE = 24
 LAYOUT = {"liver": "Task03_Liver", "spleen": "Task09_Spleen"}
@@ -227,13 +230,9 @@ def client_message(cfg, kind, server_round=1):
 
 
 def client_context(cfg, run_dir, cases, node_config):
-    cases_file = run_dir / "cases.csv"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cases.to_csv(cases_file, index=False)
-    import json
-
-    run_config = {"study-config": json.dumps(cfg), "run-dir": str(run_dir), "cases": str(cases_file),
-                  "clients": "liver,spleen"}
+    """A client's Context with the run_config a simulated federation of liver and spleen gives it."""
+    run_config = federation_run_config(cfg, run_dir, clients=("liver", "spleen"))
+    cases.to_csv(run_config["cases"], index=False)
     return Context(run_id=1, node_id=5, node_config=node_config, state=RecordDict(), run_config=run_config)
 
 
@@ -290,7 +289,8 @@ def test_each_round_trains_on_new_batches_and_keep_optimizer_continues_the_steps
     losses = []
     for server_round in (1, 2):  # a fresh optimizer each round, batches seeded by (seed, client, round)
         message, _ = client_message(cfg, "train", server_round)
-        losses.append(client_app.app(message, client_context(cfg, run_dir, cases, node)).content["metrics"]["train-loss"])
+        losses.append(
+            client_app.app(message, client_context(cfg, run_dir, cases, node)).content["metrics"]["train-loss"])
         assert list(pd.read_csv(history)["step"]) == [2]
     assert losses[0] != losses[1], "round 2 drew the same batches as round 1 from the same weights"
 
@@ -327,6 +327,32 @@ def test_study_config_from_run_config_and_node_config(tmp_path):
         task.study_config({**run_config, "run-dir": ""})
 
 
+def test_a_simulation_is_configured_by_the_keys_flwr_run_takes(tmp_path):
+    """One configuration path: a notebook's simulation hands the App only the run_config keys of pyproject's
+    [tool.flwr.app.config], and `task.study_config` merges them with the profile as in deployment."""
+    import tomllib
+
+    deployment_keys = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+    run_config = federation_run_config("smoke", tmp_path / "run", seed=3, clients=("liver", "spleen"), rounds=5,
+                                       method="fedprox", mu=0.1, loss="masked_dice", local_steps=None)
+    assert set(run_config) <= deployment_keys, set(run_config) - deployment_keys
+    assert "local-steps" not in run_config  # None: the profile's
+    cfg = task.study_config(run_config)
+    assert cfg["seed"] == 3 and cfg["train"]["loss"] == "masked_dice"
+    assert (cfg["federated"]["rounds"], cfg["federated"]["method"], cfg["federated"]["mu"]) == (5, "fedprox", 0.1)
+    assert cfg["federated"]["min_clients"] == 2
+    with pytest.raises(ValueError, match=r"Not a federation setting: stepz; use .*local_steps"):
+        federation_run_config("smoke", tmp_path / "run", stepz=5)
+    with pytest.raises(ValueError, match="Unknown loss 'dice'"):
+        task.study_config({**run_config, "loss": "dice"})
+    # a configuration built by hand (a test's, a benchmark's) travels as a profile file, as in deployment
+    mine = tiny_config(tmp_path / "data")
+    run_config = federation_run_config(mine, tmp_path / "mine", clients=("liver", "spleen"))
+    assert Path(run_config["profile"]) == tmp_path / "mine" / "fl" / "profile.yaml"
+    cfg = task.study_config(run_config)
+    assert cfg["train"] == mine["train"] and cfg["data_root"] == str(Path(mine["data_root"]).resolve())
+
+
 def test_shards_split_a_dataset_into_disjoint_virtual_clients(tmp_path):
     cases = make_data(tmp_path / "data", {"liver": (5, 1), "spleen": (2, 1)})
     cfg = tiny_config(tmp_path / "data")
@@ -335,12 +361,14 @@ def test_shards_split_a_dataset_into_disjoint_virtual_clients(tmp_path):
     assert sites.client_list({"clients": "liver,spleen", "shards": "liver=3"}) == (
         "liver-1of3", "liver-2of3", "liver-3of3", "spleen")
     assert len(sites.client_list({"shards": 4})) == 16
-    assert task.study_config({"profile": "smoke", "run-dir": str(tmp_path), "shards": "4"})["federated"]["min_clients"] == 16
+    assert task.study_config(
+        {"profile": "smoke", "run-dir": str(tmp_path), "shards": "4"})["federated"]["min_clients"] == 16
     trains = [task.client_records(cfg, cases, f"liver-{k}of2") for k in (1, 2)]
     ids = [[r["case_id"] for r in train] for train, _ in trains]
     assert sorted(ids[0] + ids[1]) == sorted(cases.query("dataset == 'liver' and split == 'train'")["case_id"])
     assert not set(ids[0]) & set(ids[1]) and [len(i) for i in ids] == [3, 2]
-    assert [r["case_id"] for r in trains[0][1]] == [r["case_id"] for r in trains[1][1]] == ["liver_5"]  # whole val split
+    # whole val split
+    assert [r["case_id"] for r in trains[0][1]] == [r["case_id"] for r in trains[1][1]] == ["liver_5"]
     with pytest.raises(ValueError, match="spleen has 2 training cases, too few for 3 shards"):
         task.client_records(cfg, cases, "spleen-1of3")
     for bad in ("liver-3of2", "lung", "liver-0of2"):
@@ -569,7 +597,8 @@ def test_a_federation_cut_after_a_round_resumes_to_the_weights_of_an_uninterrupt
     # other settings never continue an unfinished federation
     task.write_status(run_dir, "failed", "pretend")
     other = {**cfg, "train": {**cfg["train"], "loss": "dice_ce"}}
-    with pytest.raises(Exception, match=r"state.pt was trained under other settings .*loss: 'masked_dice' -> 'dice_ce'"):
+    with pytest.raises(Exception,
+                       match=r"state.pt was trained under other settings .*loss: 'masked_dice' -> 'dice_ce'"):
         run_federation(other, run_dir, cases, clients=("liver", "spleen"), progress=False)
     again = run_federation(other, run_dir, cases, clients=("liver", "spleen"), progress=False, overwrite=True)
     assert again["resumed_after_round"] is None

@@ -9,6 +9,7 @@ from test_federated import client_context, client_message, reply
 
 from fedseg.data.labels import owned_mask
 from fedseg.federated import client_app, methods, task
+from fedseg.federated.simulation import federation_run_config
 from fedseg.federated.strategies import StudyFedAvg, StudyOwnerFedAvg, StudySegViz
 from fedseg.train.models import SharedTaskUNet, build_network, split_state_dict
 
@@ -16,7 +17,8 @@ from fedseg.train.models import SharedTaskUNet, build_network, split_state_dict
 def segviz_state(value, tasks=("liver", "spleen")):
     torch.manual_seed(0)
     model = SharedTaskUNet(tasks=tasks, channels=(4, 8), strides=(2,))
-    return {k: (torch.full_like(v, value) if v.is_floating_point() else v.clone()) for k, v in model.state_dict().items()}
+    return {k: (torch.full_like(v, value) if v.is_floating_point() else v.clone())
+            for k, v in model.state_dict().items()}
 
 
 def test_selective_average_keeps_task_blocks_and_averages_the_shared_block_by_n_k():
@@ -205,8 +207,8 @@ def test_a_pseudo_client_trains_on_targets_completed_by_the_global_model(tiny):
             logits[:, 3] = torch.where(x[:, 0] < 0.7, 10.0, -10.0)
             return logits
 
-    volumes = methods.pseudo_labelled_volumes(task.study_config(
-        {"study-config": __import__("json").dumps(cfg), "run-dir": str(run_dir)}), Teacher(), records, torch.device("cpu"))
+    run_config = federation_run_config(cfg, run_dir, clients=("liver", "spleen"))
+    volumes = methods.pseudo_labelled_volumes(task.study_config(run_config), Teacher(), records, torch.device("cpu"))
     for volume in volumes:
         owned = np.asarray(volume["owned"]).astype(bool)
         assert owned[3] and owned[1] and owned[2]  # spleen completed; the liver client's own channels kept

@@ -105,7 +105,7 @@ def resolve(profile: str, seed: int | None = None, data_root: str | Path | None 
     cfg["seed"] = int(cfg.get("seed", 0) if seed is None else seed)
     if data_root is not None:
         cfg["data_root"] = str(Path(data_root).resolve())
-        cfg["data"]["source"] = "synthetic" if (Path(data_root) / "phantom.json").exists() else "real"
+        cfg.setdefault("data", {})["source"] = "synthetic" if (Path(data_root) / "phantom.json").exists() else "real"
     elif cfg["data"]["source"] == "synthetic":
         cfg["data_root"] = str(synthetic_data_root(cfg, cfg["seed"]).resolve())
     else:

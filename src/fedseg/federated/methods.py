@@ -11,8 +11,8 @@
 - `segviz`: SegViz (Kanhere et al. 2024): the `SharedTaskUNet`; each client trains the shared block and its own
   task block, the server averages only the shared block (n_k / n) and keeps each task block as its owner
   sent it; the global model is then the meta-model (shared block + every client's task block).
-- `fedgin`: FedGIN (Nagaraju et al. 2025): FedAvg with GIN augmentation (`fedseg.data.gin.RandGINd`) in every client's local
-  training; `preprocess.gin` gives its settings (default `{prob: 0.5}`). Pair it with MRI-like clients
+- `fedgin`: FedGIN (Nagaraju et al. 2025): FedAvg with GIN augmentation (`fedseg.data.gin.RandGINd`) in every
+  client's local training; `preprocess.gin` gives its settings (default `{prob: 0.5}`). Pair it with MRI-like clients
   (`data.phantom.mri_like`) for the cross-contrast experiment.
 - `distill`: FedAvg where each client's unlabelled channels are supervised by the received global model's
   predictions on the same patch (ConDistFL-style conditional distillation, `fedseg.train.completion`), weighted
@@ -106,7 +106,8 @@ def proximal_term(reference: Mapping[str, torch.Tensor], mu: float):
 
 
 def selective_average(states: Sequence[Mapping[str, np.ndarray]], num_examples: Sequence[int],
-                      datasets: Sequence[str], previous: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+                      datasets: Sequence[str],
+                      previous: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """SegViz aggregation of SharedTaskUNet states, one per replying client (client k's dataset `datasets[k]`).
 
     `shared.*` entries: the n_k / n weighted mean over all clients. `task.<t>.*` entries: those of the
@@ -169,7 +170,8 @@ def owner_output_average(states: Sequence[Mapping[str, np.ndarray]], num_example
             weight = float(sum(num_examples[k] for k in owners))
             index = [slice(None)] * reference.ndim
             index[axis] = channel
-            result[tuple(index)] = sum((num_examples[k] / weight) * np.asarray(states[k][key], dtype=np.float64)[tuple(index)]
+            result[tuple(index)] = sum((num_examples[k] / weight)
+                                       * np.asarray(states[k][key], dtype=np.float64)[tuple(index)]
                                        for k in owners)
         out[key] = result.astype(reference.dtype)
     return out

@@ -1,19 +1,21 @@
 """The study's Flower App run by Flower's simulation engine from Python (a notebook), not `flwr run`.
 
 `run_simulation` takes no run_config, so `simulation_apps` wraps the very same handlers of
-`client_app` / `server_app` and hands them a Context whose run_config carries the resolved profile
-(`study-config`, JSON), the cases table and the client list (docs/flower.md). The wrappers are closures,
-which Ray pickles by value, so the configuration reaches every client actor.
+`client_app` / `server_app` and hands them a Context whose run_config holds the keys `flwr run --run-config`
+would (`federation_run_config`: profile, seed, data-root, run-dir, cases, clients and the knobs), merged with the
+profile by the same `task.study_config` as in deployment (docs/flower.md). The wrappers are closures, which Ray
+pickles by value, so the configuration reaches every client actor.
 """
 
 from __future__ import annotations
 
-import copy
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Sequence
 
 import pandas as pd
+import yaml
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
@@ -54,41 +56,69 @@ def simulation_apps(run_config: dict[str, Any]) -> tuple[ServerApp, ClientApp]:
     return server, client
 
 
-def run_federation(cfg: dict[str, Any], run_dir: str | Path, cases: pd.DataFrame | None = None,
+def federation_run_config(profile: str | Path | Mapping[str, Any], run_dir: str | Path, *, seed: int | None = None,
+                          data_root: str | Path | None = None, clients: Sequence[str] = TRAIN_DATASETS,
+                          shards: int | str = 1, progress: bool = True, overwrite: bool = False,
+                          **knobs: Any) -> dict[str, Any]:
+    """The run_config of a simulated federation: the keys `flwr run --run-config` takes, nothing else.
+
+    `profile` is a profile's name or YAML path, or a resolved configuration (a dict, e.g. a test's), which is
+    written to `<run_dir>/fl/profile.yaml` and named by its path, as a deployment would. `seed` and `data_root`
+    default to the dict's. `knobs` by their profile names (rounds, local_steps, method, mu, loss, ...; None: the
+    profile's). `task.study_config(run_config)` is the configuration the federation runs with.
+    """
+    run_dir = Path(run_dir).resolve()
+    if isinstance(profile, Mapping):
+        seed = profile.get("seed") if seed is None else seed
+        data_root = profile.get("data_root") if data_root is None else data_root
+        path = run_folder.fl_file(run_dir, "profile.yaml")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(json.loads(json.dumps(dict(profile), default=str)), sort_keys=False))
+        profile = path
+    return {"profile": str(profile), "seed": -1 if seed is None else int(seed),
+            "data-root": str(data_root or ""), "run-dir": str(run_dir), "cases": str(run_folder.fl_cases(run_dir)),
+            "clients": ",".join(clients), "shards": str(shards), "progress": bool(progress),
+            "overwrite": bool(overwrite), **task.run_config_keys(knobs)}
+
+
+def run_federation(profile: str | Path | Mapping[str, Any], run_dir: str | Path, cases: pd.DataFrame | None = None,
                    clients: Sequence[str] = TRAIN_DATASETS, progress: bool = True, shards: int | str = 1,
-                   overwrite: bool = False) -> dict[str, Any]:
-    """Conventional FL (FedAvg) of `clients` (one dataset each) in Flower's simulation engine.
+                   overwrite: bool = False, *, seed: int | None = None, data_root: str | Path | None = None,
+                   **knobs: Any) -> dict[str, Any]:
+    """A federation of `clients` (one dataset each) in Flower's simulation engine, configured as `flwr run`
+    configures one (`federation_run_config`: profile, seed, data root, knobs).
 
     `shards` splits each dataset's training cases into that many virtual clients (an int, or per dataset
-    "liver=5,spleen=2"; see `sites.client_list`), e.g. 16 virtual clients from four datasets.
-    Knobs come from `cfg["federated"]` (see `task.FL_DEFAULTS`); `min_clients` is set to the client count.
-    `cases` (default `<run_dir>/data/cases.csv`, else the data root's manifest) is copied to
+    "liver=5,spleen=2"; see `sites.client_list`), e.g. 16 virtual clients from four datasets; `min_clients` is
+    the client count. `cases` (default `<run_dir>/data/cases.csv`, else the data root's manifest) is copied to
     `<run_dir>/fl/cases.csv`, which every client reads. Raises if any client fails in any round.
     A finished federation in `run_dir` is refused unless `overwrite`; an unfinished one with the same settings
     resumes after its last finished round (`server_app.main`).
     Returns the paths of the global best / final and local best checkpoints, the rounds table
     (`metrics/fl_rounds.csv`) and the summary (best round and metric, seconds).
     """
-    from flwr.simulation import run_simulation
-
     run_dir = Path(run_dir).resolve()
-    names = sites.client_list({"clients": ",".join(clients), "shards": shards})  # checks the names
-    cfg = copy.deepcopy(cfg)
-    cfg["run_dir"] = str(run_dir)
-    cfg["federated"] = {**(cfg.get("federated") or {}), "min_clients": len(names)}
-    fl = task.federated_settings(cfg)
-    cfg["federated"] = fl
-    task.refuse_finished(run_dir, overwrite)
-    run_folder.fl_dir(run_dir).mkdir(parents=True, exist_ok=True)
-    cases = cases if cases is not None else task.load_cases(cfg, {})
-    cases_file = run_folder.fl_cases(run_dir)
-    cases.to_csv(cases_file, index=False)
-    summary_file = run_folder.fl_summary(run_dir)
+    task.refuse_finished(run_dir, overwrite)  # before anything is written into a finished federation's folder
+    return simulate(federation_run_config(profile, run_dir, seed=seed, data_root=data_root, clients=clients,
+                                          shards=shards, progress=progress, overwrite=overwrite, **knobs), cases)
 
-    run_config = {"study-config": json.dumps(cfg, default=str), "cases": str(cases_file),
-                  "clients": ",".join(clients), "shards": str(shards), "progress": bool(progress),
-                  "overwrite": bool(overwrite)}
-    server, client = simulation_apps(run_config)
+
+def simulate(run_config: Mapping[str, Any], cases: pd.DataFrame | None = None) -> dict[str, Any]:
+    """The federation `run_config` describes (`federation_run_config`), in Flower's simulation engine: one
+    virtual SuperNode per client, the App's own handlers, and `cases` (default `<run-dir>/data/cases.csv`, else
+    the data root's manifest) copied to `fl/cases.csv`. Returns what `run_federation` returns."""
+    from flwr.simulation import run_simulation  # deferred: starts Ray's machinery, only a simulation needs it
+
+    run_dir = Path(run_config["run-dir"])
+    task.refuse_finished(run_dir, bool(run_config.get("overwrite")))
+    run_folder.fl_dir(run_dir).mkdir(parents=True, exist_ok=True)
+    cfg = task.study_config(run_config)
+    names = sites.client_list(run_config)
+    cases = cases if cases is not None else task.load_cases(cfg, {})
+    cases.to_csv(run_config["cases"], index=False)
+    summary_file = run_folder.fl_summary(run_dir)
+    server, client = simulation_apps(dict(run_config))
+    fl = cfg["federated"]
     run_simulation(server_app=server, client_app=client, num_supernodes=len(names),
                    backend_config={"client_resources": {"num_cpus": fl["client_cpus"], "num_gpus": fl["client_gpus"]}})
     if not summary_file.exists():  # the ServerApp's errors are re-raised above; this catches any other way out

@@ -70,5 +70,6 @@ def site_identity(node_config: Mapping[str, Any], run_config: Mapping[str, Any])
         raise ValueError("This SuperNode has no identity: start it with --node-config 'dataset=\"liver\"'.")
     clients, pid = client_list(run_config), int(node_config["partition-id"])
     if pid >= len(clients):
-        raise ValueError(f"partition-id {pid} but only {len(clients)} clients {clients}: set run_config clients / shards.")
+        raise ValueError(f"partition-id {pid} but only {len(clients)} clients {clients}: "
+                         "set run_config clients / shards.")
     return clients[pid], pid

@@ -247,7 +247,8 @@ class StudyFedAvg(FedAvg):
         records = [m.content["arrays"] for m in replies]
         states = [{k: a.numpy() for k, a in r.items()} if keys is None else {k: r[k].numpy() for k in keys}
                   for r in records]
-        return states, [int(_metrics(m)["num-examples"]) for m in replies], [_dataset_name(_metrics(m)) for m in replies]
+        return (states, [int(_metrics(m)["num-examples"]) for m in replies],
+                [_dataset_name(_metrics(m)) for m in replies])
 
     def _measure_dilution(self, server_round: int, replies: list[Message], arrays: ArrayRecord) -> None:
 
@@ -334,7 +335,8 @@ class StudyFedAvg(FedAvg):
         if found and node_id not in self.node_names:
             self.node_names[node_id] = found.group(1)
         lines = [line for line in reason.splitlines() if line.strip()] or ["no reason given"]
-        return f"- {self._who(node_id)}, error code {message.error.code}: {(found.group(0) if found else lines[-1])[:2000]}"
+        detail = (found.group(0) if found else lines[-1])[:2000]
+        return f"- {self._who(node_id)}, error code {message.error.code}: {detail}"
 
     def _who(self, node_id: int) -> str:
         return f"client {self.node_names[node_id]!r} (node {node_id})" if node_id in self.node_names \

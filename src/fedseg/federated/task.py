@@ -1,10 +1,11 @@
 """What a federated run works from, and the torch/MONAI side of a client (Flower examples' `task.py`).
 
-A run's study configuration comes from `context.run_config` (pyproject's `[tool.flwr.app.config]`,
-overridden by `flwr run --run-config`): `profile`, `run-dir`, `data-root`, `seed` and the FL knobs, or, from
-a notebook (`simulation.run_federation`, where `run_simulation` takes no run_config), the whole resolved
-profile as JSON under `study-config`. A site's identity comes only from `context.node_config`: its own
-`dataset` (and optionally `data-root`, `run-dir`) in deployment, else `partition-id` into `clients`.
+A run's configuration comes only from `context.run_config`, the kebab-case keys of pyproject's
+`[tool.flwr.app.config]` (overridden by `flwr run --run-config`): `profile` (a name or a profile YAML), `seed`,
+`data-root`, `run-dir`, the clients and the knobs of RUN_CONFIG_KNOBS. `study_config` merges them with the
+profile, the one place where that happens; a notebook's simulation (`simulation.run_federation`) builds the same
+keys. A site's identity comes only from `context.node_config`: its own `dataset` (and optionally `data-root`,
+`run-dir`) in deployment, else `partition-id` into `clients`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from fedseg.data.labels import CHANNELS, TRAIN_DATASETS
 from fedseg.data.transforms import case_records
 from fedseg.federated.methods import METHOD_DEFAULTS, check_method, network_config
 from fedseg.federated.sites import client_list, parse_client
+from fedseg.train.losses import check_loss
 from fedseg.train.training import save_atomic, train_model, weight_settings
 
 FOREGROUND = CHANNELS[1:]
@@ -36,10 +38,15 @@ FL_DEFAULTS: dict[str, Any] = {"rounds": 2, "local_steps": None, "fraction_train
                                "client_cpus": 1, "client_gpus": 0.0, "keep_optimizer": False, "client_workers": 0,
                                "round_timeout": 86400, "wait_timeout": 1800, "compare_loss": None,
                                **METHOD_DEFAULTS}
-#: run_config keys (kebab-case) that override a knob; their "unset" value (0, 0.0, "") keeps the profile's.
-RUN_CONFIG_KNOBS = {"rounds": "rounds", "local-steps": "local_steps", "fraction-train": "fraction_train",
-                    "min-clients": "min_clients", "keep-optimizer": "keep_optimizer", "method": "method", "mu": "mu",
-                    "distill-weight": "distill_weight", "pseudo-after": "pseudo_after", "wait-timeout": "wait_timeout"}
+#: run_config keys (kebab-case) that override a setting of the profile: (section, name). Their "unset" value
+#: (0, 0.0, "") keeps the profile's.
+RUN_CONFIG_KNOBS: dict[str, tuple[str, str]] = {
+    "rounds": ("federated", "rounds"), "local-steps": ("federated", "local_steps"),
+    "fraction-train": ("federated", "fraction_train"), "min-clients": ("federated", "min_clients"),
+    "keep-optimizer": ("federated", "keep_optimizer"), "method": ("federated", "method"), "mu": ("federated", "mu"),
+    "distill-weight": ("federated", "distill_weight"), "pseudo-after": ("federated", "pseudo_after"),
+    "wait-timeout": ("federated", "wait_timeout"), "loss": ("train", "loss"),
+}
 
 
 def federated_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -69,34 +76,41 @@ def as_bool(value: Any, name: str) -> bool:
 
 
 def study_config(run_config: Mapping[str, Any], node_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The resolved profile a run (server) or site (client, with its node_config) works from.
+    """The resolved profile a run (server) or site (client, with its node_config) works from: the one function
+    that merges run_config with a profile, in deployment and in simulation alike.
 
-    `study-config` (JSON of a resolved profile) wins; else `profile`, `seed`, `data-root` are resolved with
-    `fedseg.config.resolve`. A node_config `data-root` / `run-dir` replaces the run's (each site's own paths).
-    Non-empty FL keys of run_config override the profile's `federated` section.
+    `profile` (a name, or a profile YAML), `seed` (-1: the profile's) and `data-root` are resolved with
+    `fedseg.config.resolve`; a node_config `data-root` / `run-dir` replaces the run's (each site's own paths).
+    Set knobs of RUN_CONFIG_KNOBS override the profile's; `clients` / `shards` set min_clients unless given.
     """
     node_config = node_config or {}
-    if run_config.get("study-config"):
-        cfg = json.loads(run_config["study-config"])
-        if node_config.get("data-root"):
-            cfg["data_root"] = str(Path(node_config["data-root"]).resolve())
-    else:
-        seed = int(run_config.get("seed", -1))
-        data_root = node_config.get("data-root") or run_config.get("data-root") or None
-        cfg = resolve(str(run_config.get("profile") or "smoke"), None if seed < 0 else seed, data_root)
-    run_dir = node_config.get("run-dir") or run_config.get("run-dir") or cfg.get("run_dir")
+    seed = int(run_config.get("seed", -1))
+    data_root = node_config.get("data-root") or run_config.get("data-root") or None
+    cfg = resolve(str(run_config.get("profile") or "smoke"), None if seed < 0 else seed, data_root)
+    run_dir = node_config.get("run-dir") or run_config.get("run-dir")
     if not run_dir:
         raise ValueError("No run folder: set run-dir (e.g. flwr run --run-config 'run-dir=\"/abs/results/fl\"').")
     cfg["run_dir"] = str(Path(run_dir).resolve())
-    fl = dict(cfg.get("federated") or {})
+    cfg["federated"] = dict(cfg.get("federated") or {})
     if (run_config.get("clients") or run_config.get("shards")) and not run_config.get("min-clients"):
-        fl["min_clients"] = len(client_list(run_config))
-    for key, name in RUN_CONFIG_KNOBS.items():
+        cfg["federated"]["min_clients"] = len(client_list(run_config))
+    for key, (section, name) in RUN_CONFIG_KNOBS.items():
         if run_config.get(key) not in (None, "", 0, 0.0):
-            fl[name] = run_config[key]
-    cfg["federated"] = federated_settings({**cfg, "federated": fl})
+            cfg[section] = {**cfg[section], name: run_config[key]}
+    check_loss(cfg["train"]["loss"])
+    cfg["federated"] = federated_settings(cfg)
     cfg["model"] = network_config(cfg, [parse_client(name)[0] for name in client_list(run_config)])
     return cfg
+
+
+def run_config_keys(knobs: Mapping[str, Any]) -> dict[str, Any]:
+    """Knobs by their profile names (local_steps, loss, ...) as run_config keys (local-steps, loss, ...); None
+    (unset) is left out. Refuses a name that is not a knob, naming the knobs."""
+    names = {name: key for key, (_, name) in RUN_CONFIG_KNOBS.items()}
+    unknown = sorted(set(knobs) - set(names))
+    if unknown:
+        raise ValueError(f"Not a federation setting: {', '.join(unknown)}; use {', '.join(sorted(names))}.")
+    return {names[name]: value for name, value in knobs.items() if value is not None}
 
 
 def load_cases(cfg: Mapping[str, Any], run_config: Mapping[str, Any]) -> pd.DataFrame:
@@ -145,8 +159,8 @@ def train_locally(cfg: dict[str, Any], model: torch.nn.Module, client: str, serv
     (seed, client, round). With it, the last round's optimizer state is resumed under the new global
     weights, and the step count (hence the batches) continues. Either way the learning rate is that of
     the federation-wide schedule: local step s of round r is update (r - 1) * local_steps + s of a
-    schedule over rounds * local_steps updates, so it anneals once, not once per round. Returns train_model's summary plus the
-    mean loss of this round's steps and the validation row of the final (sent) model.
+    schedule over rounds * local_steps updates, so it anneals once, not once per round. Returns train_model's summary
+    plus the mean loss of this round's steps and the validation row of the final (sent) model.
     """
     fl = cfg["federated"]
     # A data-loading worker per client and round costs more than it hides in a short local round, and
@@ -174,7 +188,8 @@ def train_locally(cfg: dict[str, Any], model: torch.nn.Module, client: str, serv
     spans = np.diff(np.concatenate([[start], this_round["step"].to_numpy()]))
     final = history.iloc[-1]
     if int(final["step"]) != start + fl["local_steps"]:
-        raise RuntimeError(f"Local training of {client} stopped at step {final['step']}, not {start + fl['local_steps']}.")
+        raise RuntimeError(f"Local training of {client} stopped at step {final['step']}, "
+                           f"not {start + fl['local_steps']}.")
     return {**summary, "train_loss": float(np.average(this_round["loss"], weights=spans)), "final": final}
 
 

@@ -137,11 +137,16 @@ LOSSES: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
-def build_loss(name: str, **kwargs: Any) -> PartialLabelLoss:
-    """The loss `name` as a `(pred, target, owned) -> scalar` callable, its keyword settings fixed."""
+def check_loss(name: str) -> str:
+    """`name`, or ValueError naming the losses."""
     if name not in LOSSES:
         raise ValueError(f"Unknown loss {name!r}: use one of {', '.join(LOSSES)}.")
-    loss = LOSSES[name]
+    return name
+
+
+def build_loss(name: str, **kwargs: Any) -> PartialLabelLoss:
+    """The loss `name` as a `(pred, target, owned) -> scalar` callable, its keyword settings fixed."""
+    loss = LOSSES[check_loss(name)]
     settings = [p for p in inspect.signature(loss).parameters if p not in ("pred", "target", "owned")]
     unknown = sorted(set(kwargs) - set(settings))
     if unknown:

@@ -82,9 +82,10 @@ def main() -> None:
     table = pd.DataFrame(rows).set_index("path")
     table["ratio"] = table["wall_s"] / table["wall_s"].iloc[0]
     fl = cfg["federated"]
-    print(f"profile {args.profile}: {len(clients)} virtual clients ({', '.join(clients)}), {args.rounds} rounds x {fl['local_steps']} local "
-          f"steps, client resources {fl['client_cpus']} CPU / {fl['client_gpus']} GPU, torch threads "
-          f"{torch.get_num_threads()}; peak memory = resident memory of the process tree (Ray workers included)")
+    print(f"profile {args.profile}: {len(clients)} virtual clients ({', '.join(clients)}), {args.rounds} rounds x "
+          f"{fl['local_steps']} local steps, client resources {fl['client_cpus']} CPU / {fl['client_gpus']} GPU, "
+          f"torch threads {torch.get_num_threads()}; peak memory = resident memory of the process tree "
+          "(Ray workers included)")
     print(table.to_markdown(floatfmt=".1f"))
 
 

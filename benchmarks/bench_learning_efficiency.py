@@ -70,7 +70,8 @@ def run_variant(cfg: dict, name: str, dataset: str, cases: pd.DataFrame, every: 
     history = summary["history"].assign(variant=name, dataset=dataset, wall_s=round(wall, 1),
                                         threads=torch.get_num_threads())
     print(f"{name:>12} {dataset:>8}: best val Dice {summary['best_val_mean_dice']:.3f} at step {summary['best_step']}, "
-          f"training {history['train_s'].iloc[-1]:.1f} s, validation {history['val_s'].iloc[-1]:.1f} s, wall {wall:.1f} s")
+          f"training {history['train_s'].iloc[-1]:.1f} s, validation {history['val_s'].iloc[-1]:.1f} s, "
+          f"wall {wall:.1f} s")
     return history
 
 

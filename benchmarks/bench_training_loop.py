@@ -60,7 +60,8 @@ def main() -> None:
     voxels = train["cases_per_step"] * pre["patches_per_volume"] * int(torch.tensor(pre["patch_size"]).prod())
     with tempfile.TemporaryDirectory() as out:
         model = build_network(**cfg["model"])
-        train_model(cfg, model, records, [], out, steps=3, progress=False, val_every=10**9)  # warm-up (imports, first reads)
+        # warm-up (imports, first reads)
+        train_model(cfg, model, records, [], out, steps=3, progress=False, val_every=10**9)
     with tempfile.TemporaryDirectory() as out:
         model = build_network(**cfg["model"])
         start = time.perf_counter()
@@ -68,10 +69,12 @@ def main() -> None:
         loop = (time.perf_counter() - start) / args.steps
     bare = bare_steps(cfg, args.steps, device)
     table = pd.DataFrame({
-        "s/step": [bare, loop], "steps/s": [1 / bare, 1 / loop], "Mvoxels/s": [voxels / bare / 1e6, voxels / loop / 1e6],
+        "s/step": [bare, loop], "steps/s": [1 / bare, 1 / loop],
+        "Mvoxels/s": [voxels / bare / 1e6, voxels / loop / 1e6],
     }, index=["bare forward+backward (random tensors)", "fedseg training loop (cache, patches, checkpoints)"])
     print(f"profile {args.profile} on {device}, torch threads {torch.get_num_threads()}, model {cfg['model']['name']}, "
-          f"batch {train['cases_per_step']}x{pre['patches_per_volume']} patches of {pre['patch_size']}, {args.steps} steps")
+          f"batch {train['cases_per_step']}x{pre['patches_per_volume']} patches of {pre['patch_size']}, "
+          f"{args.steps} steps")
     print(table.to_markdown(floatfmt=".3f"))
     print(f"loop / bare = {loop / bare:.2f}x")
 

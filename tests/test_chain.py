@@ -78,7 +78,8 @@ def test_external_evaluation_outputs(smoke_run):
     row = btcv.iloc[0]
     data_root = json.loads(run_folder.data_summary(run_dir).read_text())["data_root"]
     image = nib.load(case_files(data_root, row)[0])
-    prediction = nib.load(run_dir / "predictions" / "btcv" / external.slug(external.LOCAL_PP) / f"{row['case_id']}.nii.gz")
+    prediction = nib.load(run_dir / "predictions" / "btcv" / external.slug(external.LOCAL_PP)
+                          / f"{row['case_id']}.nii.gz")
     assert prediction.shape == image.shape and np.allclose(prediction.affine, image.affine)
     assert set(prediction.get_fdata().ravel().astype(int)) <= set(range(8))
 
@@ -115,8 +116,9 @@ def test_a_sweep_runs_the_methods_side_by_side_and_the_segviz_node_sets_add_to_i
     # another loss into the same folder: 01/02 and the finished federations are kept, the new one runs, and the
     # mechanism of each federation is drawn side by side
     stamp = (run_dir / "fedavg" / "run.json").stat().st_mtime
-    done = subprocess.run([sys.executable, "-m", "fedseg", "sweep", "--profile", "smoke", "--methods", "fedavg,ownerfedavg",
-                           "--losses", "literal_dice_ce", "--run-name", "sweep", "--results", str(tmp_path / "results")],
+    done = subprocess.run([sys.executable, "-m", "fedseg", "sweep", "--profile", "smoke", "--methods",
+                           "fedavg,ownerfedavg", "--losses", "literal_dice_ce", "--run-name", "sweep",
+                           "--results", str(tmp_path / "results")],
                           env=env, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stdout + done.stderr
     assert (run_dir / "fedavg" / "run.json").stat().st_mtime == stamp

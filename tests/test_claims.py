@@ -34,10 +34,12 @@ def write_run(folder, holds: bool, seed=0):
             local = base + sign * 0.1
             for k in range(CASES):
                 case = f"{dataset}_{k}"
-                sl.append({"model": f"sl-{dataset}", "dataset": dataset, "case_id": case, "channel": channel, "dice": base[k]})
+                sl.append({"model": f"sl-{dataset}", "dataset": dataset, "case_id": case, "channel": channel,
+                           "dice": base[k]})
                 fl.append({"model": f"fl-local-{dataset}", "dataset": dataset, "case_id": case, "channel": channel,
                            "dice": local[k]})
-                fl.append({"model": "fl-global", "dataset": dataset, "case_id": case, "channel": channel, "dice": glob[k]})
+                fl.append({"model": "fl-global", "dataset": dataset, "case_id": case, "channel": channel,
+                           "dice": glob[k]})
     pd.DataFrame(sl).to_csv(metrics / "test_dice_per_case.csv", index=False)
     pd.DataFrame(fl).to_csv(metrics / "fl_test_dice_per_case.csv", index=False)
     btcv = []
@@ -53,8 +55,8 @@ def write_run(folder, holds: bool, seed=0):
         for organ in organs:
             conventional = noisy(rng, 0.8 - sign * 0.15 * n)
             for model, values in (("Conventional FL", conventional), ("SegViz", conventional + sign * 0.05)):
-                nodes += [{"setup": f"{n}-node", "model": model, "case_id": f"img{k}", "organ": organ, "dice": values[k]}
-                          for k in range(CASES)]
+                nodes += [{"setup": f"{n}-node", "model": model, "case_id": f"img{k}", "organ": organ,
+                           "dice": values[k]} for k in range(CASES)]
     pd.DataFrame(nodes).to_csv(metrics / "segviz_nodes_per_case.csv", index=False)
     mri_like = ("liver", "spleen")
     contrast = []
@@ -66,7 +68,8 @@ def write_run(folder, holds: bool, seed=0):
                     contrast += [{"model": model, "dataset": dataset, "case_id": f"{dataset}_{k}", "channel": channel,
                                   "dice": values[k], "contrast": tested} for k in range(CASES)]
     pd.DataFrame(contrast).to_csv(metrics / "contrast_per_case.csv", index=False)
-    (folder / "run.json").write_text(json.dumps({"profile_config": {"data": {"phantom": {"mri_like": list(mri_like)}}}}))
+    (folder / "run.json").write_text(json.dumps(
+        {"profile_config": {"data": {"phantom": {"mri_like": list(mri_like)}}}}))
     return folder
 
 

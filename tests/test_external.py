@@ -25,7 +25,8 @@ def scores_frame():
 
 
 def test_table3_averages_the_four_organs_and_appends_the_papers_rows():
-    dice = pd.DataFrame({"liver": [0.9], "pancreas": [0.5], "kidney": [0.7], "spleen": [0.1]}, index=["FL global model"])
+    dice = pd.DataFrame({"liver": [0.9], "pancreas": [0.5], "kidney": [0.7], "spleen": [0.1]},
+                        index=["FL global model"])
     table = report.table3(dice)
     assert list(table.columns) == ["Liver", "Pancreas", "Kidney", "Spleen", "Avg."]
     assert table.loc["FL global model (this run)"].tolist() == [90.0, 50.0, 70.0, 10.0, 55.0]

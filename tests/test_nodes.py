@@ -16,7 +16,8 @@ def test_each_node_set_adds_the_papers_next_organ_and_is_scored_on_its_own_organ
     assert set(models[("2-node", nodes.SEGVIZ)]) == {"liver", "spleen"}
     assert set(models[("3-node", nodes.CENTRAL)]) == {"liver", "spleen", "pancreas"}
     assert set(models[("4-node", nodes.CONVENTIONAL)]) == {"liver", "spleen", "pancreas", "kidney"}
-    assert models[("3-node", nodes.SEGVIZ)]["liver"] == tmp_path / "nodes-3" / "segviz" / "checkpoints" / "fl-global" / "best.pt"
+    assert (models[("3-node", nodes.SEGVIZ)]["liver"]
+            == tmp_path / "nodes-3" / "segviz" / "checkpoints" / "fl-global" / "best.pt")
     # 4 nodes = all four datasets: 02's central model, not a new one
     assert models[("4-node", nodes.CENTRAL)]["kidney"] == tmp_path / "checkpoints" / "central" / "best.pt"
     assert models[("2-node", nodes.CENTRAL)]["liver"] == tmp_path / "nodes-2" / "checkpoints" / "central" / "best.pt"

@@ -1,7 +1,7 @@
 """The published numbers the study compares with, checked against a second, independent transcription.
 
-`fedseg.reporting.report` (and `fedseg.data.manifest.TABLE1`, which report uses) hold Shen et al. 2022's Tables 1-3, and the
-other tests compare the study's tables with those same constants, so a typo there could never fail them. The
+`fedseg.reporting.report` (and `fedseg.data.manifest.TABLE1`, which report uses) hold Shen et al. 2022's Tables 1-3,
+and the other tests compare the study's tables with those same constants, so a typo there could never fail them. The
 numbers below were typed again from the paper (Shen et al. 2022, Tables 1, 2 and 3), not copied from the
 package. Every constant is compared by row and column name, so a wrong value, a missing or extra row, or a
 column order that no longer matches the values fails; so do the tables the package writes (its functions'

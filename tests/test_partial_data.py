@@ -82,7 +82,8 @@ def test_declared_datasets_are_checked_and_the_others_listed_as_absent(partial_r
     assert "absent" in check.summary().lower() and "liver, pancreas, kits19" in check.summary()
     require_valid(partial_root, manifest=check.cases, report=check.problems)  # nothing to raise
     # the same as a comma-separated string (how `-p datasets=spleen,btcv` arrives)
-    assert ds.check_data(partial_root, datasets="spleen, btcv", progress=False).absent == ("liver", "pancreas", "kits19")
+    assert (ds.check_data(partial_root, datasets="spleen, btcv", progress=False).absent
+            == ("liver", "pancreas", "kits19"))
 
 
 def test_nothing_declared_still_checks_every_dataset(partial_root):

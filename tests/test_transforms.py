@@ -73,7 +73,8 @@ def test_resampling_keeps_physical_extent(tmp_path, source, target):
 def test_an_mri_case_is_scaled_by_its_own_percentiles_and_a_ct_case_by_the_hu_window(tmp_path):
     image = (np.arange(400) * 2.5).astype(np.int16).reshape(100, 2, 2)  # MRI-like units 0-997, all distinct
     affine = np.eye(4)
-    paths = write(tmp_path / "i.nii.gz", image, affine), write(tmp_path / "l.nii.gz", np.zeros(image.shape, np.uint8), affine)
+    paths = (write(tmp_path / "i.nii.gz", image, affine),
+             write(tmp_path / "l.nii.gz", np.zeros(image.shape, np.uint8), affine))
     cfg = config(spacing=(1, 1, 1))
     mri = preprocess(cfg)({IMAGE: paths[0], LABEL: paths[1], "dataset": "liver", "modality": "MRI"})[IMAGE][0]
     low, high = np.percentile(image, [0.5, 99.5])

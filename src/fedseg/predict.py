@@ -79,7 +79,8 @@ def resolve_model(name: str, run_dir: str | Path) -> str:
         return aliases[key]
     has = available_models(run_dir)
     raise ValueError(f"Unknown model {name!r}: {run_dir} has "
-                     + (", ".join(has) if has else f"no trained models (nothing under {run_folder.checkpoints_dir(run_dir)})")
+                     + (", ".join(has) if has
+                        else f"no trained models (nothing under {run_folder.checkpoints_dir(run_dir)})")
                      + f". The study's models are {', '.join(MODELS)}.")
 
 

@@ -292,7 +292,8 @@ def run_chain(profile: str = "laptop", *, run_name: str | None = None, params: d
         stem = Path(only).stem
         matches = [n for n in notebooks if n == stem or n.split("_", 1)[-1] == stem or n.startswith(stem + "_")]
         if len(matches) != 1:
-            raise ValueError(f"--only {only!r} names no single notebook of the chain: use one of {', '.join(notebooks)}.")
+            raise ValueError(f"--only {only!r} names no single notebook of the chain: "
+                             f"use one of {', '.join(notebooks)}.")
         names = tuple(matches)
     check_parameters(params, notebooks)  # a parameter of any notebook of the chain (sweeps pass 02 and 03 theirs)
     seed = params.pop("seed", None)
@@ -385,7 +386,8 @@ def run_sweep(profile: str = "laptop", methods: tuple[str, ...] = ("fedavg",), *
     for method in methods:
         for loss in losses or (None,):
             folder = method if loss is None else f"{method}-{loss}"
-            if "03_federated_training" not in run_folder.finished_notebooks(run_dir / folder):  # a rerun resumes the sweep
+            # a rerun resumes the sweep
+            if "03_federated_training" not in run_folder.finished_notebooks(run_dir / folder):
                 extra = {"method": method, **({"loss": loss} if loss else {})}
                 _run_federation_notebook(profile, run_dir, run_dir / folder, {**(params or {}), **extra}, log_output)
             folders.append(folder)
@@ -426,7 +428,8 @@ def _run_baselines(profile: str, run_dir: Path, params: dict[str, Any], log_outp
 def run_nodes(profile: str = "laptop", nodes: tuple[int, ...] = (2, 3, 4), *, run_name: str | None = None,
               params: dict[str, Any] | None = None, results: str | Path | None = None, n_boot: int = 2000,
               log_output: bool = False) -> Path:
-    """SegViz's node-set experiment (`fedseg.experiments.nodes`) into one run folder, resuming whatever it already holds.
+    """SegViz's node-set experiment (`fedseg.experiments.nodes`) into one run folder, resuming whatever it
+    already holds.
 
     01 and 02 once (kept if the folder has them, e.g. a sweep's); per node set, the central model on its pooled
     data and 03 with `method` fedavg and segviz on its clients into `<run>/nodes-<n>/`; then every model on
@@ -461,7 +464,8 @@ def run_nodes(profile: str = "laptop", nodes: tuple[int, ...] = (2, 3, 4), *, ru
             folder = node_sets.federation_dir(run_dir, n, method)
             if node_sets.finished_federation(folder):
                 if (setup, row) not in done:
-                    wall = json.loads(run_folder.run_record(folder).read_text())["notebooks"]["03_federated_training"]["wall_s"]
+                    wall = (json.loads(run_folder.run_record(folder).read_text())
+                            ["notebooks"]["03_federated_training"]["wall_s"])
                     timing.append({"setup": setup, "model": row, "wall_s": wall})
                 continue
             clients = ",".join(node_sets.NODE_SETS[n])
@@ -488,10 +492,10 @@ def run_contrast(profile: str = "laptop", mri_like: tuple[str, ...] | None = Non
                  log_output: bool = False) -> Path:
     """FedGIN's cross-contrast experiment (`fedseg.experiments.contrast`) into one run folder, resuming what it holds.
 
-    The profile with `mri_like` clients (default `contrast.DEFAULT_MRI_LIKE`) MRI-like is written to `<run>/profile.yaml`; 01 and 02 run on it once,
-    then 03 per method into `<run>/<method>/`; then SL, FL global and FL local models are tested on every
-    test case in both contrasts: `metrics/contrast_per_case.csv`, `tables/contrast_channels.*`,
-    `tables/contrast_summary.*`, `figures/contrast_channels.png`.
+    The profile with `mri_like` clients (default `contrast.DEFAULT_MRI_LIKE`) MRI-like is written to
+    `<run>/profile.yaml`; 01 and 02 run on it once, then 03 per method into `<run>/<method>/`; then SL, FL
+    global and FL local models are tested on every test case in both contrasts: `metrics/contrast_per_case.csv`,
+    `tables/contrast_channels.*`, `tables/contrast_summary.*`, `figures/contrast_channels.png`.
     """
     for method in methods:
         check_method(method)
@@ -505,7 +509,8 @@ def run_contrast(profile: str = "laptop", mri_like: tuple[str, ...] | None = Non
     if profile_path.exists():
         earlier = yaml.safe_load(profile_path.read_text())["data"]["phantom"]["mri_like"]
         if earlier != sorted(mri_like):
-            raise ValueError(f"{run_dir} was run with mri_like {earlier}, not {sorted(mri_like)}: choose another --run-name.")
+            raise ValueError(f"{run_dir} was run with mri_like {earlier}, not {sorted(mri_like)}: "
+                             "choose another --run-name.")
     elif run_dir.exists() and any(run_dir.iterdir()):
         raise FileExistsError(f"Run folder {run_dir} holds another run (no {PROFILE_FILE}): choose another --run-name.")
     else:
@@ -594,18 +599,21 @@ def main(argv: list[str] | None = None) -> int:
                      "--only: keep the folder and let that notebook replace its own results, e.g. 03's federation)")
     sweep = sub.add_parser("sweep", help="01 and 02 once, then 03 once per federated method, into one run folder")
     _add_common(sweep, "folder name under results/ (default: <profile>-<timestamp>)")
-    sweep.add_argument("--methods", default="fedavg,ownerfedavg,fedprox,segviz", help="comma-separated federated methods")
+    sweep.add_argument("--methods", default="fedavg,ownerfedavg,fedprox,segviz",
+                       help="comma-separated federated methods")
     sweep.add_argument("--losses", default="", help="comma-separated client losses, each method run with each "
                        "(e.g. dice_ce,literal_dice_ce); default: the profile's loss")
     sweep.add_argument("--overwrite", action="store_true", help="replace an existing run folder of that name")
-    nodes = sub.add_parser("nodes", help="SegViz's 2-, 3-, 4-node table (central, FedAvg, SegViz on BTCV) into a run folder")
+    nodes = sub.add_parser("nodes", help="SegViz's 2-, 3-, 4-node table (central, FedAvg, SegViz on BTCV) into a "
+                           "run folder")
     _add_common(nodes, "run folder under results/ to add to (e.g. a sweep's), or a new one")
     nodes.add_argument("--nodes", default="2,3,4", help="comma-separated node sets (2: liver, spleen; 3: + pancreas; "
                        "4: + kidney)")
     gin = sub.add_parser("contrast", help="FedGIN's cross-contrast experiment: some clients MRI-like, every model "
                          "tested in both contrasts")
     _add_common(gin, "folder name under results/ (default: <profile>-mri-<timestamp>)")
-    gin.add_argument("--mri-like", default="", help="comma-separated datasets generated MRI-like (default: liver,spleen)")
+    gin.add_argument("--mri-like", default="", help="comma-separated datasets generated MRI-like "
+                     "(default: liver,spleen)")
     gin.add_argument("--methods", default="fedavg,fedgin", help="comma-separated federated methods")
     pred = sub.add_parser("predict", help="apply a trained run's model to your own CT (a folder of NIfTI): label "
                           "maps, overlays and organ volumes, with 04's preprocessing and inversion")

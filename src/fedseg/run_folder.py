@@ -171,4 +171,5 @@ def finished_notebooks(run_dir: str | Path) -> set[str]:
     record = run_record(run_dir)
     if not record.exists():
         return set()
-    return {name for name, entry in json.loads(record.read_text()).get("notebooks", {}).items() if entry.get("status") == "ok"}
+    return {name for name, entry in json.loads(record.read_text()).get("notebooks", {}).items()
+            if entry.get("status") == "ok"}

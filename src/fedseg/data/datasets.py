@@ -64,7 +64,8 @@ def _fix_hint(dataset: str) -> str:
     if dataset == "btcv":
         return "put the file from Synapse's RawData.zip in place as fedseg.data.download.btcv_instructions() describes"
     if dataset == "kits19":
-        return "run fedseg.data.download.fetch_dataset('kits19', data_root), which fetches missing files (delete bad ones)"
+        return ("run fedseg.data.download.fetch_dataset('kits19', data_root), which fetches missing files "
+                "(delete bad ones)")
     return (
         f"delete the {DATASET_DIRS[dataset]} folder and run fedseg.data.download.fetch_dataset({dataset!r}, data_root) "
         "to extract the MSD archive again"
@@ -196,7 +197,8 @@ def require_root(data_root: str | Path) -> Path:
     root = Path(data_root)
     if not root.exists():
         raise DataError(f"data root {root} does not exist: check the path (data_root), or create it and put the "
-                        "datasets there (real data: see fedseg.data.download; download=True fetches the MSD tasks and KiTS19).")
+                        "datasets there (real data: see fedseg.data.download; download=True fetches the MSD tasks "
+                        "and KiTS19).")
     if not root.is_dir():
         raise DataError(f"data root {root} is not a folder: data_root must be the folder that holds the datasets.")
     return root

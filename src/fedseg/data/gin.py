@@ -26,13 +26,15 @@ Differences from the reference code, and why. (1) The input is standardised (zer
 the network and the weights are drawn with std ``1/sqrt(fan_in)``, so the random biases (std 1) place the
 LeakyReLU kinks inside the data's range whatever the intensity scale (the reference draws std-1 weights
 and biases and leaves the input as its data loader normalised it). (2) Borders are padded by
-replication, not zeros, so a patch does not get a bright or dark frame the network could learn. (3) The reference rescales the blend to the
-input's Frobenius norm; here the GIN output is min-max rescaled to the input's range *before* blending, so
-the result stays in [0, 1] like every other image of the study (HU window scaled to [0, 1]).
+replication, not zeros, so a patch does not get a bright or dark frame the network could learn. (3) The
+reference rescales the blend to the input's Frobenius norm; here the GIN output is min-max rescaled to the
+input's range *before* blending, so the result stays in [0, 1] like every other image of the study (HU
+window scaled to [0, 1]).
 
 Where it plugs in. After the patch crop of the training augmentation (``fedseg.data.transforms.augment``),
 on each patch, before or beside the intensity shift; it touches only the image key, never the label.
-The integrator wires ``RandGINd`` there when a profile sets ``preprocess.gin``; it is not wired here.
+``augment`` adds ``RandGINd`` there (after the spatial augmentation, before the intensity shift) when a
+profile sets ``preprocess.gin``; the federated method ``fedgin`` sets it (``fedseg.federated.methods``).
 
 Cost (one CPU thread of a shared AMD EPYC, float32, default settings, median over 20 draws of
 ``RandGINd.__call__``): 32^3 about 4 ms, 64^3 about 18 ms, 96^3 about 62 ms (mean 72 ms; the same

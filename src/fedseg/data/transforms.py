@@ -57,8 +57,8 @@ class ScaleIntensityByModalityd(mt.MapTransform):
     ScaleIntensityRange), MRI through the image's own percentiles (ScaleIntensityRangePercentiles), since
     MRI values have no absolute scale. MONAI has both scalings but no per-record switch: this only picks one.
     """
-    def __init__(self, keys: str, hu_window: tuple[float, float], mri_percentiles: tuple[float, float] = MRI_PERCENTILES,
-                 modality_key: str = "modality"):
+    def __init__(self, keys: str, hu_window: tuple[float, float],
+                 mri_percentiles: tuple[float, float] = MRI_PERCENTILES, modality_key: str = "modality"):
         super().__init__(keys)
         low, high = hu_window
         self.scalers = {CT: mt.ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True),

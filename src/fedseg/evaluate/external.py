@@ -95,11 +95,13 @@ def run_checkpoints(run_dir: str | Path, datasets: tuple[str, ...] | None = None
 
 
 def load_group(cfg: dict[str, Any], paths: Mapping[str, Path], device: torch.device) -> dict[str, torch.nn.Module]:
-    """The networks of one checkpoint group (name -> path, as `run_checkpoints`), ready for `inference.predict_logits`."""
+    """The networks of one checkpoint group (name -> path, as `run_checkpoints`), ready for
+    `inference.predict_logits`."""
     return {name: load_best(cfg, path, device) for name, path in paths.items()}
 
 
-def load_localiser(run_dir: str | Path, cfg: dict[str, Any], device: torch.device) -> tuple[dict[str, torch.nn.Module], float] | None:
+def load_localiser(run_dir: str | Path, cfg: dict[str, Any],
+                   device: torch.device) -> tuple[dict[str, torch.nn.Module], float] | None:
     """The run's coarse-to-fine localiser (`training.fit_localiser`) and its voxel size over the profile's, or
     None when the run has none. Refuses a localiser trained for another voxel size or network than `cfg`'s."""
     folder = run_folder.model_dir(run_dir, LOCALISER_NAME)
@@ -174,7 +176,8 @@ def evaluate_btcv(cfg: dict[str, Any], cases: pd.DataFrame, run_dir: str | Path,
     groups = run_checkpoints(run_dir, present_datasets(cases, TRAIN_DATASETS) or None)
     methods = _methods(groups)
     if not methods:
-        raise FileNotFoundError(f"No trained models under {run_folder.checkpoints_dir(run_dir)}: run 02 and 03 with this run_dir.")
+        raise FileNotFoundError(f"No trained models under {run_folder.checkpoints_dir(run_dir)}: "
+                                "run 02 and 03 with this run_dir.")
     btcv = btcv_test_cases(cases)
     device = select_device()
     models = {group: load_group(cfg, paths, device) for group, paths in groups.items()}
@@ -210,7 +213,8 @@ def evaluate_btcv(cfg: dict[str, Any], cases: pd.DataFrame, run_dir: str | Path,
             elapsed = time.perf_counter() - start + model_seconds
             if write:
                 inference.write_prediction(fused, image_path,
-                                           run_folder.predictions_dir(run_dir, "btcv", slug(method)) / f"{row['case_id']}.nii.gz")
+                                           run_folder.predictions_dir(run_dir, "btcv", slug(method))
+                                           / f"{row['case_id']}.nii.gz")
             predicted = inference.organ_masks(fused if method in (SL_PP, LOCAL_PP, COARSE) else mask)
             for item in metrics.score_case(predicted, truth, spacing, tolerances):
                 scores.append({"method": method, "case_id": row["case_id"], **item})
@@ -220,7 +224,8 @@ def evaluate_btcv(cfg: dict[str, Any], cases: pd.DataFrame, run_dir: str | Path,
             "timing": pd.DataFrame(timing, columns=list(TIMING_COLUMNS))}
 
 
-def speed_table(scores: pd.DataFrame, timing: pd.DataFrame, methods: tuple[str, ...] = (LOCAL_PP, COARSE)) -> pd.DataFrame:
+def speed_table(scores: pd.DataFrame, timing: pd.DataFrame,
+                methods: tuple[str, ...] = (LOCAL_PP, COARSE)) -> pd.DataFrame:
     """Full sliding window vs coarse-to-fine, side by side: seconds per case (mean, max), the fraction of
     the volume the fine pass covered, and mean Dice per organ and over the organs."""
     rows = {}

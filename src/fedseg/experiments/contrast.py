@@ -72,8 +72,9 @@ def check_same_cases(cases: pd.DataFrame, roots: Mapping[str, Path]) -> None:
         for contrast, root in roots.items():
             _, label = case_files(root, row)
             if not label.exists():
-                raise FileNotFoundError(f"{label} is missing: the {CONTRAST_NAMES.get(contrast, contrast)} test root does not hold "
-                                        f"{row['case_id']}; regenerate it with the run's profile (phantom settings).")
+                raise FileNotFoundError(f"{label} is missing: the {CONTRAST_NAMES.get(contrast, contrast)} test root "
+                                        f"does not hold {row['case_id']}; regenerate it with the run's profile "
+                                        "(phantom settings).")
             labels.append(np.asanyarray(nib.load(str(label)).dataobj))
         if any(not np.array_equal(labels[0], other) for other in labels[1:]):
             raise ValueError(f"{row['case_id']} has different labels in the two contrasts' roots: they were generated "
@@ -94,7 +95,8 @@ def channel_table(scores: pd.DataFrame, rows: Mapping[str, Mapping[str, str]]) -
     dataset's channels (its own SL or local model, or one global model for all). Columns "<channel> (<contrast>)"."""
     out = {}
     for row, model_of in rows.items():
-        parts = [scores[(scores["model"] == model) & (scores["dataset"] == dataset)] for dataset, model in model_of.items()]
+        parts = [scores[(scores["model"] == model) & (scores["dataset"] == dataset)]
+                 for dataset, model in model_of.items()]
         means = pd.concat(parts).groupby(["contrast", "channel"])["dice"].mean()
         out[row] = {column(c, k): 100 * means.get((k, c), np.nan) for k in (CT, MRI) for c in CHANNELS[1:]}
     return pd.DataFrame.from_dict(out, orient="index").round(1)
@@ -115,7 +117,8 @@ def contrast_summary(channels: pd.DataFrame, mri_like: Sequence[str]) -> pd.Data
         for trained, chs in groups.items():
             name = CONTRAST_NAMES[trained]
             cells[f"{name} clients' channels on {name}"] = np.nanmean(dice(chs, trained))
-            cells[f"{name} clients' channels on {CONTRAST_NAMES[other[trained]]}"] = np.nanmean(dice(chs, other[trained]))
+            cells[f"{name} clients' channels on {CONTRAST_NAMES[other[trained]]}"] = np.nanmean(
+                dice(chs, other[trained]))
         cells["in contrast (all channels)"] = np.nanmean(dice(groups[CT], CT) + dice(groups[MRI], MRI))
         cells["cross contrast (all channels)"] = np.nanmean(dice(groups[CT], MRI) + dice(groups[MRI], CT))
         out[row] = cells
@@ -136,7 +139,8 @@ def contrast_figure(channels: pd.DataFrame, mri_like: Sequence[str]):
         for k, (row, values) in enumerate(channels.iterrows()):
             x = np.arange(len(CHANNELS) - 1) + (k - (len(channels) - 1) / 2) * width
             ax.bar(x, [values[column(c, contrast)] for c in CHANNELS[1:]], width, label=row)
-        ax.set_xticks(np.arange(len(CHANNELS) - 1), [c.replace("_", " ") for c in CHANNELS[1:]], rotation=30, ha="right")
+        ax.set_xticks(np.arange(len(CHANNELS) - 1), [c.replace("_", " ") for c in CHANNELS[1:]],
+                      rotation=30, ha="right")
         ax.set_title(f"tested on {CONTRAST_NAMES[contrast]} (shaded: channels of the MRI-like clients)")
         ax.set_ylim(0, 100)
         ax.grid(axis="y", alpha=0.3)

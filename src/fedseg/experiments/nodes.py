@@ -49,16 +49,20 @@ FL_ROWS = {CONVENTIONAL: "fedavg", SEGVIZ: "segviz"}
 
 #: Kanhere et al. 2024's table: Dice mean and std on BTCV per (set-up, model) and organ.
 PAPER_SEGVIZ: dict[tuple[str, str], dict[str, tuple[float, float]]] = {
-    ("single", SINGLE): {"liver": (0.88, 0.15), "spleen": (0.79, 0.17), "pancreas": (0.46, 0.20), "kidney": (0.64, 0.21)},
+    ("single", SINGLE): {"liver": (0.88, 0.15), "spleen": (0.79, 0.17), "pancreas": (0.46, 0.20),
+                         "kidney": (0.64, 0.21)},
     ("2-node", CENTRAL): {"liver": (0.00, 0.00), "spleen": (0.65, 0.14)},
     ("2-node", CONVENTIONAL): {"liver": (0.89, 0.06), "spleen": (0.84, 0.09)},
     ("2-node", SEGVIZ): {"liver": (0.90, 0.04), "spleen": (0.84, 0.12)},
     ("3-node", CENTRAL): {"liver": (0.00, 0.00), "spleen": (0.61, 0.18), "pancreas": (0.00, 0.00)},
     ("3-node", CONVENTIONAL): {"liver": (0.75, 0.29), "spleen": (0.71, 0.17), "pancreas": (0.45, 0.17)},
     ("3-node", SEGVIZ): {"liver": (0.91, 0.06), "spleen": (0.81, 0.17), "pancreas": (0.55, 0.19)},
-    ("4-node", CENTRAL): {"liver": (0.65, 0.14), "spleen": (0.00, 0.00), "pancreas": (0.55, 0.18), "kidney": (0.68, 0.21)},
-    ("4-node", CONVENTIONAL): {"liver": (0.91, 0.03), "spleen": (0.46, 0.15), "pancreas": (0.53, 0.18), "kidney": (0.68, 0.12)},
-    ("4-node", SEGVIZ): {"liver": (0.93, 0.02), "spleen": (0.78, 0.14), "pancreas": (0.40, 0.20), "kidney": (0.78, 0.12)},
+    ("4-node", CENTRAL): {"liver": (0.65, 0.14), "spleen": (0.00, 0.00), "pancreas": (0.55, 0.18),
+                          "kidney": (0.68, 0.21)},
+    ("4-node", CONVENTIONAL): {"liver": (0.91, 0.03), "spleen": (0.46, 0.15), "pancreas": (0.53, 0.18),
+                               "kidney": (0.68, 0.12)},
+    ("4-node", SEGVIZ): {"liver": (0.93, 0.02), "spleen": (0.78, 0.14), "pancreas": (0.40, 0.20),
+                         "kidney": (0.78, 0.12)},
 }
 NOTE = ("Dice on the BTCV test cases (original grid, sigmoid > 0.5, each organ with its tumour), mean ± std over "
         "the cases (ddof 1); each model scored on its node set's organs only. Paper: Kanhere et al. 2024, same layout.")
@@ -166,7 +170,8 @@ def segviz_table(scores: pd.DataFrame, paper: Mapping[tuple[str, str], Mapping[s
     return table
 
 
-def segviz_figure(scores: pd.DataFrame, paper: Mapping[tuple[str, str], Mapping[str, tuple[float, float]]] = PAPER_SEGVIZ):
+def segviz_figure(scores: pd.DataFrame,
+                  paper: Mapping[tuple[str, str], Mapping[str, tuple[float, float]]] = PAPER_SEGVIZ):
     """One panel per set-up: mean Dice per organ and model with std error bars; the paper's means as black ticks."""
     import matplotlib.pyplot as plt
 

@@ -73,7 +73,8 @@ def _greater(paper: str, claim: str, tested_on: str, groups: Mapping[str, np.nda
     cases = sum(len(v) for v in groups.values())
     verdict = HELD if np.isfinite(low) and low > 0 else NOT_HELD
     return {"paper": paper, "claim": claim, "tested on": tested_on,
-            "evidence": f"{what}: {estimate:+.1f} points [{low:+.1f}, {high:+.1f}] ({len(groups)} {unit}, {cases} paired scores)",
+            "evidence": f"{what}: {estimate:+.1f} points [{low:+.1f}, {high:+.1f}] "
+                        f"({len(groups)} {unit}, {cases} paired scores)",
             "estimate": estimate, "ci_low": low, "ci_high": high, "verdict": verdict,
             "rule": "held if the CI lies above 0"}
 
@@ -135,7 +136,8 @@ def shen_test_split_claims(sl_scores: pd.DataFrame | None, fl_scores: pd.DataFra
     values = ", ".join(f"{c.replace('_', ' ')} {v:.1f}" for c, v in means.items())
     rows.append({"paper": SHEN, "claim": "the FL global model fails (< 10 Dice) on liver, liver tumor and spleen, "
                  "and not elsewhere", "tested on": tested_on,
-                 "evidence": f"fails on: {', '.join(c.replace('_', ' ') for c in failed) or 'none'} (FL global: {values})",
+                 "evidence": f"fails on: {', '.join(c.replace('_', ' ') for c in failed) or 'none'} "
+                             f"(FL global: {values})",
                  "estimate": float(len(failed)), "ci_low": np.nan, "ci_high": np.nan,
                  "verdict": HELD if failed == expected and expected else NOT_HELD,
                  "rule": "held if the channels below 10 Dice are exactly these"})
@@ -175,7 +177,8 @@ def shen_btcv_claims(btcv: pd.DataFrame, tested_on: str, n_boot: int = 2000, see
 
 
 def segviz_claims(nodes: pd.DataFrame | None, n_boot: int = 2000, seed: int = 0) -> list[dict[str, Any]]:
-    """SegViz (Kanhere et al.): SegViz > conventional FL at each node set; conventional FL degrades as nodes are added."""
+    """SegViz (Kanhere et al.): SegViz > conventional FL at each node set; conventional FL degrades as nodes are
+    added."""
     first, second = "SegViz > conventional FL at each node set", "conventional FL degrades as nodes are added"
     if nodes is None or nodes.empty:
         why = "`python -m fedseg nodes` did not run in this folder"
@@ -206,7 +209,8 @@ def segviz_claims(nodes: pd.DataFrame | None, n_boot: int = 2000, seed: int = 0)
         evidence.append(f"{before} → {after}: {result[0]:+.1f} [{result[1]:+.1f}, {result[2]:+.1f}]")
     held = bool(steps) and all(np.isfinite(high) and high < 0 for _, _, high in steps)
     rows.append({"paper": SEGVIZ, "claim": second, "tested on": "BTCV, node sets " + ", ".join(sets),
-                 "evidence": "conventional FL, change of the per-case mean over the set's organs: " + "; ".join(evidence),
+                 "evidence": "conventional FL, change of the per-case mean over the set's organs: "
+                             + "; ".join(evidence),
                  "estimate": max((e for e, _, _ in steps), default=np.nan),
                  "ci_low": max((lo for _, lo, _ in steps), default=np.nan),
                  "ci_high": max((hi for _, _, hi in steps), default=np.nan),

@@ -61,10 +61,12 @@ def results_readme(run_dir: str | Path) -> Path:
         data = (f"synthetic CT (fedseg.data.phantom, case_scale {phantom.get('case_scale')}, seed {record.get('seed')})"
                 if source == "synthetic" else f"real data at `{record.get('data_root')}`")
         lines += [
-            f"- **profile** `{record.get('profile')}`, seed {record.get('seed')}, parameters {record.get('parameters') or '{}'}",
+            f"- **profile** `{record.get('profile')}`, seed {record.get('seed')}, "
+            f"parameters {record.get('parameters') or '{}'}",
             f"- **data**: {data}; voxels {cfg.get('preprocess', {}).get('spacing')} mm, "
             f"model {cfg.get('model', {}).get('name')} {cfg.get('model', {}).get('channels')}",
-            f"- **code**: commit `{str(git.get('commit', '?'))[:12]}`{' (uncommitted changes)' if git.get('dirty') else ''}, "
+            f"- **code**: commit `{str(git.get('commit', '?'))[:12]}`"
+            f"{' (uncommitted changes)' if git.get('dirty') else ''}, "
             f"torch {record.get('versions', {}).get('torch')}, monai {record.get('versions', {}).get('monai')}, "
             f"flwr {record.get('versions', {}).get('flwr')}",
             f"- **host**: {host.get('cpus')} CPUs ({host.get('cpu_model', '?')}), "
@@ -73,15 +75,18 @@ def results_readme(run_dir: str | Path) -> Path:
             "", "| notebook | status | wall time (s) | peak memory (MB) |", "|---|---|---|---|",
         ]
         for name, entry in record.get("notebooks", {}).items():
-            lines.append(f"| {name} | {entry.get('status')} | {entry.get('wall_s', '')} | {entry.get('peak_rss_mb', '')} |")
+            lines.append(f"| {name} | {entry.get('status')} | {entry.get('wall_s', '')} | "
+                         f"{entry.get('peak_rss_mb', '')} |")
         if record.get("wall_s") is not None:
-            lines.append(f"| **chain** | {record.get('status')} | {record.get('wall_s')} | {record.get('peak_rss_mb')} |")
+            lines.append(f"| **chain** | {record.get('status')} | {record.get('wall_s')} | "
+                         f"{record.get('peak_rss_mb')} |")
         lines.append("")
     for name, heading in README_TABLES.items():
         path = run_folder.table_file(run_dir, name, ".md")
         if path.exists():
             lines += [f"## {heading}", "", path.read_text().strip(), ""]
-    figures = [(name, heading) for name, heading in README_FIGURES.items() if run_folder.figure_file(run_dir, name).exists()]
+    figures = [(name, heading) for name, heading in README_FIGURES.items()
+               if run_folder.figure_file(run_dir, name).exists()]
     if figures:
         lines += ["## Figures", ""]
         lines += [f"### {heading}\n\n![{heading}](figures/{name}.png)\n" for name, heading in figures]

@@ -16,7 +16,8 @@ Every client annotates only some of the 8 channels (`fedseg.data.labels.owned_ma
   prediction is cleaned by connected-component analysis (largest component per channel), merged into the
   labels, and training continues on the completed targets.
 
-How an integrator calls them (not wired into `fedseg.train.training` / `fedseg.federated`)::
+How they are called; the federated methods `distill` and `pseudo` do this (`fedseg.federated.methods`:
+`distillation_term` as `training.train_model`'s `extra_loss`, `pseudo_labelled_volumes` as its `volumes`)::
 
     # distillation, inside a client's local round; `global_model` is a frozen copy of the received weights
     with torch.no_grad():

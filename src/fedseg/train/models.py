@@ -183,7 +183,8 @@ def output_layer(model: nn.Module) -> dict[str, int]:
     convolutions = [m for m in model.modules()
                     if isinstance(m, nn.modules.conv._ConvNd) and m.out_channels == NUM_CHANNELS]
     if not convolutions:
-        raise ValueError(f"{type(model).__name__} has no convolution with {NUM_CHANNELS} outputs to take as its output layer.")
+        raise ValueError(f"{type(model).__name__} has no convolution with {NUM_CHANNELS} outputs to take as its "
+                         "output layer.")
     layer = convolutions[-1]
     weight_axis = 1 if layer.transposed else 0
     tensors = {id(layer.weight): weight_axis, **({id(layer.bias): 0} if layer.bias is not None else {})}

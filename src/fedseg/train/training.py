@@ -239,7 +239,8 @@ def _memory_hint(cfg: dict[str, Any], error: BaseException) -> RuntimeError:
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error) or "out of memory" in str(error)
+    return (isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
+            or "out of memory" in str(error))
 
 
 class StaleCheckpointError(RuntimeError):
@@ -420,7 +421,8 @@ def train_model(cfg: dict[str, Any], model: torch.nn.Module, train_records: list
 
 
 def fit(cfg: dict[str, Any], name: str, train_records: list[dict[str, Any]], val_records: list[dict[str, Any]],
-        run_dir: str | Path, *, steps: int | None = None, loss: str | None = None, progress: bool = True) -> dict[str, Any]:
+        run_dir: str | Path, *, steps: int | None = None, loss: str | None = None,
+        progress: bool = True) -> dict[str, Any]:
     """Build the profile's network from the run's seed and train it into `run_dir/checkpoints/<name>/`.
 
     The SL baselines, central aggregation (and the FL clients through `train_model`) share this path;
@@ -446,7 +448,8 @@ def localiser_config(cfg: dict[str, Any]) -> dict[str, Any]:
     settings = {**LOCALISER, **(cfg.get("localiser") or {})}
     factor = float(settings["factor"])
     if factor < 1:
-        raise ValueError(f"localiser.factor={factor}: the localiser works on voxels at least as large as the profile's.")
+        raise ValueError(f"localiser.factor={factor}: the localiser works on voxels at least as large as the "
+                         "profile's.")
     spacing = [float(s) * factor for s in cfg["preprocess"]["spacing"]]
     return {**cfg, "preprocess": {**cfg["preprocess"], "spacing": spacing},
             "train": {**cfg["train"], "steps": int(settings["steps"])},

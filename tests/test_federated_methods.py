@@ -7,6 +7,7 @@ import torch
 from flwr.app import ArrayRecord
 from test_federated import client_context, client_message, reply
 
+from fedseg.config import load_profile
 from fedseg.data.labels import owned_mask
 from fedseg.federated import client_app, methods, task
 from fedseg.federated.simulation import federation_run_config
@@ -87,6 +88,38 @@ def test_network_config_gives_segviz_one_task_block_per_dataset():
     assert methods.network_config({**cfg, "federated": {"method": "fedprox"}}, ["liver"]) == cfg["model"]
     with pytest.raises(ValueError, match="federated.method"):
         task.federated_settings({"train": {"steps": 4}, "federated": {"method": "fedsgd"}})
+
+
+def test_segviz_is_shaped_like_the_profiles_network_dynunet_included():
+    paper = load_profile("paper")
+    config = methods.network_config({**paper, "federated": {"method": "segviz"}}, ["liver", "spleen"])
+    assert config == {"name": "SharedTaskUNet", "tasks": ["liver", "spleen"],
+                      "channels": [32, 64, 128, 256, 320], "strides": [2, 2, 2, 2]}  # DynUNet's filters and strides
+    model = {"name": "DynUNet", "filters": [8, 16], "strides": [2, 2]}
+    with pytest.raises(ValueError, match="strides starting with 1"):
+        methods.network_config({"model": model, "federated": {"method": "segviz"}}, ["liver"])
+    with pytest.raises(ValueError, match="set model.name to UNet or DynUNet"):
+        methods.network_config({"model": {"name": "SegResNet"}, "federated": {"method": "segviz"}}, ["liver"])
+
+
+@pytest.mark.parametrize("method", methods.METHODS)
+def test_every_method_builds_the_paper_profiles_network_and_takes_a_step(tiny, method):
+    """The paper profile's network, loss and AMP setting with each method: one local step on a tiny input."""
+    cfg, cases, run_dir = tiny
+    paper = load_profile("paper")
+    cfg["model"] = paper["model"]
+    cfg["train"].update(loss=paper["train"]["loss"], amp=paper["train"]["amp"], lr=paper["train"]["lr"])
+    cfg["preprocess"]["patch_size"] = [32, 32, 32]  # four downsamplings need 16 voxels; 32 keeps a 2^3 bottleneck
+    cfg["federated"].update(method=method, local_steps=1, rounds=1, pseudo_after=0, distill_weight=1.0, mu=0.01)
+    context = client_context(cfg, run_dir, cases, {"partition-id": 1})  # the spleen client
+    trained = task.study_config(context.run_config, context.node_config)["model"]
+    assert trained["name"] == ("SharedTaskUNet" if method == "segviz" else "DynUNet")
+    message, model = client_message({**cfg, "model": trained}, "train")
+    out = client_app.app(message, context)
+    assert not out.has_error(), out.error
+    assert np.isfinite(out.content["metrics"]["train-loss"])
+    sent = out.content["arrays"].to_torch_state_dict()
+    assert any(not torch.equal(sent[k], v) for k, v in model.state_dict().items() if v.is_floating_point())
 
 
 def test_a_segviz_client_trains_the_shared_block_and_its_own_task_block_only(tiny):

@@ -37,7 +37,7 @@ from fedseg.data.labels import CHANNELS, owned_mask
 from fedseg.data.transforms import FOREGROUND, IMAGE, LABEL, evaluation_dataset
 from fedseg.federated.sites import parse_client
 from fedseg.train.completion import distillation_loss, pseudo_label_volume
-from fedseg.train.models import parameter_group
+from fedseg.train.models import parameter_group, shared_task_shape
 
 METHODS: tuple[str, ...] = ("fedavg", "ownerfedavg", "fedprox", "segviz", "fedgin", "distill", "pseudo")
 #: GIN settings of `fedgin` when the profile's `preprocess.gin` gives none.
@@ -56,12 +56,12 @@ def check_method(method: str) -> str:
 
 def network_config(cfg: Mapping[str, Any], datasets: Sequence[str]) -> dict[str, Any]:
     """The `model` section a method trains: the profile's network, or for SegViz a SharedTaskUNet with one
-    task block per dataset, the profile's channels and strides (its blocks are MONAI's DynUNet blocks)."""
+    task block per dataset, shaped like the profile's network (`models.shared_task_shape`: its channels and
+    downsamplings; its blocks are MONAI's DynUNet blocks)."""
     model = dict(cfg["model"])
     if cfg["federated"].get("method", "fedavg") != "segviz":
         return model
-    shared = {key: model[key] for key in ("channels", "strides") if key in model}
-    return {"name": "SharedTaskUNet", "tasks": list(dict.fromkeys(datasets)), **shared}
+    return {"name": "SharedTaskUNet", "tasks": list(dict.fromkeys(datasets)), **shared_task_shape(model)}
 
 
 def evaluation_block(model: torch.nn.Module, client: str) -> str | None:

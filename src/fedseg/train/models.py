@@ -19,6 +19,7 @@ import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from monai.networks import nets
 from monai.networks.blocks.dynunet_block import (
@@ -211,6 +212,31 @@ NETWORKS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "SharedTaskUNet": (SharedTaskUNet, {"tasks": TRAIN_DATASETS, "channels": (16, 32, 64, 128),
                                         "strides": (2, 2, 2)}),
 }
+
+
+def shared_task_shape(model: Mapping[str, Any]) -> dict[str, Any]:
+    """SharedTaskUNet's `channels` and `strides` for the shape of a profile's `model` section, so that SegViz
+    trains a network of the size every other method trains.
+
+    UNet, AttentionUnet and SharedTaskUNet list one stride per downsampling, as SharedTaskUNet does. DynUNet
+    names its channels `filters` and lists a stride for its input level too, which must be 1: SharedTaskUNet's
+    first level keeps the input's resolution (the paper profile's `[1, 2, 2, 2, 2]` gives `[2, 2, 2, 2]`).
+    Other networks have no such shape to copy, and SegViz refuses them rather than build another size.
+    """
+    name = model.get("name")
+    if name not in NETWORKS:
+        raise ValueError(f"Unknown network {name!r}: use one of {', '.join(NETWORKS)}.")
+    resolved = network_kwargs(name, **{k: v for k, v in model.items() if k != "name"})
+    if name in ("UNet", "AttentionUnet", "SharedTaskUNet"):
+        return {"channels": list(resolved["channels"]), "strides": list(resolved["strides"])}
+    if name == "DynUNet":
+        first, *strides = resolved["strides"]
+        if set(np.atleast_1d(first).tolist()) != {1}:
+            raise ValueError(f"DynUNet strides {list(resolved['strides'])} downsample the input level; SegViz's "
+                             "SharedTaskUNet keeps it at full resolution: give the model strides starting with 1.")
+        return {"channels": list(resolved["filters"]), "strides": strides}
+    raise ValueError(f"SegViz builds a SharedTaskUNet shaped like the profile's network, and {name} has no "
+                     "channels and strides to copy: set model.name to UNet or DynUNet for a SegViz run.")
 
 
 def network_kwargs(name: str, **kwargs: Any) -> dict[str, Any]:

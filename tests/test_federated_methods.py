@@ -12,7 +12,7 @@ from fedseg.data.labels import owned_mask
 from fedseg.federated import client_app, methods, task
 from fedseg.federated.simulation import federation_run_config
 from fedseg.federated.strategies import StudyFedAvg, StudyOwnerFedAvg, StudySegViz
-from fedseg.train.models import SharedTaskUNet, build_network, split_state_dict
+from fedseg.train.models import SharedTaskUNet, build_network, split_state_dict, unique_state_dict
 
 
 def segviz_state(value, tasks=("liver", "spleen")):
@@ -119,6 +119,7 @@ def test_every_method_builds_the_paper_profiles_network_and_takes_a_step(tiny, m
     assert not out.has_error(), out.error
     assert np.isfinite(out.content["metrics"]["train-loss"])
     sent = out.content["arrays"].to_torch_state_dict()
+    assert list(sent) == list(unique_state_dict(model))  # each weight once, DynUNet's aliases left out
     assert any(not torch.equal(sent[k], v) for k, v in model.state_dict().items() if v.is_floating_point())
 
 

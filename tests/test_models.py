@@ -12,9 +12,11 @@ from fedseg.train.models import (
     SharedTaskUNet,
     build_network,
     count_parameters,
+    load_weights,
     network_kwargs,
     parameter_group,
     split_state_dict,
+    unique_state_dict,
 )
 
 TASKS = ("liver", "pancreas", "kits19", "spleen")
@@ -126,3 +128,23 @@ def test_two_node_meta_model_predicts_channels_no_task_owns_as_absent():
 def test_segviz_refuses_tasks_with_no_label_map():
     with pytest.raises(ValueError, match="dataset names"):
         SharedTaskUNet(("liver", "lungs"))
+
+
+def test_a_dynunet_state_travels_with_each_tensor_once_and_loads_back_whole():
+    torch.manual_seed(0)
+    model = build_network("DynUNet", filters=(4, 8, 16), strides=(1, 2, 2))
+    full, unique = model.state_dict(), unique_state_dict(model)
+    assert len(unique) < len(full) and any(k.startswith("skip_layers.") for k in full)  # DynUNet aliases its blocks
+    assert all(torch.equal(full[k], v) for k, v in unique.items())
+    nbytes = {name: sum(v.numel() * v.element_size() for v in state.values())
+              for name, state in (("full", full), ("unique", unique))}
+    assert nbytes["unique"] < 0.6 * nbytes["full"]
+    torch.manual_seed(1)
+    other = load_weights(build_network("DynUNet", filters=(4, 8, 16), strides=(1, 2, 2)), unique)
+    assert all(torch.equal(other.state_dict()[k], v) for k, v in full.items())  # aliases restored
+    x = torch.randn(1, 1, 16, 16, 16)
+    assert torch.equal(model.eval()(x), other.eval()(x))
+    with pytest.raises(RuntimeError, match="Missing key"):
+        load_weights(other, {k: v for k, v in unique.items() if not k.startswith("input_block.")})
+    unet = build_network("UNet", channels=(4, 8), strides=(2,))
+    assert list(unique_state_dict(unet)) == list(unet.state_dict())  # nothing to drop in a network without aliases

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from fedseg import run_folder
 from fedseg.data.transforms import IMAGE, LABEL, case_records, evaluation_dataset
 from fedseg.train.inference import predict_logits
-from fedseg.train.models import build_network
+from fedseg.train.models import build_network, load_weights
 from fedseg.train.training import select_device, validate
 
 
@@ -44,7 +44,7 @@ def load_best(cfg: dict[str, Any], checkpoint: str | Path, device: torch.device 
     device = device or select_device()
     saved = torch.load(checkpoint, map_location=device, weights_only=False)
     model = build_network(**trained_network(cfg, checkpoint, saved))
-    model.load_state_dict(saved["model"])
+    load_weights(model, saved["model"])
     return model.to(device).eval()
 
 

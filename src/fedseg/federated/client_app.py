@@ -19,7 +19,7 @@ from flwr.clientapp import ClientApp
 from fedseg.data.labels import TRAIN_DATASETS
 from fedseg.data.transforms import evaluation_dataset
 from fedseg.federated import methods, sites, task
-from fedseg.train.models import build_network
+from fedseg.train.models import build_network, load_weights
 from fedseg.train.training import (
     channel_means,
     save_checkpoint,
@@ -69,8 +69,7 @@ def identity(client: str) -> dict[str, int]:
 def _global_model(cfg: dict, msg: Message):
 
     model = build_network(**cfg["model"])
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    return model
+    return load_weights(model, msg.content["arrays"].to_torch_state_dict())
 
 
 def _keep_local_best(context: Context, cfg: dict, dataset: str, server_round: int, model, metric: float) -> bool:

@@ -29,6 +29,7 @@ from fedseg.data.transforms import case_records
 from fedseg.federated.methods import METHOD_DEFAULTS, check_method, network_config
 from fedseg.federated.sites import client_list, parse_client
 from fedseg.train.losses import check_loss
+from fedseg.train.models import unique_state_dict
 from fedseg.train.training import save_atomic, train_model, weight_settings
 
 FOREGROUND = CHANNELS[1:]
@@ -171,7 +172,7 @@ def train_locally(cfg: dict[str, Any], model: torch.nn.Module, client: str, serv
     start, resume = 0, False
     if fl["keep_optimizer"] and server_round > 1 and last.exists():
         saved = torch.load(last, map_location="cpu", weights_only=False)
-        saved["model"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        saved["model"] = state_dict_cpu(model)
         save_atomic(saved, last)
         start, resume = int(saved["state"]["step"]), True
     seed = round_seed(cfg["seed"], client, 0 if fl["keep_optimizer"] else server_round)
@@ -199,7 +200,8 @@ def channel_dice(means: Mapping[str, float], prefix: str = "dice-") -> dict[str,
 
 
 def state_dict_cpu(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    """The weights a message or checkpoint carries: each tensor once (`models.unique_state_dict`), on the CPU."""
+    return {k: v.cpu() for k, v in unique_state_dict(model).items()}
 
 
 #: Federated knobs that change neither the weights nor the chosen bests (resources, time-outs).

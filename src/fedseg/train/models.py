@@ -178,8 +178,9 @@ def output_layer(model: nn.Module) -> dict[str, int]:
 
     The output layer is the last convolution (in module order) with `NUM_CHANNELS` outputs: its weight row
     (Conv: axis 0; ConvTranspose: axis 1, its weight is (in, out, ...)) and bias entry c are all that channel
-    c alone owns. Every alias of the same tensor in the state_dict is listed. Dilution is measured on these
-    (`methods.output_moves`) and `ownerfedavg` averages them over each channel's owners only.
+    c alone owns, under the names `unique_state_dict` gives them (the form the federation's messages carry).
+    Dilution is measured on these (`methods.output_moves`) and `ownerfedavg` averages them over each channel's
+    owners only.
     """
     convolutions = [m for m in model.modules()
                     if isinstance(m, nn.modules.conv._ConvNd) and m.out_channels == NUM_CHANNELS]
@@ -189,7 +190,42 @@ def output_layer(model: nn.Module) -> dict[str, int]:
     layer = convolutions[-1]
     weight_axis = 1 if layer.transposed else 0
     tensors = {id(layer.weight): weight_axis, **({id(layer.bias): 0} if layer.bias is not None else {})}
-    return {key: tensors[id(value)] for key, value in model.state_dict(keep_vars=True).items() if id(value) in tensors}
+    unique = unique_state_dict(model)
+    return {key: tensors[id(value)] for key, value in model.state_dict(keep_vars=True).items()
+            if id(value) in tensors and key in unique}
+
+
+def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """`model.state_dict()` with each tensor once, under the first name it has (detached).
+
+    A module registered twice has its tensors twice in a state_dict: MONAI's DynUNet keeps its blocks both in
+    their own attributes and in `skip_layers`, so the paper profile's state_dict lists 148 entries of 127 MiB
+    for 75 tensors of 64 MiB. The federation's messages and the checkpoints hold this form, so each weight
+    travels and is stored once; `load_weights` restores the aliases.
+    """
+    seen: set[int] = set()
+    unique = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        if id(value) not in seen:
+            seen.add(id(value))
+            unique[key] = value.detach()
+    return unique
+
+
+def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Load a state_dict written by `unique_state_dict` (or a full one) into `model`, aliases restored.
+
+    A key `model` has under a second name is filled from its first name; the load stays strict, so a key
+    missing under every name, or one `model` does not have, still fails as `load_state_dict` says.
+    """
+    first: dict[int, str] = {}
+    restored = dict(state)
+    for key, value in model.state_dict(keep_vars=True).items():
+        original = first.setdefault(id(value), key)
+        if key not in restored and original in state:
+            restored[key] = state[original]
+    model.load_state_dict(restored)
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:

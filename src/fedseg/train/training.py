@@ -38,7 +38,7 @@ from fedseg.data.transforms import (
     sampling_indices,
 )
 from fedseg.train.losses import build_loss
-from fedseg.train.models import build_network
+from fedseg.train.models import build_network, load_weights, unique_state_dict
 
 #: A term added to the training loss: (model, logits, batch with the image on the device) -> scalar tensor.
 ExtraLoss = Callable[[torch.nn.Module, torch.Tensor, dict[str, Any]], torch.Tensor]
@@ -347,7 +347,7 @@ def train_model(cfg: dict[str, Any], model: torch.nn.Module, train_records: list
     if resume and last.exists():
         saved = torch.load(last, map_location=device, weights_only=False)
         check_resumable(last, saved.get("settings"), settings)
-        model.load_state_dict(saved["model"])
+        load_weights(model, saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scaler.load_state_dict(saved["scaler"])
         state = saved["state"]
@@ -400,13 +400,13 @@ def train_model(cfg: dict[str, Any], model: torch.nn.Module, train_records: list
                 window = []
                 if metric > state["best_metric"]:
                     state.update(best_metric=metric, best_step=step)
-                    save_checkpoint(model.state_dict(), out_dir / run_folder.BEST, step=step, val_mean_dice=metric,
-                                    settings=settings)
+                    save_checkpoint(unique_state_dict(model), out_dir / run_folder.BEST, step=step,
+                                    val_mean_dice=metric, settings=settings)
                 bar.set_postfix(loss=f"{entry['loss']:.3f}", dice=f"{metric:.3f}")
                 tick = time.perf_counter()
             if step % train["checkpoint_every"] == 0 or step == end:
                 state["train_s"] += time.perf_counter() - tick
-                save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                save_atomic({"model": unique_state_dict(model), "optimizer": optimizer.state_dict(),
                        "scaler": scaler.state_dict(), "state": state, "settings": settings}, last)
                 tick = time.perf_counter()
     except (torch.OutOfMemoryError, RuntimeError) as error:

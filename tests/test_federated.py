@@ -27,6 +27,7 @@ from fedseg.data.labels import TRAIN_DATASETS
 from fedseg.federated import client_app, sites, strategies, task
 from fedseg.federated.simulation import federation_run_config
 from fedseg.federated.strategies import FederationError, StudyFedAvg, fedavg_weights
+from fedseg.reporting import report
 from fedseg.train.models import build_network
 from fedseg.train.training import save_checkpoint
 
@@ -215,6 +216,37 @@ def test_global_best_is_the_channel_mean_and_is_saved_with_the_rounds_table(tmp_
     assert math.isclose(first_round.loc[("global", "all"), "mean_dice"], 0.7)
 
 
+def test_rounds_between_validations_send_no_evaluation_and_the_best_is_chosen_among_validated_rounds(tmp_path):
+    fl = {"val_every": 2, "rounds": 5}
+    assert [r for r in range(1, 6) if task.validated_round(fl, r)] == [2, 4, 5]  # every 2nd and the last
+    assert all(task.validated_round({"val_every": 1, "rounds": 5}, r) for r in range(1, 6))
+    with pytest.raises(ValueError, match="val_every"):
+        task.federated_settings({"train": {"steps": 4}, "federated": {"val_every": 0}})
+    strategy = StudyFedAvg(tmp_path, num_clients=2, settings={"federated": {"val_every": 2, "rounds": 3}})
+    model = build_network(name="UNet", channels=[8, 16], strides=[2], num_res_units=1)
+    first = task.state_dict_cpu(model)
+    for server_round in (1, 2, 3):
+        strategy.aggregate_train(server_round, [reply(1, "liver", first, 3, **{"train-loss": 0.6}),
+                                                reply(2, "spleen", first, 1, **{"train-loss": 0.2})])
+        if server_round == 1:  # no grid needed: nothing is sent, no reply awaited
+            assert strategy.configure_evaluate(1, ArrayRecord(first), ConfigRecord(), grid=None) == []
+            assert strategy.aggregate_evaluate(1, []) is None
+            assert torch.load(tmp_path / "fl" / "state.pt", weights_only=False)["round"] == 1  # resumable as ever
+            continue
+        strategy.global_arrays = ArrayRecord(first)  # what configure_evaluate sets on a validated round
+        dice = 0.5 if server_round == 2 else 0.4
+        strategy.aggregate_evaluate(server_round, [reply(1, "liver", kind="evaluate", **{"dice-liver": dice}),
+                                                   reply(2, "spleen", kind="evaluate", **{"dice-spleen": dice})])
+    table = pd.read_csv(tmp_path / "metrics" / "fl_rounds.csv")
+    assert sorted(table[table["kind"] == "evaluate"]["round"].unique()) == [2, 3]
+    glob = table[table["kind"] == "global"].set_index("round")
+    assert math.isnan(glob.loc[1, "mean_dice"]) and not glob.loc[1, "global_best"]
+    assert math.isclose(glob.loc[1, "loss"], 0.4)  # the round's training is still recorded
+    assert strategy.best_round == 2 and torch.load(strategy.global_best_path, weights_only=False)["step"] == 2
+    figure = report.fl_curves(table)
+    assert "validated after 2 of 3 rounds" in figure._suptitle.get_text()
+
+
 # --------------------------------------------------------------------------------------------------
 # The client: what it sends, its local best, its failures
 # --------------------------------------------------------------------------------------------------
@@ -300,6 +332,25 @@ def test_each_round_trains_on_new_batches_and_keep_optimizer_continues_the_steps
         client_app.app(message, client_context(cfg, run_dir, cases, node))
     assert list(pd.read_csv(history)["step"]) == [2, 4]  # round 2 resumed the optimizer at step 2
     assert "optimizer" in torch.load(run_dir / "fl" / "liver" / "last.pt", weights_only=False)
+
+
+def test_a_client_validates_on_validated_rounds_only_and_on_the_fixed_subset_of_its_cases(tiny):
+    cfg, cases, run_dir = tiny
+    cases = pd.concat([cases, cases[cases["split"] == "val"].assign(case_id=lambda f: f["case_id"] + "b")])
+    cfg["federated"].update(val_every=2, rounds=3)
+    cfg["train"]["val_cases"] = 1
+    node = {"dataset": "liver"}
+    context = client_context(cfg, run_dir, cases, node)
+    study = task.study_config(context.run_config, context.node_config)
+    _, val = task.client_records(study, cases, "liver")
+    assert [r["case_id"] for r in val] == ["liver_2"]  # the first of its two validation cases by id, every round
+    for server_round, validated in ((1, False), (2, True)):
+        message, _ = client_message(cfg, "train", server_round)
+        metrics = client_app.app(message, client_context(cfg, run_dir, cases, node)).content["metrics"]
+        assert math.isfinite(metrics["train-loss"])
+        assert math.isfinite(metrics["mean-dice"]) == validated
+        assert metrics["local-best-updated"] == int(validated)  # the local best is chosen on validated rounds
+    assert torch.load(task.local_best_path(run_dir, "liver"), weights_only=False)["step"] == 2
 
 
 def test_a_failing_client_names_its_dataset(tiny):
@@ -602,3 +653,17 @@ def test_a_federation_cut_after_a_round_resumes_to_the_weights_of_an_uninterrupt
         run_federation(other, run_dir, cases, clients=("liver", "spleen"), progress=False)
     again = run_federation(other, run_dir, cases, clients=("liver", "spleen"), progress=False, overwrite=True)
     assert again["resumed_after_round"] is None
+
+
+def test_virtual_clients_never_fall_back_to_the_cpu_silently():
+    from fedseg.federated.simulation import client_devices
+
+    fl = {"client_gpus": 0.0, "client_cpus": 1, "cpu_clients": False}
+    assert client_devices(fl, gpus=0) == "virtual clients on the CPU: 1 core(s) each"
+    with pytest.raises(ValueError, match="Ray would hide them.*cpu_clients: true"):
+        client_devices(fl, gpus=2)
+    assert client_devices({**fl, "cpu_clients": True}, gpus=2).endswith("(cpu_clients: true)")
+    gpu = {**fl, "client_gpus": 0.25, "client_cpus": 4}
+    assert "up to 8 training at once on 2 GPU(s)" in client_devices(gpu, gpus=2)
+    with pytest.raises(ValueError, match="no GPU on this machine.*client_gpus: 0"):
+        client_devices(gpu, gpus=0)

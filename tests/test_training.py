@@ -255,3 +255,45 @@ def test_a_checkpoint_is_never_resumed_under_other_settings(setup):
     torch.save(saved, out / "last.pt")
     with pytest.raises(StaleCheckpointError, match="records no training settings"):
         train_model(cfg, new_model(cfg), records[:2], records[2:], out, progress=False)
+
+
+def test_02s_models_spread_over_the_gpus_present_and_share_the_cpu_otherwise():
+    from fedseg.train.training import model_workers
+
+    laptop, paper = {"train": {"parallel_models": 2}}, {"train": {}}
+    assert model_workers(laptop, jobs=5, gpus=0) == (2, [None, None])  # the profile's CPU processes
+    assert model_workers(paper, jobs=5, gpus=0) == (1, [None])
+    assert model_workers(paper, jobs=5, gpus=1) == (1, ["cuda:0"])  # one GPU: one model at a time on it
+    assert model_workers(paper, jobs=5, gpus=4) == (4, ["cuda:0", "cuda:1", "cuda:2", "cuda:3"])
+    assert model_workers(paper, jobs=2, gpus=4) == (2, ["cuda:0", "cuda:1"])  # no idle process per spare GPU
+    assert model_workers(laptop, jobs=5, gpus=4) == (2, ["cuda:0", "cuda:1"])  # parallel_models still decides
+
+
+def test_cudnn_benchmarks_its_kernels_only_where_determinism_is_not_asked(setup):
+    from fedseg.train.training import configure_cudnn, seed_everything
+
+    before = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+    try:
+        seed_everything(0)  # MONAI's set_determinism: benchmarking off for the whole process
+        assert not torch.backends.cudnn.benchmark
+        assert configure_cudnn({"deterministic": False}) and torch.backends.cudnn.benchmark
+        assert not torch.backends.cudnn.deterministic
+        assert not configure_cudnn({}) and torch.backends.cudnn.deterministic  # the default: deterministic
+        root, cfg, records = setup
+        cfg["train"].update(steps=2, val_every=2, deterministic=False)
+        train_model(cfg, build_network(**cfg["model"]), records[:2], records[2:], root / "fast", steps=2,
+                    progress=False)
+        assert torch.backends.cudnn.benchmark  # train_model applies the profile's choice after seeding
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before
+
+
+def test_a_validation_subset_is_the_first_cases_of_each_dataset_by_id_and_the_same_every_time():
+    from fedseg.train.training import validation_subset
+
+    records = [{"dataset": d, "case_id": f"{d}_{i}"}
+               for d, n in (("spleen", 3), ("liver", 4)) for i in (2, 0, 1, 3)[:n]]
+    subset = validation_subset(records, 2)
+    assert [r["case_id"] for r in subset] == ["spleen_0", "spleen_1", "liver_0", "liver_1"]  # the list's order kept
+    assert validation_subset(list(reversed(records)), 2) == list(reversed(subset))
+    assert validation_subset(records, None) == records and validation_subset(records, 10) == records

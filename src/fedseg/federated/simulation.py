@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import pandas as pd
+import torch
 import yaml
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
@@ -103,6 +104,29 @@ def run_federation(profile: str | Path | Mapping[str, Any], run_dir: str | Path,
                                           shards=shards, progress=progress, overwrite=overwrite, **knobs), cases)
 
 
+def client_devices(fl: Mapping[str, Any], gpus: int) -> str:
+    """Where a simulation's virtual clients train, as a line for the log, given the `federated` settings and the
+    GPUs torch sees; refuses the two silent failures of Ray's resource requests.
+
+    `client_gpus: 0` on a GPU machine makes Ray hide the GPUs from the clients, which then train on the CPU
+    without a word: refused unless `cpu_clients: true` asks for it. `client_gpus > 0` where there is no GPU
+    leaves the clients waiting for one that never comes: refused, naming the setting.
+    """
+    share, cpus = float(fl["client_gpus"]), fl["client_cpus"]
+    if gpus and share <= 0 and not fl.get("cpu_clients"):
+        raise ValueError(f"This machine has {gpus} GPU(s) and federated.client_gpus is 0: Ray would hide them "
+                         "and the virtual clients would train on the CPU. Give each client a share of a GPU "
+                         "(client_gpus: 1.0, or 0.25 for four clients per GPU), or set federated.cpu_clients: true "
+                         "to train them on the CPU on purpose.")
+    if not gpus and share > 0:
+        raise ValueError(f"federated.client_gpus is {share:g} but torch sees no GPU on this machine: the virtual "
+                         "clients would wait for one. Set federated.client_gpus: 0 to train them on the CPU.")
+    if share > 0:
+        return (f"virtual clients on the GPUs: {share:g} GPU and {cpus} CPU(s) each, up to "
+                f"{int(gpus / share + 1e-9)} training at once on {gpus} GPU(s)")
+    return f"virtual clients on the CPU: {cpus} core(s) each" + (" (cpu_clients: true)" if gpus else "")
+
+
 def simulate(run_config: Mapping[str, Any], cases: pd.DataFrame | None = None) -> dict[str, Any]:
     """The federation `run_config` describes (`federation_run_config`), in Flower's simulation engine: one
     virtual SuperNode per client, the App's own handlers, and `cases` (default `<run-dir>/data/cases.csv`, else
@@ -119,6 +143,7 @@ def simulate(run_config: Mapping[str, Any], cases: pd.DataFrame | None = None) -
     summary_file = run_folder.fl_summary(run_dir)
     server, client = simulation_apps(dict(run_config))
     fl = cfg["federated"]
+    print(f"Federation of {len(names)} sites: {client_devices(fl, torch.cuda.device_count())}", flush=True)
     run_simulation(server_app=server, client_app=client, num_supernodes=len(names),
                    backend_config={"client_resources": {"num_cpus": fl["client_cpus"], "num_gpus": fl["client_gpus"]}})
     if not summary_file.exists():  # the ServerApp's errors are re-raised above; this catches any other way out

@@ -43,6 +43,7 @@ from fedseg.federated.methods import (
     selective_average,
 )
 from fedseg.federated.sites import client_name, parse_client
+from fedseg.federated.task import validated_round
 from fedseg.train.training import save_checkpoint
 
 FOREGROUND = CHANNELS[1:]
@@ -224,6 +225,9 @@ class StudyFedAvg(FedAvg):
                            grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset
         self.global_arrays = arrays  # the global model these evaluations score
+        if not self.validated(server_round):  # a round between validations: nothing sent, nothing scored
+            self.sent["evaluate"] = set()
+            return []
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
         self.sent["evaluate"] = {m.metadata.dst_node_id for m in messages}
         return messages
@@ -272,8 +276,16 @@ class StudyFedAvg(FedAvg):
         arrays, metrics = super().aggregate_train(server_round, replies)
         return _like_first_reply(arrays, replies), metrics
 
+    def validated(self, server_round: int) -> bool:
+        """Whether the global model is validated after `server_round` (`task.validated_round`'s rule, the one the
+        clients follow for their local models); without the federation's settings, every round."""
+        fl = (self.settings or {}).get("federated")
+        return validated_round(fl, server_round) if fl else True
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         server_round += self.round_offset
+        if not self.validated(server_round):
+            return self._unvalidated(server_round)
         replies = self._checked(server_round, "evaluate", replies)
         metrics = super().aggregate_evaluate(server_round, replies)
         channels = [metrics[f"dice-{c}"] for c in FOREGROUND if math.isfinite(metrics[f"dice-{c}"])]
@@ -341,6 +353,23 @@ class StudyFedAvg(FedAvg):
     def _who(self, node_id: int) -> str:
         return f"client {self.node_names[node_id]!r} (node {node_id})" if node_id in self.node_names \
             else f"node {node_id} (dataset unknown: it has not replied before)"
+
+    def _unvalidated(self, server_round: int) -> None:
+        """The end of a round that validates nothing (`validated`): its global row has no scores, and the
+        server's state is saved as after any round."""
+        train_rows = [r for r in self.rows if r["round"] == server_round and r["kind"] == "train"]
+        self.rows.append({"round": server_round, "kind": "global", "dataset": "all", "partition_id": -1,
+                          "num_examples": 0,  # validation cases scored
+                          "loss": float(np.mean([r["loss"] for r in train_rows])) if train_rows else math.nan,
+                          "mean_dice": math.nan, **{f"dice_{c}": math.nan for c in FOREGROUND},
+                          "global_best": False, "seconds": round(time.perf_counter() - self._started, 2)})
+        self._write_rows()
+        self.save_state(server_round)
+        if self.progress:
+            print(f"round {server_round}: trained, not validated (validated every "
+                  f"{self.settings['federated']['val_every']} rounds and the last), "
+                  f"{time.perf_counter() - self._started:.1f} s", flush=True)
+        return None
 
     def _row(self, server_round: int, kind: str, message: Message, loss: float = math.nan) -> dict[str, Any]:
         m = _metrics(message)

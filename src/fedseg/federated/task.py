@@ -30,14 +30,16 @@ from fedseg.federated.methods import METHOD_DEFAULTS, check_method, network_conf
 from fedseg.federated.sites import client_list, parse_client
 from fedseg.train.losses import check_loss
 from fedseg.train.models import unique_state_dict
-from fedseg.train.training import save_atomic, train_model, weight_settings
+from fedseg.train.training import save_atomic, train_model, validation_subset, weight_settings
 
 FOREGROUND = CHANNELS[1:]
 #: FL knobs of a profile's `federated:` section and their values when the profile has none.
 #: `local_steps` None: `train.steps // rounds`, i.e. the SL model's budget spread over the rounds.
 FL_DEFAULTS: dict[str, Any] = {"rounds": 2, "local_steps": None, "fraction_train": 1.0, "min_clients": 4,
-                               "client_cpus": 1, "client_gpus": 0.0, "keep_optimizer": False, "client_workers": 0,
+                               "client_cpus": 1, "client_gpus": 0.0, "cpu_clients": False, "keep_optimizer": False,
+                               "client_workers": 0,
                                "round_timeout": 86400, "wait_timeout": 1800, "compare_loss": None,
+                               "val_every": 1,
                                **METHOD_DEFAULTS}
 #: run_config keys (kebab-case) that override a setting of the profile: (section, name). Their "unset" value
 #: (0, 0.0, "") keeps the profile's.
@@ -47,6 +49,7 @@ RUN_CONFIG_KNOBS: dict[str, tuple[str, str]] = {
     "keep-optimizer": ("federated", "keep_optimizer"), "method": ("federated", "method"), "mu": ("federated", "mu"),
     "distill-weight": ("federated", "distill_weight"), "pseudo-after": ("federated", "pseudo_after"),
     "wait-timeout": ("federated", "wait_timeout"), "loss": ("train", "loss"),
+    "val-every": ("federated", "val_every"), "val-cases": ("train", "val_cases"),
 }
 
 
@@ -63,6 +66,9 @@ def federated_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
     if fl["pseudo_after"] is None:
         fl["pseudo_after"] = fl["rounds"] // 2
     fl["pseudo_after"] = int(fl["pseudo_after"])
+    fl["val_every"] = int(fl["val_every"])
+    if fl["val_every"] < 1:
+        raise ValueError(f"federated.val_every={fl['val_every']}: validate every k >= 1 rounds (1: every round).")
     if fl["rounds"] < 1 or fl["local_steps"] < 1 or not 0.0 < float(fl["fraction_train"]) <= 1.0:
         raise ValueError(f"federated settings {fl}: rounds and local_steps must be >= 1, fraction_train in (0, 1].")
     return fl
@@ -126,7 +132,8 @@ def client_records(cfg: Mapping[str, Any], cases: pd.DataFrame, client: str) -> 
     """(train, val) MONAI records of one client: a client sees only its own cases.
 
     A shard `<dataset>-<k>of<n>` trains on every n-th training case of its dataset (sorted by case id,
-    starting at the k-th) and validates on the dataset's whole validation split.
+    starting at the k-th) and validates on the dataset's whole validation split, or on its first
+    `train.val_cases` cases by case id when the profile sets that (`training.validation_subset`).
     """
     dataset, shard, shards = parse_client(client)
     own = cases[cases["dataset"] == dataset].sort_values("case_id")
@@ -135,7 +142,7 @@ def client_records(cfg: Mapping[str, Any], cases: pd.DataFrame, client: str) -> 
         raise ValueError(f"Client {client!r}: {dataset} has {len(train_cases)} training cases, too few for "
                          f"{shards} shards; use at most {len(train_cases)} shards for it (run_config shards).")
     train = case_records(cfg["data_root"], train_cases.iloc[shard::shards])
-    val = case_records(cfg["data_root"], own[own["split"] == "val"])
+    val = validation_subset(case_records(cfg["data_root"], own[own["split"] == "val"]), cfg["train"].get("val_cases"))
     if not train or not val:
         raise ValueError(f"Client {client!r} has {len(train)} train and {len(val)} val cases in the cases table: "
                          "each client needs both (check data/cases.csv from 01_data_prep).")
@@ -176,22 +183,35 @@ def train_locally(cfg: dict[str, Any], model: torch.nn.Module, client: str, serv
         save_atomic(saved, last)
         start, resume = int(saved["state"]["step"]), True
     seed = round_seed(cfg["seed"], client, 0 if fl["keep_optimizer"] else server_round)
+    validated = validated_round(fl, server_round)
     summary = train_model(cfg, model, train_records, val_records, out_dir, steps=start + fl["local_steps"],
                           seed=seed, resume=resume, progress=False, desc=f"fl-{client}", task=task,
                           extra_loss=extra_loss, volumes=volumes,
                           schedule_start=(server_round - 1) * fl["local_steps"],
                           schedule_steps=fl["rounds"] * fl["local_steps"],
-                          # validated once a round, after its last local step (the FL local best is
+                          # validated once a validated round, after its last local step (the FL local best is
                           # chosen among these); a validation inside the round would only cost time
-                          val_every=fl["local_steps"])
+                          val_every=fl["local_steps"] if validated else 2**31 - 1, validate_at_end=validated)
+    if summary["steps"] != start + fl["local_steps"]:
+        raise RuntimeError(f"Local training of {client} stopped at step {summary['steps']}, "
+                           f"not {start + fl['local_steps']}.")
+    if not validated:  # a round between validations: no scores, the loss of its steps
+        final = pd.Series({"step": summary["steps"], "val_mean_dice": math.nan,
+                           **{f"dice_{c}": math.nan for c in FOREGROUND}})
+        return {**summary, "train_loss": summary["mean_loss"], "final": final}
     history = summary["history"]
     this_round = history[history["step"] > start]
     spans = np.diff(np.concatenate([[start], this_round["step"].to_numpy()]))
-    final = history.iloc[-1]
-    if int(final["step"]) != start + fl["local_steps"]:
-        raise RuntimeError(f"Local training of {client} stopped at step {final['step']}, "
-                           f"not {start + fl['local_steps']}.")
-    return {**summary, "train_loss": float(np.average(this_round["loss"], weights=spans)), "final": final}
+    return {**summary, "train_loss": float(np.average(this_round["loss"], weights=spans)), "final": history.iloc[-1]}
+
+
+def validated_round(fl: Mapping[str, Any], server_round: int) -> bool:
+    """Whether round `server_round` validates the models: every `federated.val_every`-th round and the last.
+
+    On a validated round each client scores its local model after training (its FL local best is chosen among
+    these) and the global model on its validation cases (the FL global best); the other rounds only train.
+    """
+    return server_round % int(fl["val_every"]) == 0 or server_round == int(fl["rounds"])
 
 
 def channel_dice(means: Mapping[str, float], prefix: str = "dice-") -> dict[str, float]:
@@ -205,7 +225,8 @@ def state_dict_cpu(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 #: Federated knobs that change neither the weights nor the chosen bests (resources, time-outs).
-NEUTRAL_FL_KEYS = ("client_cpus", "client_gpus", "client_workers", "round_timeout", "wait_timeout", "compare_loss")
+NEUTRAL_FL_KEYS = ("client_cpus", "client_gpus", "cpu_clients", "client_workers", "round_timeout", "wait_timeout",
+                   "compare_loss")
 
 
 def federation_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:

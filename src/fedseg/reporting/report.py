@@ -231,16 +231,24 @@ def cross_task_matrix(summary: pd.DataFrame) -> pd.DataFrame:
 
 def fl_curves(rounds: pd.DataFrame) -> plt.Figure:
     """Per round: the global model's validation Dice on each client (federated evaluation) and each
-    client's locally trained model on its own validation split; mean over the client's owned channels."""
+    client's locally trained model on its own validation split; mean over the client's owned channels.
+    A federation validated every k-th round (`federated.val_every`) has points on those rounds only, and the
+    figure says which."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    overall = rounds[rounds["kind"] == "global"]
+    validated = overall.dropna(subset=["mean_dice"])["round"].tolist()
+    if len(validated) < len(overall):
+        fig.suptitle(f"validated after {len(validated)} of {len(overall)} rounds (every k-th and the last: "
+                     f"{', '.join(str(r) for r in validated[:8])}{' ...' if len(validated) > 8 else ''}); "
+                     "the bests are chosen among these", fontsize=9)
     for kind, ax, title in (("evaluate", left, "global model (server), per client"),
                             ("train", right, "local model after local training (client)")):
-        part = rounds[rounds["kind"] == kind]
+        part = rounds[rounds["kind"] == kind].dropna(subset=["mean_dice"])
         for dataset, rows in part.groupby("dataset", sort=False):
             ax.plot(rows["round"], rows["mean_dice"], marker="o", ms=3, label=PAPER_NAMES.get(dataset, dataset))
         ax.set(xlabel="round", title=title, ylim=(0, 1))
         ax.grid(alpha=0.3)
-    overall = rounds[rounds["kind"] == "global"]
+    overall = overall.dropna(subset=["mean_dice"])
     if len(overall):
         left.plot(overall["round"], overall["mean_dice"], color="k", lw=2, label="mean of 7 channels")
     left.set_ylabel("validation Dice (owned channels)")

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import time
@@ -54,6 +55,20 @@ def select_device(preferred: str | None = None) -> torch.device:
 def seed_everything(seed: int) -> None:
     """Seeds Python, numpy and torch (MONAI's helper) so a run can be repeated."""
     set_determinism(seed=seed)
+
+
+def configure_cudnn(train: Mapping[str, Any]) -> bool:
+    """cuDNN's kernel choice for the profile's `train.deterministic` (default true); returns whether cuDNN
+    benchmarks its convolution kernels.
+
+    MONAI's `set_determinism` (called by `seed_everything`) turns benchmarking off for the whole process.
+    `deterministic: false` (the paper profile) turns it back on: cuDNN times its kernels for each shape once and
+    keeps the fastest, and a GPU run's numbers then vary in their last bits from run to run. No effect on a CPU.
+    """
+    fast = not bool(train.get("deterministic", True))
+    torch.backends.cudnn.benchmark = fast
+    torch.backends.cudnn.deterministic = not fast
+    return fast
 
 
 class PatchBatches(torch.utils.data.Dataset):
@@ -124,6 +139,21 @@ def learning_rate(train: dict[str, Any], step: int, horizon: int) -> float:
     span = max(1, horizon - warmup)
     progress = min(max(step - 1 - warmup, 0), span) / span
     return base * 0.5 * (1.0 + np.cos(np.pi * progress))
+
+
+def validation_subset(records: Sequence[Mapping[str, Any]], cases: int | None) -> list[Mapping[str, Any]]:
+    """The validation cases a model is scored on: all of them, or with the profile's `train.val_cases` = n the
+    first n of each dataset by case id. The subset is the same at every validation, so the best checkpoint is
+    still chosen on validation data, at the cost of n whole-volume inferences per dataset instead of the split.
+    """
+    if not cases:
+        return list(records)
+    chosen: dict[str, list[str]] = {}
+    for record in sorted(records, key=lambda r: (r["dataset"], r["case_id"])):
+        ids = chosen.setdefault(record["dataset"], [])
+        if len(ids) < int(cases):
+            ids.append(record["case_id"])
+    return [r for r in records if r["case_id"] in chosen[r["dataset"]]]
 
 
 def validation_interval(train: dict[str, Any], steps: int) -> int:
@@ -247,7 +277,8 @@ class StaleCheckpointError(RuntimeError):
     """A checkpoint was made under other settings than those a run now asks for: resuming it would mix two trainings."""
 
 #: Settings that change neither the weights a training produces nor which checkpoint is kept as the best.
-NEUTRAL_TRAIN_KEYS = ("checkpoint_every", "parallel_models", "sw_batch_size", "steps", "central_steps")
+NEUTRAL_TRAIN_KEYS = ("checkpoint_every", "parallel_models", "sw_batch_size", "steps", "central_steps",
+                      "deterministic")
 NEUTRAL_PREPROCESS_KEYS = ("num_workers", "in_memory")
 
 
@@ -309,7 +340,8 @@ def train_model(cfg: dict[str, Any], model: torch.nn.Module, train_records: list
                 stop_after: int | None = None, progress: bool = True, desc: str = "train",
                 device: torch.device | None = None, extra_loss: ExtraLoss | None = None,
                 volumes: Sequence[dict[str, Any]] | None = None, schedule_start: int | None = None,
-                schedule_steps: int | None = None, val_every: int | None = None) -> dict[str, Any]:
+                schedule_steps: int | None = None, val_every: int | None = None,
+                validate_at_end: bool = True) -> dict[str, Any]:
     """Train `model` for `steps` local steps with validation, best-checkpoint tracking and resume.
 
     `extra_loss(model, logits, batch)` is added to the supervised loss every step (the federated methods'
@@ -318,7 +350,8 @@ def train_model(cfg: dict[str, Any], model: torch.nn.Module, train_records: list
     The learning rate follows `learning_rate` over `schedule_steps` updates (default `steps`); the first
     update of this call is update `schedule_start + 1` of that schedule (default: the resumed step + 1),
     which is how an FL client anneals once over the whole federation instead of once per round.
-    Validation runs every `val_every` steps (default: the profile's, `validation_interval`) and after the last.
+    Validation runs every `val_every` steps (default: the profile's, `validation_interval`) and after the last
+    unless `validate_at_end` is false (an FL round that is not validated).
 
     Writes `out_dir/last.pt` (everything needed to resume) every `train.checkpoint_every` steps and at the
     end, `out_dir/best.pt` (weights of the best validation mean Dice over owned channels) and
@@ -328,11 +361,12 @@ def train_model(cfg: dict[str, Any], model: torch.nn.Module, train_records: list
     otherwise `StaleCheckpointError` names the settings that differ and the fix. `stop_after` ends the call
     after that many steps of this call (as an interruption would), for tests and time-boxed runs.
     Returns a summary: steps done, best step and metric, seconds, the history table and the learning rate
-    of each step of this call.
+    of each step of this call and their mean loss.
     """
     train = cfg["train"]
     steps = int(steps if steps is not None else train["steps"])
     seed = int(cfg["seed"] if seed is None else seed)
+    val_records = validation_subset(val_records, train.get("val_cases"))
     device = device or select_device()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -353,6 +387,7 @@ def train_model(cfg: dict[str, Any], model: torch.nn.Module, train_records: list
         state = saved["state"]
     else:
         seed_everything(seed)
+    configure_cudnn(train)
     batches = PatchBatches(cfg, train_records, seed, train["cases_per_step"], volumes)
     val_volumes = evaluation_dataset(cfg, val_records)
     start, end = state["step"], steps if stop_after is None else min(steps, state["step"] + stop_after)
@@ -366,6 +401,7 @@ def train_model(cfg: dict[str, Any], model: torch.nn.Module, train_records: list
     began = tick = time.perf_counter()
     window: list[float] = []
     rates: list[float] = []  # the learning rate of each step of this call
+    losses: list[float] = []  # and its loss
     bar = tqdm(loader, total=end - start, initial=0, desc=desc, disable=not progress, leave=False)
     try:
         for batch in bar:
@@ -386,7 +422,8 @@ def train_model(cfg: dict[str, Any], model: torch.nn.Module, train_records: list
             scaler.update()
             state["step"] = step
             window.append(float(value.detach()))
-            if step % val_every == 0 or step == steps:
+            losses.append(window[-1])
+            if step % val_every == 0 or (validate_at_end and step == steps):
                 state["train_s"] += time.perf_counter() - tick
                 tick = time.perf_counter()
                 scores = validate(model, val_volumes, val_records, cfg, device, task)
@@ -417,7 +454,7 @@ def train_model(cfg: dict[str, Any], model: torch.nn.Module, train_records: list
     history.to_csv(out_dir / "history.csv", index=False)
     return {"steps": state["step"], "finished": state["step"] >= steps, "best_step": state["best_step"],
             "best_val_mean_dice": state["best_metric"], "seconds": round(time.perf_counter() - began, 2),
-            "history": history, "learning_rates": rates}
+            "history": history, "learning_rates": rates, "mean_loss": float(np.mean(losses)) if losses else math.nan}
 
 
 def fit(cfg: dict[str, Any], name: str, train_records: list[dict[str, Any]], val_records: list[dict[str, Any]],
@@ -469,9 +506,26 @@ def fit_localiser(cfg: dict[str, Any], train_records: list[dict[str, Any]], val_
     return result
 
 
-def _worker_threads(threads: int) -> None:
-    """Initializer of a `fit_models` worker process: its share of the cores, no oversubscription."""
+def _worker_init(threads: int, devices: Any) -> None:
+    """Initializer of a `fit_models` worker process: its share of the cores, no oversubscription, and on a GPU
+    machine the GPU it keeps for its life (taken from the `devices` queue, one per worker)."""
     torch.set_num_threads(threads)
+    device = devices.get()
+    if device is not None:
+        torch.cuda.set_device(device)  # select_device()'s "cuda" is then this GPU
+
+
+def model_workers(cfg: Mapping[str, Any], jobs: int, workers: int | None = None,
+                  gpus: int | None = None) -> tuple[int, list[str | None]]:
+    """How `fit_models` spreads `jobs` models: the number of worker processes and each one's GPU (None: CPU).
+
+    `workers` (default: the profile's `train.parallel_models`; on a machine with several GPUs, one per GPU)
+    is capped at the number of jobs; worker i trains on GPU i mod `gpus` (default: the GPUs torch sees).
+    """
+    gpus = torch.cuda.device_count() if gpus is None else int(gpus)
+    default = gpus if gpus > 1 else 1
+    workers = min(max(1, int(workers or cfg["train"].get("parallel_models") or default)), max(1, jobs))
+    return workers, [f"cuda:{i % gpus}" if gpus else None for i in range(workers)]
 
 
 def fit_models(cfg: dict[str, Any], jobs: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]], int]],
@@ -479,21 +533,30 @@ def fit_models(cfg: dict[str, Any], jobs: dict[str, tuple[list[dict[str, Any]], 
                progress: bool = True) -> dict[str, dict[str, Any]]:
     """`fit` every job (name -> (train records, val records, steps)); returns name -> `fit`'s summary.
 
-    With `workers` > 1 (default: the profile's `train.parallel_models`, else 1) the models train in that
-    many processes at once, each with cores / workers torch threads and in-process data loading, longest
-    job first. Small 3D networks on a few CPU cores gain less from a second intra-op thread than from a
-    second model: on 2 cores one thread per model trains ~1.5x more steps per second in all than two
-    threads per model (see the README's measurements). Each model's training is the same as alone.
+    With more than one worker (`model_workers`: the profile's `train.parallel_models`, else one per GPU when
+    there are several) the models train in that many processes at once, longest job first. On CPUs each
+    worker has cores / workers torch threads and loads in-process: small 3D networks on a few CPU cores gain
+    less from a second intra-op thread than from a second model (on 2 cores one thread per model trains ~1.5x
+    more steps per second in all than two threads per model; see the README's measurements). On GPUs each
+    worker keeps one GPU and its data-loading workers. Each model's training is the same as alone.
     """
-    workers = int(workers or cfg["train"].get("parallel_models") or 1)
-    if workers <= 1 or len(jobs) <= 1:
+    workers, devices = model_workers(cfg, len(jobs), workers)
+    if workers <= 1:
         return {name: fit(cfg, name, train, val, run_dir, steps=steps, loss=loss, progress=progress)
                 for name, (train, val, steps) in jobs.items()}
     threads = max(1, (os.cpu_count() or 1) // workers)
-    in_process = {**cfg, "preprocess": {**cfg["preprocess"], "num_workers": 0}}
+    on_gpus = devices[0] is not None
+    in_process = cfg if on_gpus else {**cfg, "preprocess": {**cfg["preprocess"], "num_workers": 0}}
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    for device in devices:
+        queue.put(device)
+    if progress:
+        where = f"GPUs {', '.join(sorted(set(devices)))}" if on_gpus else f"the CPU, {threads} thread(s) each"
+        print(f"{len(jobs)} models, {workers} at a time on {where}", flush=True)
     results: dict[str, dict[str, Any]] = {}
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_worker_threads, initargs=(threads,)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
+                             initargs=(threads, queue)) as pool:
         futures = {pool.submit(fit, in_process, name, train, val, run_dir, steps=steps, loss=loss, progress=False): name
                    for name, (train, val, steps) in sorted(jobs.items(), key=lambda job: -job[1][2])}
         bar = tqdm(as_completed(futures), total=len(futures), desc=f"{len(jobs)} models, {workers} at a time",

@@ -247,6 +247,17 @@ def test_a_pseudo_client_trains_on_targets_completed_by_the_global_model(tiny):
         owned = np.asarray(volume["owned"]).astype(bool)
         assert owned[3] and owned[1] and owned[2]  # spleen completed; the liver client's own channels kept
         assert volume["label"][3].any() and not (volume["label"][3].bool() & volume["label"][1].bool()).any()
+    folder = run_dir / "pseudo"  # as a client keeps them: on disk, a byte per voxel, read back one at a time
+    on_disk = methods.pseudo_labelled_volumes(task.study_config(run_config), Teacher(), records, torch.device("cpu"),
+                                              folder=folder)
+    assert isinstance(on_disk, methods.CompletedVolumes) and len(on_disk) == len(volumes)
+    for kept, read in zip(volumes, on_disk):
+        assert torch.equal(kept["label"], read["label"]) and torch.equal(kept["foreground"], read["foreground"])
+        assert np.array_equal(kept["owned"], read["owned"]) and torch.equal(kept["image"], read["image"])
+    written = sorted(folder.glob("*.pt"))
+    assert len(written) == len(records)
+    label = torch.load(written[0], weights_only=False)["label"]
+    assert label.dtype == torch.uint8 and label.shape == volumes[0]["label"].shape[1:]  # 1 byte, not 8, per voxel
     context = client_context(cfg, run_dir, cases, {"partition-id": 0})
     message, _ = client_message(cfg, "train", server_round=1)
     out = client_app.app(message, context)

@@ -19,6 +19,7 @@ from fedseg.train.inference import (
     inference_transform,
     organ_masks,
     postprocess,
+    predict_ensemble,
     predict_logits,
     to_original_grid,
     write_prediction,
@@ -148,6 +149,19 @@ def test_ensemble_takes_each_channel_from_the_client_that_owns_it():
         ensemble_logits({"global": fake["liver"]})
     with pytest.raises(ValueError, match="shape"):
         ensemble_logits({"liver": fake["liver"], "spleen": fake["spleen"][:, :1]})
+
+
+def test_the_streamed_ensemble_is_the_ensemble_of_the_models_logits_bit_for_bit():
+    cfg = config(patch=16)
+    image = torch.rand(1, 24, 20, 18)
+    models = {}
+    for seed, name in enumerate(("liver", "pancreas", "spleen")):  # kits19 absent: its channels stay absent
+        torch.manual_seed(seed)
+        models[name] = build_network("UNet", channels=(4, 8), strides=(2,), num_res_units=1)
+    streamed = predict_ensemble(models, image, cfg, CPU)
+    assert torch.equal(streamed, ensemble_logits(predict_logits(models, image, cfg, CPU)))
+    with pytest.raises(ValueError, match="client dataset names"):
+        predict_ensemble({"global": models["liver"]}, image, cfg, CPU)
 
 
 def test_postprocess_keeps_both_kidneys_and_the_largest_component_of_every_other_channel():

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from fedseg.data.labels import CHANNEL_INDEX, CHANNELS, owned_mask, to_multihot
+from fedseg.data.labels import CHANNEL_INDEX, CHANNELS, owned_mask, pack_channels, to_multihot, unpack_channels
 from fedseg.data.transforms import IMAGE, LABEL, augment, case_records, preprocess
 
 
@@ -248,3 +248,18 @@ def test_a_file_replaced_under_the_same_name_is_preprocessed_again_and_the_cache
     (folder / CACHE_SETTINGS).write_text(json.dumps({**settings, "hu_window": [-100, 100]}))
     with pytest.raises(StaleCacheError, match="hu_window"):
         cache_dir(cfg)
+
+
+def test_a_multi_hot_label_packs_into_one_byte_per_voxel_and_back_exactly():
+    label = np.zeros((5, 4, 3), dtype=np.uint8)
+    label[1:4, 1:3, :] = 1  # liver
+    label[2, 1, 1] = 2  # liver tumour, inside the liver
+    multihot = to_multihot(label, "liver")
+    packed = pack_channels(multihot)
+    assert packed.dtype == np.uint8 and packed.shape == label.shape
+    assert packed[2, 1, 1] == (1 << CHANNEL_INDEX["liver"]) | (1 << CHANNEL_INDEX["liver_tumor"])  # both channels
+    assert np.array_equal(unpack_channels(packed), multihot)
+    every = (np.random.default_rng(0).random((len(CHANNELS), 6, 5, 4)) > 0.5).astype(np.uint8)
+    assert np.array_equal(unpack_channels(pack_channels(every)), every)  # all 256 combinations fit a byte
+    with pytest.raises(ValueError, match="multi-hot"):
+        pack_channels(every[:3])

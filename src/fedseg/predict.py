@@ -221,7 +221,7 @@ def predict(run_dir: str | Path, images: str | Path, model: str = DEFAULT_MODEL,
     rows = []
     for case, image_path in tqdm(list(cases.items()), desc=f"{name} on {Path(images).name}", disable=not progress):
         image = transform({"image": str(image_path)})["image"]
-        logits = {group: inference.predict_logits(models, image, cfg, device)}
+        logits = external.group_logits(group, models, image, cfg, device)
         label_map = inference.fuse(external.method_mask(method, logits, image, cfg))
         written = inference.write_prediction(label_map, image_path, out / f"{case}.nii.gz")
         volumes = label_volumes(written)

@@ -142,6 +142,11 @@ def client_dir(run_dir: str | Path, client: str) -> Path:
     return fl_file(run_dir, client)
 
 
+def pseudo_dir(run_dir: str | Path, client: str) -> Path:
+    """`fl/<client>/pseudo/`: the `pseudo` method's completed training targets of the current round."""
+    return client_dir(run_dir, client) / "pseudo"
+
+
 def require(path: str | Path, notebook: str, run_dir: str | Path | None = None) -> Path:
     """`path`, or FileNotFoundError naming the notebook that makes it and how to run it into this run folder."""
     path = Path(path)

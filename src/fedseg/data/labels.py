@@ -98,3 +98,23 @@ def to_multihot(label: np.ndarray, dataset: str) -> np.ndarray:
             target[CHANNEL_INDEX[name]] |= hit
     return target
 
+
+
+#: Bit c of a packed label voxel is channel c (`pack_channels`): the 8 channels fit one byte.
+_BITS = np.left_shift(1, np.arange(NUM_CHANNELS)).astype(np.uint8)
+
+
+def pack_channels(multihot: np.ndarray) -> np.ndarray:
+    """A (8, X, Y, Z) multi-hot label as one (X, Y, Z) uint8 map, bit c = channel c: a byte per voxel where the
+    multi-hot form takes eight (channels overlap: a tumour voxel is also its organ's, so one class map cannot
+    hold them). `unpack_channels` gives the label back exactly."""
+    multihot = np.asarray(multihot)
+    if multihot.shape[0] != NUM_CHANNELS:
+        raise ValueError(f"pack_channels takes ({NUM_CHANNELS}, X, Y, Z) multi-hot labels, not {multihot.shape}.")
+    return np.tensordot(_BITS, (multihot > 0).astype(np.uint8), axes=1).astype(np.uint8)
+
+
+def unpack_channels(packed: np.ndarray) -> np.ndarray:
+    """The (8, X, Y, Z) uint8 multi-hot label of a `pack_channels` map."""
+    packed = np.asarray(packed, dtype=np.uint8)
+    return ((packed[None] & _BITS.reshape(-1, *[1] * packed.ndim)) > 0).astype(np.uint8)

@@ -120,16 +120,20 @@ def _methods(groups: Mapping[str, Any]) -> list[str]:
     return [m for m in METHODS if METHOD_GROUP[m] in groups]
 
 
-def method_mask(method: str, logits: Mapping[str, Mapping[str, torch.Tensor]], image, cfg) -> np.ndarray:
-    """The (8, *original grid) bool mask of a method from the cached logits of its models: `logits[group]` is
-    `inference.predict_logits` of `load_group` for the method's group (`METHOD_GROUP`); `image` the
-    preprocessed image (`inference.inference_transform`) they were computed on. `inference.fuse` of it is the
-    label map 04 writes."""
-    if method in (SL, SL_PP, LOCAL, LOCAL_PP):
-        combined = inference.ensemble_logits(logits[METHOD_GROUP[method]])
-    else:
-        combined = logits[METHOD_GROUP[method]]["model"]
-    mask = np.asarray(inference.to_original_grid(combined, image, cfg, logits=True))
+def group_logits(group: str, models: Mapping[str, torch.nn.Module], image, cfg: dict[str, Any],
+                 device: torch.device) -> torch.Tensor:
+    """The (8, X, Y, Z) logits a checkpoint group (`load_group`) gives on a preprocessed image: a client group's
+    ensemble (`inference.predict_ensemble`, one model's logits in memory at a time) or the one model's."""
+    if group in ("sl", "fl-local"):
+        return inference.predict_ensemble(models, image, cfg, device)
+    return inference.predict_logits(models["model"], image, cfg, device)
+
+
+def method_mask(method: str, logits: torch.Tensor, image, cfg) -> np.ndarray:
+    """The (8, *original grid) bool mask of a method from its group's logits (`group_logits` of the method's
+    `METHOD_GROUP`) on the preprocessed image `image` (`inference.inference_transform`) they were computed on.
+    `inference.fuse` of it is the label map 04 writes."""
+    mask = np.asarray(inference.to_original_grid(logits, image, cfg, logits=True))
     return inference.postprocess(mask) if method in (SL_PP, LOCAL_PP) else mask
 
 
@@ -189,26 +193,31 @@ def evaluate_btcv(cfg: dict[str, Any], cases: pd.DataFrame, run_dir: str | Path,
     scores, timing = [], []
     for _, row in tqdm(list(btcv.iterrows()), desc="BTCV cases", disable=not progress):
         image_path, image, truth, spacing = load_btcv_case(cfg, row, transform)
-        logits, seconds = {}, {}
-        for group, named in models.items():
-            start = time.perf_counter()
-            logits[group] = inference.predict_logits(named, image, cfg, device)
-            seconds[group] = time.perf_counter() - start
+        logits: dict[str, torch.Tensor] = {}  # the current group's only: a case holds one group's logits at a time
+        seconds: dict[str, float] = {}
         runs = [(m, None) for m in methods]
         if coarse_to_fine and "fl-local" in models:
             runs.append((COARSE, "fl-local"))
         for method, coarse_group in runs:
+            group = METHOD_GROUP.get(method)
+            if not coarse_group and group not in logits:  # the methods of a group follow each other (METHODS)
+                logits.clear()
+                began = time.perf_counter()
+                logits[group] = group_logits(group, models[group], image, cfg, device)
+                seconds[group] = time.perf_counter() - began
+            elif coarse_group:
+                logits.clear()
             start = time.perf_counter()
             covered = 1.0
             if coarse_group:
                 result = inference.coarse_to_fine_logits(models[coarse_group], image, cfg, device,
                                                          coarse_factor=coarse_factor, margin_mm=margin_mm,
                                                          coarse_models=coarse_models)
-                mask = method_mask(LOCAL_PP, {"fl-local": result.logits}, image, cfg)
+                mask = method_mask(LOCAL_PP, inference.ensemble_logits(result.logits), image, cfg)
                 covered, model_seconds = result.covered, 0.0
             else:
-                mask = method_mask(method, logits, image, cfg)
-                model_seconds = seconds[METHOD_GROUP[method]]
+                mask = method_mask(method, logits[group], image, cfg)
+                model_seconds = seconds[group]
             fused = inference.fuse(mask)
             elapsed = time.perf_counter() - start + model_seconds
             if write:

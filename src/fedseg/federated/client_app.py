@@ -16,6 +16,7 @@ import math
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedseg import run_folder
 from fedseg.data.labels import TRAIN_DATASETS
 from fedseg.data.transforms import evaluation_dataset
 from fedseg.federated import methods, sites, task
@@ -115,8 +116,9 @@ def train(msg: Message, context: Context) -> Message:
             extra = methods.distillation_term(_global_model(cfg, msg), cfg["federated"]["distill_weight"])
         volumes = None
         if method == "pseudo" and server_round > cfg["federated"]["pseudo_after"]:
-
-            volumes = methods.pseudo_labelled_volumes(cfg, _global_model(cfg, msg), train_records, select_device())
+            # completed targets on disk (a byte per voxel), read back one case at a time while training
+            volumes = methods.pseudo_labelled_volumes(cfg, _global_model(cfg, msg), train_records, select_device(),
+                                                      folder=run_folder.pseudo_dir(cfg["run_dir"], dataset))
         result = task.train_locally(methods.local_training_config(cfg), model, dataset, server_round, train_records,
                                     val_records, task=block, extra_loss=extra, volumes=volumes)
         final = result["final"]

@@ -28,12 +28,13 @@ The arithmetic lives here as plain functions, tested on known tensors; the Clien
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from fedseg.data.labels import CHANNELS, owned_mask
+from fedseg.data.labels import CHANNELS, owned_mask, pack_channels, unpack_channels
 from fedseg.data.transforms import FOREGROUND, IMAGE, LABEL, evaluation_dataset
 from fedseg.federated.sites import parse_client
 from fedseg.train.completion import distillation_loss, pseudo_label_volume
@@ -238,20 +239,54 @@ def distillation_term(teacher: torch.nn.Module, weight: float):
 
 
 def pseudo_labelled_volumes(cfg: dict[str, Any], teacher: torch.nn.Module, records: list[dict[str, Any]],
-                            device: torch.device) -> list[dict[str, Any]]:
+                            device: torch.device, folder: str | Path | None = None) -> Sequence[dict[str, Any]]:
     """The client's preprocessed training volumes with their unowned channels completed by `teacher`
     (`completion.pseudo_label_volume`), the owned mask switched on for those channels, and the sampler's
-    foreground recomputed from the completed target."""
+    foreground recomputed from the completed target.
+
+    With `folder` (the client's `pseudo/` folder) each completed target is written there as one byte per voxel
+    (`labels.pack_channels`) and a `CompletedVolumes` reads the cases back one at a time, so a client holds one
+    volume in memory, not all of its training set; without it, a list in memory (small data, tests).
+    """
     teacher = teacher.to(device).eval()
     cached = evaluation_dataset(cfg, records)
     volumes = []
+    if folder is not None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
     for index in range(len(cached)):
         case = dict(cached[index])
         target, owned = pseudo_label_volume(teacher, torch.as_tensor(case[IMAGE]), torch.as_tensor(case[LABEL]),
                                             np.asarray(case["owned"]), cfg, device,
                                             num_components=PSEUDO_COMPONENTS)
+        owned = np.asarray(owned).astype(np.uint8)
+        if folder is not None:
+            path = folder / f"{index}.pt"
+            torch.save({"label": torch.from_numpy(pack_channels(np.asarray(target))), "owned": owned,
+                        "case_id": records[index]["case_id"]}, path.with_suffix(".tmp"))
+            path.with_suffix(".tmp").replace(path)
+            continue
         target = torch.as_tensor(target).to(torch.uint8)
-        case.update({LABEL: target, "owned": np.asarray(owned).astype(np.uint8),
-                     FOREGROUND: target[1:].amax(dim=0, keepdim=True)})
+        case.update({LABEL: target, "owned": owned, FOREGROUND: target[1:].amax(dim=0, keepdim=True)})
         volumes.append(case)
-    return volumes
+    return CompletedVolumes(cached, folder) if folder is not None else volumes
+
+
+class CompletedVolumes(Sequence):
+    """A client's cached training volumes with the completed targets `pseudo_labelled_volumes` wrote to `folder`,
+    read one case at a time (what `training.PatchBatches` draws its patches from)."""
+
+    def __init__(self, cached: Sequence[dict[str, Any]], folder: str | Path):
+        self.cached, self.folder = cached, Path(folder)
+
+    def __len__(self) -> int:
+        return len(self.cached)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        case = dict(self.cached[index])
+        saved = torch.load(self.folder / f"{index}.pt", weights_only=False)
+        target = torch.from_numpy(unpack_channels(saved["label"].numpy()))
+        case.update({LABEL: target, "owned": saved["owned"], FOREGROUND: target[1:].amax(dim=0, keepdim=True)})
+        return case

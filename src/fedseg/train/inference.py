@@ -150,6 +150,29 @@ def ensemble_logits(logits_by_client: Mapping[str, torch.Tensor]) -> torch.Tenso
     return meta_logits({name: t[None] for name, t in logits_by_client.items()}, sources)[0]
 
 
+def predict_ensemble(models: Mapping[str, Predictor], image: torch.Tensor, cfg: dict[str, Any],
+                     device: torch.device) -> torch.Tensor:
+    """`ensemble_logits(predict_logits(models, ...))`, the same tensor, holding one model's logits at a time.
+
+    Each model's sliding-window logits are computed in turn and only the channels it gives in the ensemble are
+    kept, so a case costs two (8, X, Y, Z) float32 tensors of host memory instead of one per model (at 1 mm an
+    abdomen of 300^3 voxels is 0.86 GB per model).
+    """
+    ensemble_logits({name: torch.zeros(NUM_CHANNELS, 1, 1, 1) for name in models})  # its checks, before any work
+    sources = meta_channel_sources(list(models))
+    combined = None
+    for name, model in models.items():
+        logits = _sliding_window(model, image, cfg, device)
+        if combined is None:
+            combined = torch.full_like(logits, ABSENT_LOGIT)
+        for channel, source in enumerate(sources):
+            if source == name:
+                combined[channel] = logits[channel]
+        del logits
+    combined[0] = -combined[1:].amax(dim=0)
+    return combined
+
+
 def to_original_grid(prediction: torch.Tensor, image: MetaTensor, cfg: dict[str, Any], *, logits: bool = False,
                      threshold: float | None = 0.5) -> MetaTensor:
     """A prediction on the preprocessed grid of `image`, back on the grid of the file `image` was read from.

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Hashable, Mapping
 
@@ -24,8 +26,9 @@ from monai.data import Dataset, PersistentDataset
 from tqdm.auto import tqdm
 
 from fedseg.config import repo_root
+from fedseg.data import patches
 from fedseg.data.gin import RandGINd
-from fedseg.data.labels import owned_mask, to_multihot
+from fedseg.data.labels import TRAIN_DATASETS, owned_mask, to_multihot
 from fedseg.data.layouts import case_files
 
 IMAGE, LABEL, FOREGROUND = "image", "label", "foreground"
@@ -158,17 +161,25 @@ def augment(cfg: dict[str, Any]) -> mt.Compose:
                                           num_samples=count, warn=False)
     else:
         raise ValueError(f"preprocess.patch_sampling={pre['patch_sampling']!r}: use 'random', 'posneg' or 'classes'.")
-    shift = pre["intensity_shift"]
-    # FedGIN (Nagaraju et al. 2025): random shallow-network intensity remapping of each patch, when the profile asks
-    gin = [RandGINd(keys=IMAGE, **pre["gin"])] if pre.get("gin") else []
     return mt.Compose([
         mt.SpatialPadd(keys=[*keys, FOREGROUND], spatial_size=patch),
         crop,
         mt.DeleteItemsd(keys=FOREGROUND),
-        *spatial_augmentation(pre.get("spatial_aug")),
-        *gin,
-        mt.RandShiftIntensityd(keys=IMAGE, offsets=shift["offset"], prob=shift["prob"]),
+        *_patch_transforms(pre),
     ])
+
+
+def patch_augment(cfg: dict[str, Any]) -> mt.Compose:
+    """`augment` after the crop: what a patch read from the patch cache (`preprocess.cache: patches`) gets."""
+    return mt.Compose(_patch_transforms(cfg["preprocess"]))
+
+
+def _patch_transforms(pre: Mapping[str, Any]) -> list[mt.MapTransform]:
+    shift = pre["intensity_shift"]
+    # FedGIN (Nagaraju et al. 2025): random shallow-network intensity remapping of each patch, when the profile asks
+    gin = [RandGINd(keys=IMAGE, **pre["gin"])] if pre.get("gin") else []
+    return [*spatial_augmentation(pre.get("spatial_aug")), *gin,
+            mt.RandShiftIntensityd(keys=IMAGE, offsets=shift["offset"], prob=shift["prob"])]
 
 
 def sampling_indices(cfg: dict[str, Any]) -> mt.Compose:
@@ -240,18 +251,85 @@ def training_dataset(cfg: dict[str, Any], records: list[dict[str, Any]]) -> Data
     return Dataset(evaluation_dataset(cfg, records), augment(cfg))
 
 
-def evaluation_dataset(cfg: dict[str, Any], records: list[dict[str, Any]]) -> PersistentDataset:
-    """Whole preprocessed volumes (validation, and testing at the profile's spacing), from the cache."""
+def evaluation_dataset(cfg: dict[str, Any], records: list[dict[str, Any]]) -> PersistentDataset | StoredVolumes:
+    """Whole preprocessed volumes (validation, and testing at the profile's spacing), from the cache: MONAI's
+    PersistentDataset, or with `preprocess.cache: patches` the patch cache's cases read whole."""
+    if patch_cache(cfg):
+        return StoredVolumes(cfg, records)
     return PersistentDataset(records, preprocess(cfg), cache_dir=cache_dir(cfg))
 
 
+def patch_cache(cfg: dict[str, Any]) -> bool:
+    """Whether the profile caches cases as memory-mapped arrays training reads patches from (`fedseg.data.patches`;
+    `preprocess.cache: patches`, image dtype `preprocess.cache_dtype`) instead of whole pickled volumes."""
+    mode = cfg["preprocess"].get("cache", "volumes")
+    if mode not in ("volumes", "patches"):
+        raise ValueError(f"preprocess.cache={mode!r}: use 'volumes' (whole volumes, MONAI's PersistentDataset) "
+                         "or 'patches' (memory-mapped arrays training slices patches from).")
+    return mode == "patches"
+
+
+def store_folder(cfg: dict[str, Any], record: Mapping[str, Any]) -> Path:
+    """Where the patch cache keeps `record`'s case: under `cache_dir` (the preprocessing's settings), one folder
+    per image dtype, named by the case and a hash of its files and their stamps (a replaced file is stored anew)."""
+    key = json.dumps({k: record.get(k) for k in (IMAGE, LABEL, "files", "dataset")}, sort_keys=True)
+    dtype = cfg["preprocess"].get("cache_dtype", "float32")
+    return (cache_dir(cfg) / f"patches-{dtype}"
+            / f"{record['dataset']}-{record['case_id']}-{hashlib.sha256(key.encode()).hexdigest()[:12]}")
+
+
+def stored_case(cfg: dict[str, Any], record: Mapping[str, Any]) -> patches.StoredCase:
+    """`record`'s case in the patch cache, preprocessed (`preprocess`) and stored first if it is not there."""
+    folder = store_folder(cfg, record)
+    if not patches.is_stored(folder):
+        out = preprocess(cfg)(dict(record))
+        patches.write_case(folder, np.asarray(out[IMAGE]), np.asarray(out[LABEL]),
+                           cfg["preprocess"].get("cache_dtype", "float32"))
+    return patches.StoredCase(folder)
+
+
+class StoredVolumes(torch.utils.data.Dataset):
+    """Whole volumes from the patch cache, items as PersistentDataset's: the record with its image, multi-hot
+    label and foreground channel."""
+
+    def __init__(self, cfg: dict[str, Any], records: list[dict[str, Any]]):
+        self.records = records
+        self.cases = [stored_case(cfg, record) for record in records]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image, label = self.cases[index].whole()
+        return {**self.records[index], IMAGE: torch.from_numpy(image), LABEL: torch.from_numpy(label),
+                FOREGROUND: torch.from_numpy(label[1:].any(axis=0, keepdims=True).astype(np.uint8))}
+
+
+def _store(job: tuple[dict[str, Any], dict[str, Any]]) -> int:
+    cfg, record = job
+    torch.set_num_threads(1)
+    folder = stored_case(cfg, record).folder
+    return sum(path.stat().st_size for path in folder.iterdir())
+
+
 def build_cache(cfg: dict[str, Any], records: list[dict[str, Any]], progress: bool = True) -> dict[str, Any]:
-    """Preprocess every case once into the cache; returns what was done (cases, seconds, size)."""
-    dataset = evaluation_dataset(cfg, records)
+    """Preprocess every case of a training dataset once into the cache; returns what was done (cases, seconds,
+    size). BTCV is left out: 04 segments it from its files, on its own grid. The patch cache is built by
+    `preprocess.cache_workers` processes (default: one per core)."""
+    records = [r for r in records if r["dataset"] in TRAIN_DATASETS]
     start = time.perf_counter()
-    for index in tqdm(range(len(dataset)), desc="preprocess → cache", disable=not progress):
-        dataset[index]
-    files = list(cache_dir(cfg).glob("*.pt"))
+    if patch_cache(cfg):
+        workers = int(cfg["preprocess"].get("cache_workers") or os.cpu_count() or 1)
+        jobs = [(cfg, record) for record in records]
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            sizes = list(tqdm(pool.map(_store, jobs), total=len(jobs), desc=f"preprocess → patch cache ({workers} "
+                              "processes)", disable=not progress))
+        folder, size = store_folder(cfg, records[0]).parent if records else cache_dir(cfg), sum(sizes)
+    else:
+        dataset = evaluation_dataset(cfg, records)
+        for index in tqdm(range(len(dataset)), desc="preprocess → cache", disable=not progress):
+            dataset[index]
+        folder, size = cache_dir(cfg), sum(f.stat().st_size for f in cache_dir(cfg).glob("*.pt"))
     return {"cases": len(records), "seconds": round(time.perf_counter() - start, 2),
-            "cache_dir": str(cache_dir(cfg)), "cache_mb": round(sum(f.stat().st_size for f in files) / 2**20, 1)}
+            "cache_dir": str(folder), "cache_mb": round(size / 2**20, 1)}
 

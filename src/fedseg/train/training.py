@@ -31,12 +31,16 @@ from tqdm.auto import tqdm
 
 from fedseg import run_folder
 from fedseg.data.labels import CHANNELS
+from fedseg.data.patches import patch_starts
 from fedseg.data.transforms import (
     IMAGE,
     LABEL,
     augment,
     evaluation_dataset,
+    patch_augment,
+    patch_cache,
     sampling_indices,
+    stored_case,
 )
 from fedseg.train.losses import build_loss
 from fedseg.train.models import build_network, load_weights, unique_state_dict
@@ -82,9 +86,17 @@ class PatchBatches(torch.utils.data.Dataset):
         if not records:
             raise ValueError("No training cases: check the manifest's train split for this client.")
         # `volumes`: preprocessed cases to draw from instead of the cache (e.g. with completed pseudo-labels)
-        self.volumes = evaluation_dataset(cfg, records) if volumes is None else volumes
-        self.augment = augment(cfg)
         self.seed, self.cases_per_step = seed, cases_per_step
+        pre = cfg["preprocess"]
+        # the patch cache (`preprocess.cache: patches`): patches sliced from memory-mapped cases, not cut from
+        # whole volumes read every step
+        self.stored = [stored_case(cfg, r) for r in records] if volumes is None and patch_cache(cfg) else None
+        self.patch, self.count, self.sampling = pre["patch_size"], pre["patches_per_volume"], pre["patch_sampling"]
+        self.owned = [np.asarray(r["owned"]) for r in records]
+        self.tail = patch_augment(cfg)
+        self.volumes = self.stored if self.stored is not None else (
+            evaluation_dataset(cfg, records) if volumes is None else volumes)
+        self.augment = augment(cfg)
         # `preprocess.in_memory`: each volume is read from the cache once and kept, with the positions of
         # its foreground and background voxels that the patch sampler would otherwise search every step
         self.in_memory = bool(cfg["preprocess"].get("in_memory", False))
@@ -106,13 +118,29 @@ class PatchBatches(torch.utils.data.Dataset):
         picks = rng.choice(len(self.volumes), size=self.cases_per_step, replace=len(self.volumes) < self.cases_per_step)
         patches = []
         for index in picks:
-            self.augment.set_random_state(seed=int(rng.integers(2**31 - 1)))
+            seed = int(rng.integers(2**31 - 1))
+            if self.stored is not None:
+                patches.extend(self._stored_patches(int(index), seed))
+                continue
+            self.augment.set_random_state(seed=seed)
             patches.extend(self.augment(self.volume(int(index))))
         return {
             IMAGE: torch.stack([torch.as_tensor(p[IMAGE]) for p in patches]),
             LABEL: torch.stack([torch.as_tensor(p[LABEL]) for p in patches]),
             "owned": torch.stack([torch.as_tensor(np.asarray(p["owned"])) for p in patches]).bool(),
         }
+
+
+    def _stored_patches(self, index: int, seed: int) -> list[dict[str, Any]]:
+        """`patches_per_volume` patches of stored case `index`, read by slicing, then `patch_augment`."""
+        case, rng = self.stored[index], np.random.default_rng(seed)
+        self.tail.set_random_state(seed=seed)
+        out = []
+        for start in patch_starts(case, self.patch, self.count, self.sampling, rng):
+            image, label = case.crop(start, self.patch)
+            out.append(self.tail({IMAGE: torch.from_numpy(image), LABEL: torch.from_numpy(label),
+                                  "owned": self.owned[index]}))
+        return out
 
 
 def make_optimizer(model: torch.nn.Module, train: dict[str, Any]) -> torch.optim.Optimizer:
@@ -279,7 +307,7 @@ class StaleCheckpointError(RuntimeError):
 #: Settings that change neither the weights a training produces nor which checkpoint is kept as the best.
 NEUTRAL_TRAIN_KEYS = ("checkpoint_every", "parallel_models", "sw_batch_size", "steps", "central_steps",
                       "deterministic")
-NEUTRAL_PREPROCESS_KEYS = ("num_workers", "in_memory")
+NEUTRAL_PREPROCESS_KEYS = ("num_workers", "in_memory", "cache_workers")
 
 
 def _case_list(records: Sequence[Mapping[str, Any]]) -> str:
@@ -397,6 +425,7 @@ def train_model(cfg: dict[str, Any], model: torch.nn.Module, train_records: list
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(batches, range(start, end)), batch_size=None,
         num_workers=cfg["preprocess"].get("num_workers", 0), persistent_workers=False,
+        pin_memory=device.type == "cuda",  # page-locked batches copy to the GPU without a staging copy
     )
     began = tick = time.perf_counter()
     window: list[float] = []

@@ -81,14 +81,60 @@ def serve(root: Path, mode: str, steps: int) -> dict:
             "patches/s": round(patches / seconds, 2), "peak RSS MB": round(peak)}
 
 
+def logits_memory(root: Path, mode: str) -> dict:
+    """In this (fresh) process: 04's logits of one case at 1 mm for the ten models of a run (4 SL, central, FL
+    global, 4 FL local), all held at once as 04 did ("all") or one group at a time with the client ensembles
+    streamed ("streamed"). Tiny networks stand in for the trained ones: a logit tensor's size does not depend on
+    the network, and the paper's DynUNet would take minutes per model on a CPU."""
+    import torch
+
+    from fedseg.data import transforms
+    from fedseg.data.labels import TRAIN_DATASETS
+    from fedseg.train import inference
+    from fedseg.train.models import build_network
+
+    torch.set_num_threads(1)
+    record = json.loads((root / "record.json").read_text())
+    record["owned"] = np.asarray(record["owned"], dtype=np.uint8)
+    cfg = config(root, "patches")
+    image = torch.from_numpy(transforms.stored_case(cfg, record).whole()[0])
+    del record
+    cfg["train"]["sw_batch_size"], cfg["train"]["sw_overlap"] = 1, 0.0
+    groups = {"sl": {d: build_network("UNet", channels=(4, 8), strides=(2,)) for d in TRAIN_DATASETS},
+              "central": {"model": build_network("UNet", channels=(4, 8), strides=(2,))},
+              "fl-global": {"model": build_network("UNet", channels=(4, 8), strides=(2,))},
+              "fl-local": {d: build_network("UNet", channels=(4, 8), strides=(2,)) for d in TRAIN_DATASETS}}
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    start, device = time.perf_counter(), torch.device("cpu")
+    if mode == "all":
+        held = {group: inference.predict_logits(models, image, cfg, device) for group, models in groups.items()}
+        for group in groups:  # each method's combination made as it is scored, the models' logits all kept
+            combined = inference.ensemble_logits(held[group]) if group in ("sl", "fl-local") else held[group]["model"]
+            del combined
+    else:
+        for group, models in groups.items():
+            combined = (inference.predict_ensemble(models, image, cfg, device) if group in ("sl", "fl-local")
+                        else inference.predict_logits(models["model"], image, cfg, device))
+            del combined
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"04 logits": mode, "grid": "x".join(map(str, image.shape[1:])),
+            "one model's logits MB": round(8 * 4 * image[0].numel() / 2**20),
+            "peak RSS MB": round(peak), "above the image and models MB": round(peak - base),
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="pancreas")
     parser.add_argument("--steps", type=int, default=6, help="training batches timed per cache")
     parser.add_argument("--serve", nargs=2, metavar=("ROOT", "MODE"), help=argparse.SUPPRESS)
+    parser.add_argument("--logits", nargs=2, metavar=("ROOT", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         print(json.dumps(serve(Path(args.serve[0]), args.serve[1], args.steps)))
+        return
+    if args.logits:
+        print(json.dumps(logits_memory(Path(args.logits[0]), args.logits[1])))
         return
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -100,12 +146,20 @@ def main() -> None:
                                  env=env, check=True, capture_output=True, text=True).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
             print(rows[-1], flush=True)
+        memory = []
+        for mode in ("all", "streamed"):
+            out = subprocess.run([sys.executable, __file__, "--logits", str(root), mode],
+                                 env=env, check=True, capture_output=True, text=True).stdout
+            memory.append(json.loads(out.strip().splitlines()[-1]))
+            print(memory[-1], flush=True)
     import pandas as pd
 
     table = pd.DataFrame(rows).set_index("cache")
     print(f"\npaper profile, one {args.dataset} phantom case at 1 mm, batches of 8 patches of 96^3, one process, "
           "one torch thread")
     print(table.to_markdown())
+    print("\n04's logits of that case for a run's ten models (4 SL, central, FL global, 4 FL local)")
+    print(pd.DataFrame(memory).set_index("04 logits").to_markdown())
 
 
 if __name__ == "__main__":

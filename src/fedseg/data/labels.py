@@ -111,7 +111,10 @@ def pack_channels(multihot: np.ndarray) -> np.ndarray:
     multihot = np.asarray(multihot)
     if multihot.shape[0] != NUM_CHANNELS:
         raise ValueError(f"pack_channels takes ({NUM_CHANNELS}, X, Y, Z) multi-hot labels, not {multihot.shape}.")
-    return np.tensordot(_BITS, (multihot > 0).astype(np.uint8), axes=1).astype(np.uint8)
+    packed = np.zeros(multihot.shape[1:], dtype=np.uint8)
+    for channel, bit in enumerate(_BITS):
+        packed[multihot[channel] > 0] |= bit
+    return packed
 
 
 def unpack_channels(packed: np.ndarray) -> np.ndarray:

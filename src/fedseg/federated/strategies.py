@@ -298,19 +298,25 @@ class StudyFedAvg(FedAvg):
             save_checkpoint(self.global_arrays.to_torch_state_dict(), self.global_best_path, step=server_round,
                             val_mean_dice=metric, **({"settings": self.settings} if self.settings else {}))
         self.rows.extend(self._row(server_round, "evaluate", m) for m in replies)
+        self._end_round(server_round, sum(int(_metrics(m)["num-examples"]) for m in replies), metric,
+                        {c: metrics[f"dice-{c}"] for c in FOREGROUND}, improved,
+                        f"global val mean Dice {metric:.4f} (best {self.best_metric:.4f}, round {self.best_round})")
+        return metrics
+
+    def _end_round(self, server_round: int, scored: int, metric: float, dice: dict[str, float], improved: bool,
+                   what: str) -> None:
+        """The round's global row (the mean training loss of its clients, the global model's scores on `scored`
+        validation cases), the tables and the server's state written, and a line when progress is on."""
         train_losses = [r["loss"] for r in self.rows if r["round"] == server_round and r["kind"] == "train"]
         self.rows.append({"round": server_round, "kind": "global", "dataset": "all", "partition_id": -1,
-                          "num_examples": sum(int(_metrics(m)["num-examples"]) for m in replies),
+                          "num_examples": scored,
                           "loss": float(np.mean(train_losses)) if train_losses else math.nan, "mean_dice": metric,
-                          **{f"dice_{c}": metrics[f"dice-{c}"] for c in FOREGROUND}, "global_best": improved,
+                          **{f"dice_{c}": dice[c] for c in FOREGROUND}, "global_best": improved,
                           "seconds": round(time.perf_counter() - self._started, 2)})
         self._write_rows()
         self.save_state(server_round)
         if self.progress:
-            print(f"round {server_round}: global val mean Dice {metric:.4f} "
-                  f"(best {self.best_metric:.4f}, round {self.best_round}), "
-                  f"{time.perf_counter() - self._started:.1f} s", flush=True)
-        return metrics
+            print(f"round {server_round}: {what}, {time.perf_counter() - self._started:.1f} s", flush=True)
 
     def _checked(self, server_round: int, kind: str, replies: Iterable[Message]) -> list[Message]:
         """The replies sorted by client; raises FederationError on any error or missing reply."""
@@ -357,19 +363,9 @@ class StudyFedAvg(FedAvg):
     def _unvalidated(self, server_round: int) -> None:
         """The end of a round that validates nothing (`validated`): its global row has no scores, and the
         server's state is saved as after any round."""
-        train_rows = [r for r in self.rows if r["round"] == server_round and r["kind"] == "train"]
-        self.rows.append({"round": server_round, "kind": "global", "dataset": "all", "partition_id": -1,
-                          "num_examples": 0,  # validation cases scored
-                          "loss": float(np.mean([r["loss"] for r in train_rows])) if train_rows else math.nan,
-                          "mean_dice": math.nan, **{f"dice_{c}": math.nan for c in FOREGROUND},
-                          "global_best": False, "seconds": round(time.perf_counter() - self._started, 2)})
-        self._write_rows()
-        self.save_state(server_round)
-        if self.progress:
-            print(f"round {server_round}: trained, not validated (validated every "
-                  f"{self.settings['federated']['val_every']} rounds and the last), "
-                  f"{time.perf_counter() - self._started:.1f} s", flush=True)
-        return None
+        every = self.settings["federated"]["val_every"]
+        self._end_round(server_round, 0, math.nan, {c: math.nan for c in FOREGROUND}, False,
+                        f"trained, not validated (validated every {every} rounds and the last)")
 
     def _row(self, server_round: int, kind: str, message: Message, loss: float = math.nan) -> dict[str, Any]:
         m = _metrics(message)

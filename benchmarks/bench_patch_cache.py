@@ -7,6 +7,9 @@ preprocessed to 1 mm and cached both ways; each way then serves training batches
 peak RSS of the process serving them. One GPU consumes about 20 patches/s (a batch of 8 every ~0.4 s).
 
     .venv/bin/python benchmarks/bench_patch_cache.py --steps 6
+
+It also measures 04's logits memory (all models' at once vs one group at a time) and a `pseudo` client's
+(completed volumes in memory vs on disk) on the same case.
 """
 
 from __future__ import annotations
@@ -123,18 +126,50 @@ def logits_memory(root: Path, mode: str) -> dict:
             "seconds": round(time.perf_counter() - start, 1)}
 
 
+def pseudo_memory(root: Path, mode: str, cases: int = 4) -> dict:
+    """In this (fresh) process: a `pseudo` client completing the targets of `cases` copies of the case (the
+    volume cache, a tiny teacher network) and reading every completed case once, as its training draws them:
+    completed volumes kept in memory ("memory", before) or written at a byte per voxel and read back one at a
+    time ("disk", now)."""
+    import torch
+
+    from fedseg.federated import methods
+    from fedseg.train.models import build_network
+
+    torch.set_num_threads(1)
+    record = json.loads((root / "record.json").read_text())
+    record["owned"] = np.asarray(record["owned"], dtype=np.uint8)
+    records = [{**record, "case_id": f"{record['case_id']}-{i}"} for i in range(cases)]
+    cfg = config(root, "volumes")
+    cfg["train"]["sw_batch_size"], cfg["train"]["sw_overlap"] = 1, 0.0
+    teacher = build_network("UNet", channels=(4, 8), strides=(2,))
+    start = time.perf_counter()
+    folder = root / f"pseudo-{mode}" if mode == "disk" else None
+    volumes = methods.pseudo_labelled_volumes(cfg, teacher, records, torch.device("cpu"), folder=folder)
+    for index in range(len(volumes)):
+        volumes[index]["label"].sum()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    on_disk = sum(p.stat().st_size for p in folder.glob("*.pt")) / 2**20 if folder else 0.0
+    return {"pseudo targets": mode, "cases": cases, "peak RSS MB": round(peak), "on disk MB": round(on_disk),
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="pancreas")
     parser.add_argument("--steps", type=int, default=6, help="training batches timed per cache")
     parser.add_argument("--serve", nargs=2, metavar=("ROOT", "MODE"), help=argparse.SUPPRESS)
     parser.add_argument("--logits", nargs=2, metavar=("ROOT", "MODE"), help=argparse.SUPPRESS)
+    parser.add_argument("--pseudo", nargs=2, metavar=("ROOT", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         print(json.dumps(serve(Path(args.serve[0]), args.serve[1], args.steps)))
         return
     if args.logits:
         print(json.dumps(logits_memory(Path(args.logits[0]), args.logits[1])))
+        return
+    if args.pseudo:
+        print(json.dumps(pseudo_memory(Path(args.pseudo[0]), args.pseudo[1])))
         return
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -152,6 +187,12 @@ def main() -> None:
                                  env=env, check=True, capture_output=True, text=True).stdout
             memory.append(json.loads(out.strip().splitlines()[-1]))
             print(memory[-1], flush=True)
+        pseudo = []
+        for mode in ("memory", "disk"):
+            out = subprocess.run([sys.executable, __file__, "--pseudo", str(root), mode],
+                                 env=env, check=True, capture_output=True, text=True).stdout
+            pseudo.append(json.loads(out.strip().splitlines()[-1]))
+            print(pseudo[-1], flush=True)
     import pandas as pd
 
     table = pd.DataFrame(rows).set_index("cache")
@@ -160,6 +201,8 @@ def main() -> None:
     print(table.to_markdown())
     print("\n04's logits of that case for a run's ten models (4 SL, central, FL global, 4 FL local)")
     print(pd.DataFrame(memory).set_index("04 logits").to_markdown())
+    print("\na pseudo-label client's completed targets for 4 copies of that case")
+    print(pd.DataFrame(pseudo).set_index("pseudo targets").to_markdown())
 
 
 if __name__ == "__main__":

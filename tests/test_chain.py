@@ -54,6 +54,7 @@ def test_data_prep_outputs(smoke_run):
     assert (run_dir / "figures" / "fig1_datasets.png").stat().st_size > 10_000
     data = json.loads(run_folder.data_summary(run_dir).read_text())
     assert data["cases"] == len(cases) and data["source"] == "synthetic"
+    assert data["cached_cases"] == (cases.dataset != "btcv").sum()  # BTCV is read from its files by 04
 
 
 def test_external_evaluation_outputs(smoke_run):

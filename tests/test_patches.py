@@ -66,7 +66,7 @@ def test_the_patch_cache_gives_the_volume_caches_volumes_and_trains(tmp_path, mo
     cfg = tiny_config(tmp_path / "root", steps=4)
     built = transforms.build_cache({**cfg, "preprocess": {**cfg["preprocess"], "cache": "patches",
                                                           "cache_workers": 2}}, records, progress=False)
-    assert built["cases"] == 3 and "patches-float32" in built["cache_dir"]
+    assert built["cases"] == built["cached_cases"] == 3 and "patches-float32" in built["cache_dir"]
     stored_cfg = {**cfg, "preprocess": {**cfg["preprocess"], "cache": "patches"}}
     volumes, stored = transforms.evaluation_dataset(cfg, records), transforms.evaluation_dataset(stored_cfg, records)
     for index in range(len(records)):

@@ -313,10 +313,10 @@ def _store(job: tuple[dict[str, Any], dict[str, Any]]) -> int:
 
 
 def build_cache(cfg: dict[str, Any], records: list[dict[str, Any]], progress: bool = True) -> dict[str, Any]:
-    """Preprocess every case of a training dataset once into the cache; returns what was done (cases, seconds,
-    size). BTCV is left out: 04 segments it from its files, on its own grid. The patch cache is built by
-    `preprocess.cache_workers` processes (default: one per core)."""
-    records = [r for r in records if r["dataset"] in TRAIN_DATASETS]
+    """Preprocess every case of a training dataset once into the cache; returns what was done (cases given,
+    cases cached, seconds, size). BTCV is left out: 04 segments it from its files, on its own grid. The patch
+    cache is built by `preprocess.cache_workers` processes (default: one per core)."""
+    given, records = len(records), [r for r in records if r["dataset"] in TRAIN_DATASETS]
     start = time.perf_counter()
     if patch_cache(cfg):
         workers = int(cfg["preprocess"].get("cache_workers") or os.cpu_count() or 1)
@@ -330,6 +330,6 @@ def build_cache(cfg: dict[str, Any], records: list[dict[str, Any]], progress: bo
         for index in tqdm(range(len(dataset)), desc="preprocess → cache", disable=not progress):
             dataset[index]
         folder, size = cache_dir(cfg), sum(f.stat().st_size for f in cache_dir(cfg).glob("*.pt"))
-    return {"cases": len(records), "seconds": round(time.perf_counter() - start, 2),
+    return {"cases": given, "cached_cases": len(records), "seconds": round(time.perf_counter() - start, 2),
             "cache_dir": str(folder), "cache_mb": round(size / 2**20, 1)}
 

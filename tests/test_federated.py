@@ -4,6 +4,7 @@ a client sends (weights and scalars only), and a 2-client federation through Flo
 import itertools
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -486,6 +487,28 @@ def test_a_two_client_federation_runs_in_simulation(tiny):
     assert (owned["others_move"] == 0).all() and (owned["owner_move"] > 0).all()
     assert np.allclose(owned["ratio"], 0.5, rtol=1e-5) and np.allclose(owned["owner_share"], 0.5)
     assert dilution[dilution["owners"].isna()]["ratio"].isna().all()  # kidney, pancreas: nobody trains them
+
+
+@pytest.mark.slow
+def test_a_federation_on_the_paper_profiles_data_path_and_validation_schedule_runs_in_simulation(tiny):
+    """The patch cache read by loading workers inside the virtual clients, validation on the last of three rounds
+    only (val_every 2: rounds 2 and 3) on one case per client: what the paper profile runs, at toy size."""
+    from fedseg.federated.simulation import run_federation
+
+    cfg, cases, run_dir = tiny
+    cfg["preprocess"].update(cache="patches", cache_dtype="float16")
+    cfg["train"]["val_cases"] = 1
+    cfg["federated"].update(rounds=3, val_every=2, client_workers=2)
+    result = run_federation(cfg, run_dir, cases, clients=("liver", "spleen"), progress=False)
+    table = result["rounds"]
+    assert sorted(table[table["kind"] == "evaluate"]["round"].unique()) == [2, 3]
+    glob = table[table["kind"] == "global"].set_index("round")
+    assert glob["mean_dice"].isna().tolist() == [True, False, False] and result["best_round"] in (2, 3)
+    assert (table[table["kind"] == "evaluate"]["num_examples"] == 1).all()  # the first validation case only
+    stored = list((Path(os.environ["FEDSEG_CACHE"])).glob("*/patches-float16/*/case.json"))
+    assert len(stored) == len(cases)  # every case the clients read came from the patch cache
+    for dataset in ("liver", "spleen"):
+        assert torch.load(result["local_best"][dataset], weights_only=False)["step"] in (2, 3)
 
 
 @pytest.mark.slow

@@ -175,24 +175,18 @@ def main() -> None:
         root = Path(tmp)
         (root / "record.json").write_text(json.dumps(make_case(root, args.dataset)))
         env = {**os.environ, "FEDSEG_CACHE": str(root / "cache")}
-        rows = []
-        for mode in ("volumes", "patches"):
-            out = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--serve", str(root), mode],
+
+        def fresh(part: str, mode: str) -> dict:
+            """One measurement in a fresh process, so each peak RSS is its own."""
+            out = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), part, str(root), mode],
                                  env=env, check=True, capture_output=True, text=True).stdout
-            rows.append(json.loads(out.strip().splitlines()[-1]))
-            print(rows[-1], flush=True)
-        memory = []
-        for mode in ("all", "streamed"):
-            out = subprocess.run([sys.executable, __file__, "--logits", str(root), mode],
-                                 env=env, check=True, capture_output=True, text=True).stdout
-            memory.append(json.loads(out.strip().splitlines()[-1]))
-            print(memory[-1], flush=True)
-        pseudo = []
-        for mode in ("memory", "disk"):
-            out = subprocess.run([sys.executable, __file__, "--pseudo", str(root), mode],
-                                 env=env, check=True, capture_output=True, text=True).stdout
-            pseudo.append(json.loads(out.strip().splitlines()[-1]))
-            print(pseudo[-1], flush=True)
+            row = json.loads(out.strip().splitlines()[-1])
+            print(row, flush=True)
+            return row
+
+        rows = [fresh("--serve", mode) for mode in ("volumes", "patches")]
+        memory = [fresh("--logits", mode) for mode in ("all", "streamed")]
+        pseudo = [fresh("--pseudo", mode) for mode in ("memory", "disk")]
     import pandas as pd
 
     table = pd.DataFrame(rows).set_index("cache")

@@ -99,7 +99,6 @@ def to_multihot(label: np.ndarray, dataset: str) -> np.ndarray:
     return target
 
 
-
 #: Bit c of a packed label voxel is channel c (`pack_channels`): the 8 channels fit one byte.
 _BITS = np.left_shift(1, np.arange(NUM_CHANNELS)).astype(np.uint8)
 

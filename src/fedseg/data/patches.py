@@ -31,6 +31,8 @@ from fedseg.data.labels import NUM_CHANNELS, pack_channels, unpack_channels
 #: (0.5 HU in a 1000 HU window), far below CT noise.
 IMAGE_DTYPES = ("float16", "float32")
 CASE_FILE = "case.json"
+#: The bits of a packed label voxel (`labels.pack_channels`) that are foreground channels: all but background.
+FOREGROUND_BITS = 0xFE
 
 
 def write_case(folder: str | Path, image: np.ndarray, label: np.ndarray, dtype: str = "float32") -> int:
@@ -48,7 +50,7 @@ def write_case(folder: str | Path, image: np.ndarray, label: np.ndarray, dtype: 
     packed = pack_channels(label)
     np.save(tmp / "image.npy", image.astype(dtype))
     np.save(tmp / "label.npy", packed)
-    np.save(tmp / "foreground.npy", np.flatnonzero(packed & 0xFE).astype(np.int64))
+    np.save(tmp / "foreground.npy", np.flatnonzero(packed & FOREGROUND_BITS).astype(np.int64))
     (tmp / CASE_FILE).write_text(json.dumps({"shape": list(image.shape[1:]), "dtype": dtype}))
     try:
         os.replace(tmp, folder)
@@ -56,11 +58,16 @@ def write_case(folder: str | Path, image: np.ndarray, label: np.ndarray, dtype: 
         for path in tmp.iterdir():
             path.unlink()
         tmp.rmdir()
-    return sum(path.stat().st_size for path in folder.iterdir())
+    return case_bytes(folder)
 
 
 def is_stored(folder: str | Path) -> bool:
     return (Path(folder) / CASE_FILE).exists()
+
+
+def case_bytes(folder: str | Path) -> int:
+    """The bytes a stored case takes on disk."""
+    return sum(path.stat().st_size for path in Path(folder).iterdir())
 
 
 class StoredCase:
@@ -121,7 +128,7 @@ def patch_starts(case: StoredCase, size: Sequence[int], count: int, sampling: st
         else:  # background: a random voxel of no foreground channel (a few tries; almost every voxel is one)
             for _ in range(20):
                 centre = tuple(int(rng.integers(0, d)) for d in case.shape)
-                if not label[centre] & 0xFE:
+                if not label[centre] & FOREGROUND_BITS:
                     break
         starts.append(tuple(int(min(max(c - n // 2, 0), m)) for c, n, m in zip(centre, size, limits)))
     return starts

@@ -269,13 +269,21 @@ def patch_cache(cfg: dict[str, Any]) -> bool:
     return mode == "patches"
 
 
+def cache_dtype(cfg: dict[str, Any]) -> str:
+    """The image dtype of the patch cache: the profile's `preprocess.cache_dtype`, float32 by default."""
+    return cfg["preprocess"].get("cache_dtype", "float32")
+
+
+def store_root(cfg: dict[str, Any]) -> Path:
+    """The patch cache of one preprocessing (`cache_dir`) and image dtype: a folder per case under it."""
+    return cache_dir(cfg) / f"patches-{cache_dtype(cfg)}"
+
+
 def store_folder(cfg: dict[str, Any], record: Mapping[str, Any]) -> Path:
-    """Where the patch cache keeps `record`'s case: under `cache_dir` (the preprocessing's settings), one folder
-    per image dtype, named by the case and a hash of its files and their stamps (a replaced file is stored anew)."""
+    """Where the patch cache keeps `record`'s case (`store_root`), named by the case and a hash of its files and
+    their stamps (a replaced file is stored anew)."""
     key = json.dumps({k: record.get(k) for k in (IMAGE, LABEL, "files", "dataset")}, sort_keys=True)
-    dtype = cfg["preprocess"].get("cache_dtype", "float32")
-    return (cache_dir(cfg) / f"patches-{dtype}"
-            / f"{record['dataset']}-{record['case_id']}-{hashlib.sha256(key.encode()).hexdigest()[:12]}")
+    return store_root(cfg) / f"{record['dataset']}-{record['case_id']}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
 def stored_case(cfg: dict[str, Any], record: Mapping[str, Any]) -> patches.StoredCase:
@@ -283,8 +291,7 @@ def stored_case(cfg: dict[str, Any], record: Mapping[str, Any]) -> patches.Store
     folder = store_folder(cfg, record)
     if not patches.is_stored(folder):
         out = preprocess(cfg)(dict(record))
-        patches.write_case(folder, np.asarray(out[IMAGE]), np.asarray(out[LABEL]),
-                           cfg["preprocess"].get("cache_dtype", "float32"))
+        patches.write_case(folder, np.asarray(out[IMAGE]), np.asarray(out[LABEL]), cache_dtype(cfg))
     return patches.StoredCase(folder)
 
 
@@ -308,8 +315,7 @@ class StoredVolumes(torch.utils.data.Dataset):
 def _store(job: tuple[dict[str, Any], dict[str, Any]]) -> int:
     cfg, record = job
     torch.set_num_threads(1)
-    folder = stored_case(cfg, record).folder
-    return sum(path.stat().st_size for path in folder.iterdir())
+    return patches.case_bytes(stored_case(cfg, record).folder)
 
 
 def build_cache(cfg: dict[str, Any], records: list[dict[str, Any]], progress: bool = True) -> dict[str, Any]:
@@ -324,7 +330,7 @@ def build_cache(cfg: dict[str, Any], records: list[dict[str, Any]], progress: bo
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             sizes = list(tqdm(pool.map(_store, jobs), total=len(jobs), desc=f"preprocess → patch cache ({workers} "
                               "processes)", disable=not progress))
-        folder, size = store_folder(cfg, records[0]).parent if records else cache_dir(cfg), sum(sizes)
+        folder, size = store_root(cfg), sum(sizes)
     else:
         dataset = evaluation_dataset(cfg, records)
         for index in tqdm(range(len(dataset)), desc="preprocess → cache", disable=not progress):

@@ -193,20 +193,19 @@ def evaluate_btcv(cfg: dict[str, Any], cases: pd.DataFrame, run_dir: str | Path,
     scores, timing = [], []
     for _, row in tqdm(list(btcv.iterrows()), desc="BTCV cases", disable=not progress):
         image_path, image, truth, spacing = load_btcv_case(cfg, row, transform)
-        logits: dict[str, torch.Tensor] = {}  # the current group's only: a case holds one group's logits at a time
-        seconds: dict[str, float] = {}
+        # one group's logits at a time (a group's methods follow each other in METHODS), timed once per case
+        group, logits, group_seconds = None, None, 0.0
         runs = [(m, None) for m in methods]
         if coarse_to_fine and "fl-local" in models:
             runs.append((COARSE, "fl-local"))
         for method, coarse_group in runs:
-            group = METHOD_GROUP.get(method)
-            if not coarse_group and group not in logits:  # the methods of a group follow each other (METHODS)
-                logits.clear()
+            if coarse_group:
+                group, logits = None, None  # coarse-to-fine computes its own
+            elif METHOD_GROUP[method] != group:
+                group, logits = METHOD_GROUP[method], None  # the last group's logits freed first
                 began = time.perf_counter()
-                logits[group] = group_logits(group, models[group], image, cfg, device)
-                seconds[group] = time.perf_counter() - began
-            elif coarse_group:
-                logits.clear()
+                logits = group_logits(group, models[group], image, cfg, device)
+                group_seconds = time.perf_counter() - began
             start = time.perf_counter()
             covered = 1.0
             if coarse_group:
@@ -216,8 +215,8 @@ def evaluate_btcv(cfg: dict[str, Any], cases: pd.DataFrame, run_dir: str | Path,
                 mask = method_mask(LOCAL_PP, inference.ensemble_logits(result.logits), image, cfg)
                 covered, model_seconds = result.covered, 0.0
             else:
-                mask = method_mask(method, logits[group], image, cfg)
-                model_seconds = seconds[group]
+                mask = method_mask(method, logits, image, cfg)
+                model_seconds = group_seconds
             fused = inference.fuse(mask)
             elapsed = time.perf_counter() - start + model_seconds
             if write:

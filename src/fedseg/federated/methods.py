@@ -266,10 +266,13 @@ def pseudo_labelled_volumes(cfg: dict[str, Any], teacher: torch.nn.Module, recor
                         "case_id": records[index]["case_id"]}, path.with_suffix(".tmp"))
             path.with_suffix(".tmp").replace(path)
             continue
-        target = torch.as_tensor(target).to(torch.uint8)
-        case.update({LABEL: target, "owned": owned, FOREGROUND: target[1:].amax(dim=0, keepdim=True)})
-        volumes.append(case)
+        volumes.append(_completed(case, torch.as_tensor(target).to(torch.uint8), owned))
     return CompletedVolumes(cached, folder) if folder is not None else volumes
+
+
+def _completed(case: dict[str, Any], target: torch.Tensor, owned: np.ndarray) -> dict[str, Any]:
+    """`case` with its completed (8, X, Y, Z) uint8 target, owned mask and the sampler's foreground from them."""
+    return {**case, LABEL: target, "owned": owned, FOREGROUND: target[1:].amax(dim=0, keepdim=True)}
 
 
 class CompletedVolumes(Sequence):
@@ -285,8 +288,6 @@ class CompletedVolumes(Sequence):
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < len(self):
             raise IndexError(index)
-        case = dict(self.cached[index])
         saved = torch.load(self.folder / f"{index}.pt", weights_only=False)
-        target = torch.from_numpy(unpack_channels(saved["label"].numpy()))
-        case.update({LABEL: target, "owned": saved["owned"], FOREGROUND: target[1:].amax(dim=0, keepdim=True)})
-        return case
+        return _completed(dict(self.cached[index]), torch.from_numpy(unpack_channels(saved["label"].numpy())),
+                          saved["owned"])

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, Union
 
@@ -139,15 +139,20 @@ def ensemble_logits(logits_by_client: Mapping[str, torch.Tensor]) -> torch.Tenso
     meta-model's (`models.meta_logits`) with whole models in place of task blocks: a channel no given
     client owns is `models.ABSENT_LOGIT`, background is -max(foreground logits).
     """
-    unknown = [name for name in logits_by_client if name not in TRAIN_DATASETS]
-    if not logits_by_client or unknown:
-        raise ValueError(f"Ensemble keys {list(logits_by_client)} must be client dataset names from "
-                         f"{', '.join(TRAIN_DATASETS)}: each says which channels its model gives.")
+    _check_clients(list(logits_by_client))
     shapes = {tuple(t.shape) for t in logits_by_client.values()}
     if len(shapes) != 1 or next(iter(shapes))[0] != NUM_CHANNELS:
         raise ValueError(f"Ensemble logits must all have shape ({NUM_CHANNELS}, X, Y, Z); got {sorted(shapes)}.")
     sources = meta_channel_sources(list(logits_by_client))
     return meta_logits({name: t[None] for name, t in logits_by_client.items()}, sources)[0]
+
+
+def _check_clients(names: Sequence[str]) -> None:
+    """An ensemble's keys must be client dataset names: each says which channels its model gives."""
+    unknown = [name for name in names if name not in TRAIN_DATASETS]
+    if not names or unknown:
+        raise ValueError(f"Ensemble keys {list(names)} must be client dataset names from "
+                         f"{', '.join(TRAIN_DATASETS)}: each says which channels its model gives.")
 
 
 def predict_ensemble(models: Mapping[str, Predictor], image: torch.Tensor, cfg: dict[str, Any],
@@ -158,7 +163,7 @@ def predict_ensemble(models: Mapping[str, Predictor], image: torch.Tensor, cfg: 
     kept, so a case costs two (8, X, Y, Z) float32 tensors of host memory instead of one per model (at 1 mm an
     abdomen of 300^3 voxels is 0.86 GB per model).
     """
-    ensemble_logits({name: torch.zeros(NUM_CHANNELS, 1, 1, 1) for name in models})  # its checks, before any work
+    _check_clients(list(models))
     sources = meta_channel_sources(list(models))
     combined = None
     for name, model in models.items():

@@ -190,9 +190,14 @@ def output_layer(model: nn.Module) -> dict[str, int]:
     layer = convolutions[-1]
     weight_axis = 1 if layer.transposed else 0
     tensors = {id(layer.weight): weight_axis, **({id(layer.bias): 0} if layer.bias is not None else {})}
-    unique = unique_state_dict(model)
-    return {key: tensors[id(value)] for key, value in model.state_dict(keep_vars=True).items()
-            if id(value) in tensors and key in unique}
+    return {key: tensors[id(value)] for key, value in _first_names(model).items() if id(value) in tensors}
+
+
+def _first_names(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Each parameter and buffer of `model` once, under the first name its state_dict gives it (not detached)."""
+    first: dict[int, str] = {}
+    return {key: value for key, value in model.state_dict(keep_vars=True).items()
+            if first.setdefault(id(value), key) == key}
 
 
 def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -203,13 +208,7 @@ def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for 75 tensors of 64 MiB. The federation's messages and the checkpoints hold this form, so each weight
     travels and is stored once; `load_weights` restores the aliases.
     """
-    seen: set[int] = set()
-    unique = {}
-    for key, value in model.state_dict(keep_vars=True).items():
-        if id(value) not in seen:
-            seen.add(id(value))
-            unique[key] = value.detach()
-    return unique
+    return {key: value.detach() for key, value in _first_names(model).items()}
 
 
 def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:

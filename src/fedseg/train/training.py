@@ -130,7 +130,6 @@ class PatchBatches(torch.utils.data.Dataset):
             "owned": torch.stack([torch.as_tensor(np.asarray(p["owned"])) for p in patches]).bool(),
         }
 
-
     def _stored_patches(self, index: int, seed: int) -> list[dict[str, Any]]:
         """`patches_per_volume` patches of stored case `index`, read by slicing, then `patch_augment`."""
         case, rng = self.stored[index], np.random.default_rng(seed)

@@ -273,3 +273,80 @@ def test_gzip_helper_is_reproducible():
     data = phantom.nifti_bytes(np.zeros((2, 3, 4), np.int16), np.eye(4))
     assert data == phantom.nifti_bytes(np.zeros((2, 3, 4), np.int16), np.eye(4))
     assert gzip.decompress(data)[344:348] == b"n+1\0"
+
+
+def test_anatomy_follows_published_adult_statistics():
+    table = phantom.anatomy_table(seed=0, patients=12, spacing=4.0, progress=False)
+    patients = table.attrs["patients"]
+    medians = patients.median()
+    assert 1100 < medians["liver volume (mL)"] < 2000
+    assert 100 < medians["spleen volume (mL)"] < 350
+    assert 90 < medians["kidney volume, each (mL)"] < 210
+    assert 40 < medians["pancreas volume (mL)"] < 110
+    assert 2.0 < medians["liver dome (vertebra)"] < 4.5  # T8-T11
+    assert -1.8 < medians["right kidney centre (vertebra)"] < 0.5  # T12-L3
+    assert medians["left kidney higher than right (mm)"] > 0
+    # spread between people is centimetres, not millimetres
+    assert patients["liver dome (vertebra)"].std() * 30 > 10
+    assert patients["right kidney centre (vertebra)"].std() * 30 > 10
+    assert patients["subcutaneous fat, flank (mm)"].max() - patients["subcutaneous fat, flank (mm)"].min() > 15
+    assert patients["liver touches right kidney (%)"].mean() > 50
+    assert patients["spleen touches left kidney (%)"].mean() > 50
+    assert list(table.index) == list(phantom.PUBLISHED_ANATOMY) and table["phantom"].str.len().min() > 0
+    assert phantom.vertebra(0.0) == "L1" and phantom.vertebra(1.4) == "T12" and phantom.vertebra(-0.6) == "L2"
+
+
+def test_structure_inside_and_between_organs():
+    case = phantom.simulate_case("btcv", "img0001", seed=0, inplane_zoom=2.0, slice_zoom=1.0)
+    tissue, organs = case["tissue"], case["organs"]
+    liver, kidneys = organs == phantom.ORGANS["liver"], np.isin(organs, (phantom.ORGANS["kidney_right"],
+                                                                          phantom.ORGANS["kidney_left"]))
+    assert (tissue[liver] == phantom.T["vein"]).sum() > 50  # portal and hepatic veins, labelled liver
+    assert (tissue[kidneys] == phantom.T["fluid"]).any()  # renal pelvis
+    assert (organs == phantom.ORGANS["portal_vein"]).sum() > 10  # BTCV's portal and splenic vein
+    assert 10 in np.unique(case["label"])
+    for name in ("mottled", "strand", "bowel", "gas"):  # colon contents, fat septa, bowel loops
+        assert (tissue == phantom.T[name]).sum() > 50, name
+    image = case["image"].astype(float)
+    assert image[liver & (tissue == phantom.T["vein"])].mean() > image[liver & (tissue == phantom.T["liver"])].mean()
+
+
+def test_domains_change_the_image_not_the_anatomy():
+    cases = {d: phantom.simulate_case("spleen", "spleen_2", seed=0, inplane_zoom=8.0, slice_zoom=3.0, domain=d)
+             for d in phantom.DOMAINS}
+    for d in ("randomised", "other_scanner"):
+        np.testing.assert_array_equal(cases[d]["label"], cases["ct"]["label"])
+        np.testing.assert_array_equal(cases[d]["organs"], cases["ct"]["organs"])
+        assert not np.array_equal(cases[d]["image"], cases["ct"]["image"])
+    tissue = cases["ct"]["tissue"]
+    fat = ndimage.binary_erosion(tissue == phantom.T["fat_sc"], iterations=1)
+    noise = {d: cases[d]["image"][fat].astype(float).std() for d in phantom.DOMAINS}
+    assert noise["other_scanner"] > noise["ct"]  # more noise on the other scanner
+    # randomised: tissue values no longer follow CT's order (subcutaneous fat above muscle in some cases)
+    flips = 0
+    for k in range(2, 8):
+        c = phantom.simulate_case("spleen", f"spleen_{k}", seed=0, inplane_zoom=8.0, slice_zoom=3.0,
+                                  domain="randomised")
+        img, t = c["image"].astype(float), c["tissue"]
+        flips += np.median(img[t == phantom.T["fat_sc"]]) > np.median(img[t == phantom.T["muscle"]])
+    assert 0 < flips < 6
+    with pytest.raises(ValueError, match="domain"):
+        phantom.simulate_case("spleen", "spleen_2", domain="xray")
+
+
+def test_randomised_generation_keeps_the_test_set_ct(root, tmp_path):
+    args = dict(FAST, datasets=("spleen", "btcv"), workers=1)
+    randomised = phantom.generate(tmp_path / "r", seed=0, domain="randomised", **args)
+    record = json.loads((randomised / phantom.PHANTOM_FILE).read_text())
+    assert record["parameters"]["domain"] == "randomised"
+    rows = pd.read_csv(randomised / LOCAL_MANIFEST, dtype=str)
+    for row in rows.itertuples():
+        folder = DATASET_DIRS[row.dataset]
+        mine, _ = _load(randomised / folder / row.image)
+        ct, _ = _load(root / folder / row.image)
+        if row.dataset == "btcv":  # the external test set stays realistic CT
+            np.testing.assert_array_equal(mine, ct)
+        else:
+            assert not np.array_equal(mine, ct)
+    with pytest.raises(ValueError, match="data.phantom.domain"):
+        phantom.generate(tmp_path / "x", seed=0, domain="xray", **args)

@@ -263,3 +263,26 @@ def test_a_multi_hot_label_packs_into_one_byte_per_voxel_and_back_exactly():
     assert np.array_equal(unpack_channels(pack_channels(every)), every)  # all 256 combinations fit a byte
     with pytest.raises(ValueError, match="multi-hot"):
         pack_channels(every[:3])
+
+
+def test_domain_augmentation_is_off_by_default_and_changes_only_the_image_when_on():
+    from fedseg.data.transforms import domain_augmentation, patch_augment
+
+    assert domain_augmentation(None) == [] and domain_augmentation({}) == []
+    transforms = domain_augmentation({"prob": 1.0})
+    assert len(transforms) == 5 and all(t.prob == 1.0 for t in transforms)
+    cfg = config()
+    cfg["preprocess"]["domain_augment"] = {"prob": 1.0}
+    cfg["preprocess"]["intensity_shift"] = {"prob": 0.0, "offset": 0.1}
+    rng = np.random.default_rng(0)
+    image = torch.as_tensor(rng.uniform(0.2, 0.8, (1, 16, 16, 16)), dtype=torch.float32)
+    label = torch.as_tensor(rng.integers(0, 2, (8, 16, 16, 16)), dtype=torch.float32)
+    pipeline = patch_augment(cfg)
+    pipeline.set_random_state(0)
+    out = pipeline({IMAGE: image.clone(), LABEL: label.clone()})
+    assert not torch.allclose(torch.as_tensor(out[IMAGE]), image)
+    torch.testing.assert_close(torch.as_tensor(out[LABEL]), label)
+    plain = config()
+    plain["preprocess"]["intensity_shift"] = {"prob": 0.0, "offset": 0.1}
+    same = patch_augment(plain)({IMAGE: image.clone(), LABEL: label.clone()})
+    torch.testing.assert_close(torch.as_tensor(same[IMAGE]), image)

@@ -165,7 +165,7 @@ CATALOGUE: tuple[Dataset, ...] = (
                 fov=(320.0, 420.0), z_extent=(240.0, 300.0), target="abdomen", noise=(14.0, 20.0),
                 gain=0.97, offset=0.0),
             organs={"spleen": 1, "kidney_right": 2, "kidney_left": 3, "gallbladder": 4, "liver": 6,
-                    "stomach": 7, "aorta": 8, "ivc": 9, "pancreas": 11}),
+                    "stomach": 7, "aorta": 8, "ivc": 9, "portal_vein": 10, "pancreas": 11}),
         source=None,  # a Synapse login: download.btcv_instructions says where to put the files
     ),
 )

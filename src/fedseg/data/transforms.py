@@ -178,8 +178,24 @@ def _patch_transforms(pre: Mapping[str, Any]) -> list[mt.MapTransform]:
     shift = pre["intensity_shift"]
     # FedGIN (Nagaraju et al. 2025): random shallow-network intensity remapping of each patch, when the profile asks
     gin = [RandGINd(keys=IMAGE, **pre["gin"])] if pre.get("gin") else []
-    return [*spatial_augmentation(pre.get("spatial_aug")), *gin,
+    return [*spatial_augmentation(pre.get("spatial_aug")), *gin, *domain_augmentation(pre.get("domain_augment")),
             mt.RandShiftIntensityd(keys=IMAGE, offsets=shift["offset"], prob=shift["prob"])]
+
+
+def domain_augmentation(settings: Mapping[str, Any] | None) -> list[mt.MapTransform]:
+    """Domain randomisation of each training patch with MONAI's intensity transforms, each applied with
+    probability `prob`: a bias field, a blur (another resolution), a gamma, a random monotonic remapping of
+    the histogram, noise. `preprocess.domain_augment: {prob: 0.3}` turns it on; null (the default) off. The
+    phantom's `data.phantom.domain: randomised` randomises the images themselves (per tissue)."""
+    if not settings:
+        return []
+    prob = float(settings.get("prob", 0.3))
+    return [mt.RandBiasFieldd(keys=IMAGE, coeff_range=(0.0, 0.3), prob=prob),
+            mt.RandGaussianSmoothd(keys=IMAGE, sigma_x=(0.25, 1.0), sigma_y=(0.25, 1.0), sigma_z=(0.25, 1.0),
+                                   prob=prob),
+            mt.RandAdjustContrastd(keys=IMAGE, gamma=(0.6, 1.6), prob=prob),
+            mt.RandHistogramShiftd(keys=IMAGE, num_control_points=(5, 10), prob=prob),
+            mt.RandGaussianNoised(keys=IMAGE, std=0.05, prob=prob)]
 
 
 def sampling_indices(cfg: dict[str, Any]) -> mt.Compose:

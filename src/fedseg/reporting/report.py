@@ -126,25 +126,56 @@ def best_axial_slice(target: np.ndarray, channels: tuple[str, ...]) -> int:
 
 
 def figure1(volumes: dict[str, tuple[np.ndarray, np.ndarray, str]]) -> plt.Figure:
-    """Fig. 1: one axial slice per dataset, labels in the paper's colours (kidney pink, liver red, ...).
+    """Fig. 1: one axial (top) and one coronal (bottom) slice per dataset, labels in the paper's colours
+    (kidney pink, liver red, ...).
 
     `volumes` maps dataset -> (image (x,y,z) in [0,1], multi-hot target (8,x,y,z), case id), both RAS.
     """
     names = [d for d in DATASETS if d in volumes]
-    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.8))
-    axes = np.atleast_1d(axes)
-    for ax, dataset in zip(axes, names):
+    fig, axes = plt.subplots(2, len(names), figsize=(3.2 * len(names), 7.0), squeeze=False)
+    for column, dataset in enumerate(names):
         image, target, case_id = volumes[dataset]
         channels = owned_channels(dataset)
         z = best_axial_slice(target, channels)
-        overlay(ax, image[..., z], target[..., z], channels)
-        ax.set_title(f"{PAPER_NAMES[dataset]}\n{case_id}, slice {z}", fontsize=9)
+        y = best_axial_slice(target.transpose(0, 1, 3, 2), channels)  # the coronal slice with the most label
+        overlay(axes[0, column], image[..., z], target[..., z], channels)
+        axes[0, column].set_title(f"{PAPER_NAMES[dataset]}\n{case_id}, axial {z}", fontsize=9)
+        overlay(axes[1, column], image[:, y, :], target[:, :, y, :], channels)  # rows z (superior up), columns x
+        axes[1, column].set_title(f"coronal {y}", fontsize=9)
     legend = [Patch(color=COLOURS[c], label=c.replace("_", " ")) for c in COLOURS]
     fig.legend(handles=legend, loc="lower center", ncol=len(legend), fontsize=8, frameon=False)
-    fig.text(0.01, 0.01, "radiological view: patient's right on the image's left", fontsize=7, color="0.4")
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.text(0.01, 0.01, "radiological view: patient's right on the image's left; coronal: superior up",
+             fontsize=7, color="0.4")
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     return fig
 
+
+#: The published ranges `anatomy_figure` shades: quantity -> (low, high), in the quantity's own unit.
+_PUBLISHED_RANGES = {"liver volume (mL)": (1200, 1900), "spleen volume (mL)": (100, 350),
+                     "kidney volume, each (mL)": (100, 200), "pancreas volume (mL)": (50, 100),
+                     "liver dome (vertebra)": (3, 4), "right kidney centre (vertebra)": (-1, 0),
+                     "spleen centre (vertebra)": (1, 3), "pancreas centre (vertebra)": (-1, 0)}
+
+
+def anatomy_figure(patients: pd.DataFrame) -> plt.Figure:
+    """The synthetic patients' organ volumes and vertebral levels (`phantom.anatomy_table(...).attrs["patients"]`),
+    one histogram per quantity, the published adult range shaded."""
+    quantities = [q for q in _PUBLISHED_RANGES if q in patients]
+    fig, axes = plt.subplots(2, 4, figsize=(14, 5.4))
+    for ax, quantity in zip(axes.flat, quantities):
+        low, high = _PUBLISHED_RANGES[quantity]
+        ax.axvspan(low, high, color="tab:green", alpha=0.15, lw=0, label="published")
+        ax.hist(patients[quantity], bins=12, color="tab:blue", alpha=0.8, label=f"phantom ({len(patients)})")
+        ax.set_title(quantity, fontsize=9)
+        if quantity.endswith("(vertebra)"):
+            ticks = np.arange(-3, 6)
+            ax.set_xticks(ticks, ["L4", "L3", "L2", "L1", "T12", "T11", "T10", "T9", "T8"], fontsize=8)
+    for ax in axes.flat[len(quantities):]:
+        ax.set_axis_off()
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle("Synthetic patients against published adult anatomy (green: the published range)", fontsize=10)
+    fig.tight_layout()
+    return fig
 
 
 def first_training_volumes(cfg: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, tuple]:

@@ -153,7 +153,7 @@ def figure1(volumes: dict[str, tuple[np.ndarray, np.ndarray, str]]) -> plt.Figur
 #: The published ranges `anatomy_figure` shades: quantity -> (low, high), in the quantity's own unit.
 _PUBLISHED_RANGES = {"liver volume (mL)": (1200, 1900), "spleen volume (mL)": (100, 350),
                      "kidney volume, each (mL)": (100, 200), "pancreas volume (mL)": (50, 100),
-                     "liver dome (vertebra)": (3, 4), "right kidney centre (vertebra)": (-1, 0),
+                     "liver dome (vertebra)": (3, 4), "right kidney centre (vertebra)": (-1, 0),  # T10-T9, L2-L1
                      "spleen centre (vertebra)": (1, 3), "pancreas centre (vertebra)": (-1, 0)}
 
 
@@ -164,6 +164,8 @@ def anatomy_figure(patients: pd.DataFrame) -> plt.Figure:
     fig, axes = plt.subplots(2, 4, figsize=(14, 5.4))
     for ax, quantity in zip(axes.flat, quantities):
         low, high = _PUBLISHED_RANGES[quantity]
+        if quantity.endswith("(vertebra)"):  # a vertebra's level spans half a vertebra either side of its centre
+            low, high = low - 0.5, high + 0.5
         ax.axvspan(low, high, color="tab:green", alpha=0.15, lw=0, label="published")
         ax.hist(patients[quantity], bins=12, color="tab:blue", alpha=0.8, label=f"phantom ({len(patients)})")
         ax.set_title(quantity, fontsize=9)

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from fedseg import run_folder
+from fedseg.data.phantom import PHANTOM_VERSION
 from fedseg.run import CHAIN
 
 pytestmark = pytest.mark.slow
@@ -38,6 +39,8 @@ def test_every_notebook_ran_and_is_recorded(smoke_run):
                   if o.get("output_type") == "error"]
         assert not errors, (name, errors)
     assert record["versions"]["monai"] and record["seed"] == 0 and "commit" in record["git"]
+    assert record["phantom"]["version"] == PHANTOM_VERSION  # which generator made the run's synthetic data
+    assert f"phantom {PHANTOM_VERSION}" in (run_dir / "README.md").read_text()
     assert "finished" in stdout
 
 
@@ -52,6 +55,8 @@ def test_data_prep_outputs(smoke_run):
     fingerprint = pd.read_csv(run_dir / "tables" / "fingerprint.csv", index_col=0)
     assert len(fingerprint) == 5 and fingerprint["orientation"].nunique() > 1
     assert (run_dir / "figures" / "fig1_datasets.png").stat().st_size > 10_000
+    anatomy = pd.read_csv(run_dir / "tables" / "anatomy.csv", index_col=0)  # the phantom against published anatomy
+    assert "liver volume (mL)" in anatomy.index and (run_dir / "figures" / "anatomy.png").exists()
     data = json.loads(run_folder.data_summary(run_dir).read_text())
     assert data["cases"] == len(cases) and data["source"] == "synthetic"
     assert data["cached_cases"] == (cases.dataset != "btcv").sum()  # BTCV is read from its files by 04

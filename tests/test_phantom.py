@@ -350,3 +350,9 @@ def test_randomised_generation_keeps_the_test_set_ct(root, tmp_path):
             assert not np.array_equal(mine, ct)
     with pytest.raises(ValueError, match="data.phantom.domain"):
         phantom.generate(tmp_path / "x", seed=0, domain="xray", **args)
+
+
+def test_generation_names_the_generator_of_a_data_root(root, tmp_path):
+    record = phantom.generation(root)
+    assert record["version"] == phantom.PHANTOM_VERSION and record["parameters"]["domain"] == "ct"
+    assert phantom.generation(tmp_path) is None  # not written by the phantom (real data)

@@ -40,6 +40,7 @@ from fedseg.config import (
     repo_root,
     resolve,
 )
+from fedseg.data import phantom
 from fedseg.data.labels import TRAIN_DATASETS
 from fedseg.evaluate import metrics
 from fedseg.experiments import contrast
@@ -349,6 +350,7 @@ def run_chain(profile: str = "laptop", *, run_name: str | None = None, params: d
                 _write_json(record_path, record)
                 _write_readme(run_dir)
                 raise ChainError(error)
+            record["phantom"] = phantom.generation(cfg["data_root"])  # the generator behind synthetic data (01)
             _write_json(record_path, record)
     record.update({"status": "ok", "ended": _now()})
     record["wall_s"] = round(sum(e.get("wall_s", 0) for e in record["notebooks"].values()), 2)

@@ -1396,6 +1396,16 @@ def _run_jobs(jobs: list[dict[str, Any]], workers: int | None, progress: bool) -
     return results
 
 
+def generation(data_root: str | Path) -> dict[str, Any] | None:
+    """The generator version and parameters a synthetic data root was written with (its phantom.json), or None
+    for a root the phantom did not write (real data)."""
+    try:
+        record = json.loads((Path(data_root) / PHANTOM_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return {"version": record.get("version"), "parameters": record.get("parameters")}
+
+
 def clear(data_root: str | Path) -> None:
     """Delete a synthetic data root the phantom wrote (refuses folders without its phantom.json)."""
     root = Path(data_root)

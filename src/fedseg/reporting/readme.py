@@ -58,8 +58,11 @@ def results_readme(run_dir: str | Path) -> Path:
         git, host = record.get("git", {}), record.get("host", {})
         phantom = cfg.get("data", {}).get("phantom", {})
         source = cfg.get("data", {}).get("source", "?")
-        data = (f"synthetic CT (fedseg.data.phantom, case_scale {phantom.get('case_scale')}, seed {record.get('seed')})"
-                if source == "synthetic" else f"real data at `{record.get('data_root')}`")
+        generated = record.get("phantom") or {}
+        version = f"phantom {generated['version']}, " if generated.get("version") else ""
+        domain = f", domain {phantom['domain']}" if phantom.get("domain", "ct") != "ct" else ""
+        data = (f"synthetic CT (fedseg.data.phantom, {version}case_scale {phantom.get('case_scale')}{domain}, "
+                f"seed {record.get('seed')})" if source == "synthetic" else f"real data at `{record.get('data_root')}`")
         lines += [
             f"- **profile** `{record.get('profile')}`, seed {record.get('seed')}, "
             f"parameters {record.get('parameters') or '{}'}",

@@ -40,8 +40,9 @@ def figure(table):
         ax.set_ylim(0, 100)
         ax.grid(axis="y", alpha=0.3)
     np.atleast_1d(axes)[0].set_ylabel("Dice (%)")
-    np.atleast_1d(axes)[0].legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
+    handles, labels = np.atleast_1d(axes)[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     return fig
 
 

@@ -768,7 +768,7 @@ def _kidney(grid: Grid, k: dict[str, Any], canvas: _Canvas, organ_id: int, masse
     box, mask, rho = blob
     # bean: the hilum notch on the medial side, the sinus (fat) inside behind it
     medial = -k["sign"]
-    hil = np.asarray(k["c"]) + k["rot"] @ np.array([medial * k["axes"][0] * 1.05, 0.25 * k["axes"][1], 0.0])
+    hil = _hilum(k)
     dx, dy, dz = _local(grid, box, hil)
     notch = (dx**2 + dy**2) / (0.42 * k["axes"][0]) ** 2 + dz**2 / (0.35 * k["axes"][2]) ** 2 <= 1.0
     sc = np.asarray(k["c"]) + k["rot"] @ np.array([medial * k["axes"][0] * 0.45, 0.1 * k["axes"][1], 0.0])

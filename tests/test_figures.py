@@ -6,6 +6,7 @@ matplotlib.use("Agg")
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from fedseg.data import phantom  # noqa: E402
 from fedseg.data.labels import CHANNEL_INDEX  # noqa: E402
 from fedseg.reporting import report  # noqa: E402
 
@@ -22,10 +23,10 @@ def test_figure1_has_an_axial_and_a_coronal_row_through_the_labels():
 
 
 def test_anatomy_figure_shades_each_published_range():
-    patients = pd.DataFrame({q: np.linspace(lo, hi, 5) for q, (lo, hi) in report._PUBLISHED_RANGES.items()})
+    patients = pd.DataFrame({q: np.linspace(lo, hi, 5) for q, (lo, hi) in phantom.PUBLISHED_RANGES.items()})
     fig = report.anatomy_figure(patients)
     panels = [ax for ax in fig.axes if ax.get_title()]
-    assert [ax.get_title() for ax in panels] == list(report._PUBLISHED_RANGES)
-    dome = panels[list(report._PUBLISHED_RANGES).index("liver dome (vertebra)")]
+    assert [ax.get_title() for ax in panels] == list(phantom.PUBLISHED_RANGES)
+    dome = panels[list(phantom.PUBLISHED_RANGES).index("liver dome (vertebra)")]
     span = dome.patches[0]  # the shaded published range: T10-T9 is levels 2.5 to 4.5
     assert np.isclose(span.get_x(), 2.5) and np.isclose(span.get_x() + span.get_width(), 4.5)

@@ -489,6 +489,13 @@ PUBLISHED_ANATOMY: dict[str, tuple[str, str]] = {
     "spleen touches left kidney (%)": ("most adults", "Standring 2016 (Gray's Anatomy)"),
     "spleen touches stomach (%)": ("most adults", "Standring 2016 (Gray's Anatomy)"),
 }
+#: The published ranges the anatomy figure shades, in each quantity's own unit: the adult volumes the generator
+#: draws between (`ORGAN_VOLUMES_ML`) and the vertebral levels quoted above (vertebrae above L1's centre).
+PUBLISHED_RANGES: dict[str, tuple[float, float]] = {
+    "liver volume (mL)": ORGAN_VOLUMES_ML["liver"], "spleen volume (mL)": ORGAN_VOLUMES_ML["spleen"],
+    "kidney volume, each (mL)": ORGAN_VOLUMES_ML["kidney"], "pancreas volume (mL)": ORGAN_VOLUMES_ML["pancreas"],
+    "liver dome (vertebra)": (3, 4), "right kidney centre (vertebra)": (-1, 0),  # T10-T9, L2-L1
+    "spleen centre (vertebra)": (1, 3), "pancreas centre (vertebra)": (-1, 0)}  # T12-T10, L2-L1
 _VERTEBRAE = ("L5", "L4", "L3", "L2", "L1", "T12", "T11", "T10", "T9", "T8", "T7")
 
 

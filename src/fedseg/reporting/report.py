@@ -15,6 +15,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.patches import Patch
 
 from fedseg import run_folder
+from fedseg.data import phantom
 from fedseg.data.labels import (
     CHANNEL_INDEX,
     CHANNELS,
@@ -150,20 +151,13 @@ def figure1(volumes: dict[str, tuple[np.ndarray, np.ndarray, str]]) -> plt.Figur
     return fig
 
 
-#: The published ranges `anatomy_figure` shades: quantity -> (low, high), in the quantity's own unit.
-_PUBLISHED_RANGES = {"liver volume (mL)": (1200, 1900), "spleen volume (mL)": (100, 350),
-                     "kidney volume, each (mL)": (100, 200), "pancreas volume (mL)": (50, 100),
-                     "liver dome (vertebra)": (3, 4), "right kidney centre (vertebra)": (-1, 0),  # T10-T9, L2-L1
-                     "spleen centre (vertebra)": (1, 3), "pancreas centre (vertebra)": (-1, 0)}
-
-
 def anatomy_figure(patients: pd.DataFrame) -> plt.Figure:
     """The synthetic patients' organ volumes and vertebral levels (`phantom.anatomy_table(...).attrs["patients"]`),
     one histogram per quantity, the published adult range shaded."""
-    quantities = [q for q in _PUBLISHED_RANGES if q in patients]
+    quantities = [q for q in phantom.PUBLISHED_RANGES if q in patients]
     fig, axes = plt.subplots(2, 4, figsize=(14, 5.4))
     for ax, quantity in zip(axes.flat, quantities):
-        low, high = _PUBLISHED_RANGES[quantity]
+        low, high = phantom.PUBLISHED_RANGES[quantity]
         if quantity.endswith("(vertebra)"):  # a vertebra's level spans half a vertebra either side of its centre
             low, high = low - 0.5, high + 0.5
         ax.axvspan(low, high, color="tab:green", alpha=0.15, lw=0, label="published")
@@ -171,7 +165,7 @@ def anatomy_figure(patients: pd.DataFrame) -> plt.Figure:
         ax.set_title(quantity, fontsize=9)
         if quantity.endswith("(vertebra)"):
             ticks = np.arange(-3, 6)
-            ax.set_xticks(ticks, ["L4", "L3", "L2", "L1", "T12", "T11", "T10", "T9", "T8"], fontsize=8)
+            ax.set_xticks(ticks, [phantom.vertebra(t) for t in ticks], fontsize=8)
     for ax in axes.flat[len(quantities):]:
         ax.set_axis_off()
     axes.flat[0].legend(fontsize=8)

@@ -34,7 +34,7 @@ print(json.dumps({
     "train": labels.TRAIN_DATASETS, "owned": labels.owned_channels("liver_site2"),
     "folder": str(layouts.dataset_dir("/data", "liver_site2")),
     "image": layouts.relative_paths("liver_site2", "liver_7")[0], "table1": manifest.TABLE1["liver_site2"],
-    "scanner": phantom.PROFILES["liver_site2"]["phase"], "downloadable": "liver_site2" in download.SOURCES,
+    "scanner": phantom.PROFILES["liver_site2"]["phases"], "downloadable": "liver_site2" in download.SOURCES,
     "clients": sites.client_list({"clients": "liver,liver_site2"}),
 }))
 """
@@ -49,5 +49,5 @@ def test_adding_a_dataset_is_one_declaration():
     assert seen["train"] == ["liver", "pancreas", "kits19", "spleen", "liver_site2"]
     assert seen["owned"] == ["liver", "liver_tumor"]
     assert seen["folder"] == "/data/Site2_Liver" and seen["image"] == "imagesTr/liver_7.nii.gz"
-    assert seen["table1"] == [30, 10, 10] and seen["scanner"] == "portal" and seen["downloadable"] is False
+    assert seen["table1"] == [30, 10, 10] and seen["scanner"] == {"portal": 1.0} and seen["downloadable"] is False
     assert seen["clients"] == ["liver", "liver_site2"]

@@ -302,7 +302,7 @@ def test_structure_inside_and_between_organs():
     liver, kidneys = organs == phantom.ORGANS["liver"], np.isin(organs, (phantom.ORGANS["kidney_right"],
                                                                           phantom.ORGANS["kidney_left"]))
     assert (tissue[liver] == phantom.T["vein"]).sum() > 50  # portal and hepatic veins, labelled liver
-    assert (tissue[kidneys] == phantom.T["fluid"]).any()  # renal pelvis
+    assert (tissue[kidneys] == phantom.T["urine"]).any()  # renal pelvis
     assert (organs == phantom.ORGANS["portal_vein"]).sum() > 10  # BTCV's portal and splenic vein
     assert 10 in np.unique(case["label"])
     for name in ("mottled", "strand", "bowel", "gas"):  # colon contents, fat septa, bowel loops
@@ -356,3 +356,45 @@ def test_generation_names_the_generator_of_a_data_root(root, tmp_path):
     record = phantom.generation(root)
     assert record["version"] == phantom.PHANTOM_VERSION and record["parameters"]["domain"] == "ct"
     assert phantom.generation(tmp_path) is None  # not written by the phantom (real data)
+
+
+def _medians(case, tissues):
+    image, tissue = case["image"].astype(float), case["tissue"]
+    return {name: float(np.median(image[tissue == phantom.T[name]])) for name in tissues}
+
+
+def test_each_contrast_phase_gives_the_published_enhancement_on_the_same_anatomy():
+    """Issue 30: every CT was contrast-enhanced (portal venous, KiTS19 arterial). Each phase now puts organs and
+    vessels at their published values (docs/phantom.md), on the same anatomy and labels."""
+    tissues = ("liver", "spleen", "pancreas", "k_cortex", "k_medulla", "artery", "vein", "urine")
+    cases = {phase: phantom.simulate_case("btcv", "img0003", seed=0, phases=phase) for phase in phantom.PHASES}
+    m = {phase: _medians(case, tissues) for phase, case in cases.items()}
+    for phase, case in cases.items():
+        assert np.array_equal(case["label"], cases["portal"]["label"]), phase
+        assert case["acquisition"]["phase"] == phase
+    assert cases["unenhanced"]["acquisition"]["seconds"] is None
+    assert 30 <= cases["arterial"]["acquisition"]["seconds"] <= 45
+    assert 180 <= cases["delayed"]["acquisition"]["seconds"] <= 300
+    un, art, port, late = m["unenhanced"], m["arterial"], m["portal"], m["delayed"]
+    assert 40 < un["liver"] < 75 and 15 < un["k_cortex"] < 50 and 25 < un["artery"] < 60  # no contrast
+    # (medians over the voxels of each tissue: the thin cortex blends with the fat around it at 4x zoom)
+    assert abs(un["k_cortex"] - un["k_medulla"]) < 15 and un["liver"] > un["spleen"]
+    assert art["artery"] > 220 and art["k_cortex"] - art["k_medulla"] > 40  # corticomedullary phase
+    assert art["pancreas"] > port["pancreas"] and art["spleen"] > art["liver"]
+    assert port["liver"] > 90 and port["vein"] > art["vein"] + 40  # portal venous: liver and veins peak
+    assert late["k_medulla"] > art["k_medulla"] + 30 and late["urine"] > 150  # nephrogram, excretion into the pelvis
+    assert un["liver"] < late["liver"] < port["liver"] and late["artery"] < port["artery"]
+
+
+def test_each_dataset_keeps_its_published_phase_and_all_gives_every_site_every_phase():
+    def phases(dataset, choice, count=24):
+        return [phantom.case_phase(dataset, choice, np.random.default_rng([0, i])) for i in range(count)]
+
+    assert set(phases("kits19", "published")) == {"arterial"}  # KiTS19: late arterial
+    for dataset in ("liver", "pancreas", "spleen", "btcv"):
+        assert set(phases(dataset, "published")) == {"portal"}, dataset
+    assert set(phases("spleen", "all")) == set(phantom.PHASES)
+    assert set(phases("btcv", "all")) == {"portal"}  # the external test set keeps its own
+    assert set(phases("liver", "unenhanced")) == {"unenhanced"}
+    with pytest.raises(ValueError, match="data.phantom.phases 'venous'"):
+        phantom.case_phase("liver", "venous", np.random.default_rng(0))

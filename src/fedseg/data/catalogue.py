@@ -81,7 +81,7 @@ CATALOGUE: tuple[Dataset, ...] = (
         label_map={1: ("liver",), 2: ("liver", "liver_tumor")}, table1=(79, 26, 26),
         phantom=Phantom(
             scanner=dict(  # LiTS: many sites, 0.7-5 mm slices, portal venous, stored L-P-S like DICOM
-                axcodes=("L", "P", "S"), phase="portal", inplane=(0.70, 0.90), slices=("log", 0.8, 5.0),
+                axcodes=("L", "P", "S"), phases={"portal": 1.0}, inplane=(0.70, 0.90), slices=("log", 0.8, 5.0),
                 fov=(300.0, 400.0), z_extent=(170.0, 230.0), target="liver", noise=(10.0, 20.0),
                 gain=1.00, offset=0.0),
             organs={"liver": 1}, tumours={"liver": 2}, tumour_counts=(("liver", 1, 3),),
@@ -96,7 +96,7 @@ CATALOGUE: tuple[Dataset, ...] = (
         label_map={1: ("pancreas",), 2: ("pancreas", "pancreas_tumor")}, table1=(169, 56, 56),
         phantom=Phantom(
             scanner=dict(  # MSD pancreas (MSKCC): 2.5 mm, portal venous, stored R-A-S
-                axcodes=("R", "A", "S"), phase="portal", inplane=(0.70, 0.85), slices=("fixed", 2.5, 2.5),
+                axcodes=("R", "A", "S"), phases={"portal": 1.0}, inplane=(0.70, 0.85), slices=("fixed", 2.5, 2.5),
                 fov=(310.0, 380.0), z_extent=(140.0, 200.0), target="pancreas", noise=(10.0, 14.0),
                 gain=0.98, offset=6.0),
             organs={"pancreas": 1}, tumours={"pancreas": 2}, tumour_counts=(("pancreas", 1, 2),),
@@ -111,7 +111,7 @@ CATALOGUE: tuple[Dataset, ...] = (
         label_map={1: ("kidney",), 2: ("kidney", "kidney_tumor")}, table1=(126, 42, 42),
         phantom=Phantom(
             scanner=dict(  # KiTS19: late arterial, slice axis first, affine permuted (I-P-L) like the release
-                axcodes=("I", "P", "L"), phase="arterial", inplane=(0.70, 0.90), slices=("log", 0.8, 3.0),
+                axcodes=("I", "P", "L"), phases={"arterial": 1.0}, inplane=(0.70, 0.90), slices=("log", 0.8, 3.0),
                 fov=(300.0, 380.0), z_extent=(120.0, 170.0), target="kidneys", noise=(12.0, 20.0),
                 gain=1.02, offset=-8.0),
             organs={"kidney_right": 1, "kidney_left": 1}, tumours={"kidney": 2}, tumour_counts=(("kidney", 1, 2),)),
@@ -132,7 +132,7 @@ CATALOGUE: tuple[Dataset, ...] = (
         label_map={1: ("spleen",)}, table1=(25, 8, 8),
         phantom=Phantom(
             scanner=dict(  # MSD spleen: 1.5-5 mm, portal venous, stored L-P-S
-                axcodes=("L", "P", "S"), phase="portal", inplane=(0.75, 0.90), slices=("log", 1.5, 5.0),
+                axcodes=("L", "P", "S"), phases={"portal": 1.0}, inplane=(0.75, 0.90), slices=("log", 1.5, 5.0),
                 fov=(310.0, 400.0), z_extent=(180.0, 250.0), target="spleen", noise=(8.0, 12.0),
                 gain=1.00, offset=4.0),
             organs={"spleen": 1}, msd_json=("Spleen", {"0": "background", "1": "spleen"})),
@@ -161,7 +161,7 @@ CATALOGUE: tuple[Dataset, ...] = (
         table1=(0, 0, 30),
         phantom=Phantom(
             scanner=dict(  # BTCV: 2.5-5 mm, portal venous, whole abdomen, stored L-A-S (radiological)
-                axcodes=("L", "A", "S"), phase="portal", inplane=(0.70, 0.90), slices=("uniform", 2.5, 5.0),
+                axcodes=("L", "A", "S"), phases={"portal": 1.0}, inplane=(0.70, 0.90), slices=("uniform", 2.5, 5.0),
                 fov=(320.0, 420.0), z_extent=(240.0, 300.0), target="abdomen", noise=(14.0, 20.0),
                 gain=0.97, offset=0.0),
             organs={"spleen": 1, "kidney_right": 2, "kidney_left": 3, "gallbladder": 4, "liver": 6,

@@ -68,44 +68,48 @@ from fedseg.data.layouts import DATASET_DIRS, LOCAL_MANIFEST
 from fedseg.data.manifest import load_manifest, subset_manifest
 
 #: Bump when the generator's output changes for the same parameters (phantom.json records it).
-PHANTOM_VERSION = "2.0.0"
+PHANTOM_VERSION = "3.0.0"
 PHANTOM_FILE = "phantom.json"
 _IN_PROGRESS = ".phantom-in-progress"
 
 # ---------------------------------------------------------------------------------------------------
-# Tissues: class index, CT value unenhanced, enhancement in arterial / portal phase, texture SD (HU),
-# and an MRI-like value (T1-like: fat bright, bone and air dark, organs reordered; arbitrary units).
+# Tissues: class index, CT value unenhanced (HU), enhancement over it at the reference time of the late arterial,
+# portal venous and delayed phase (`PHASE_KNOTS_S`), texture SD (HU), and an MRI-like value (T1-like: fat bright,
+# bone and air dark, organs reordered; arbitrary units). Organ and vessel values after the published multiphase
+# measurements docs/phantom.md cites (aorta, portal vein, liver: Bae 2010, Herts et al. 1995; pancreas: Lu et al.
+# 1996; kidney: Yuh & Cohan 1999; excretion: van der Molen et al. 2008); the rest are the generator's choices.
 # ---------------------------------------------------------------------------------------------------
-_TISSUES: dict[str, tuple[float, float, float, float, float]] = {
-    #               HU    art    port   tex   MRI
-    "air":       (-1000.0, 0.0, 0.0, 0.0, 5.0),
-    "fat_sc":    (-105.0, 0.0, 0.0, 8.0, 950.0),
-    "fat":       (-92.0, 0.0, 0.0, 10.0, 880.0),
-    "muscle":    (52.0, 8.0, 12.0, 6.0, 300.0),
-    "cortical":  (850.0, 0.0, 0.0, 90.0, 25.0),
-    "marrow":    (230.0, 0.0, 0.0, 40.0, 620.0),
-    "disc":      (85.0, 0.0, 0.0, 8.0, 210.0),
-    "csf":       (10.0, 0.0, 0.0, 3.0, 110.0),
-    "rib":       (400.0, 0.0, 0.0, 70.0, 160.0),
-    "lung":      (-850.0, 0.0, 0.0, 45.0, 20.0),
-    "heart":     (40.0, 210.0, 120.0, 8.0, 260.0),
-    "artery":    (40.0, 260.0, 130.0, 6.0, 60.0),
-    "vein":      (40.0, 40.0, 110.0, 6.0, 90.0),
-    "liver":     (58.0, 22.0, 50.0, 6.0, 470.0),
-    "spleen":    (48.0, 75.0, 65.0, 6.0, 330.0),
-    "pancreas":  (42.0, 75.0, 50.0, 8.0, 560.0),
-    "k_cortex":  (32.0, 170.0, 130.0, 8.0, 420.0),
-    "k_medulla": (32.0, 45.0, 110.0, 8.0, 270.0),
-    "k_sinus":   (-60.0, 0.0, 0.0, 12.0, 800.0),
-    "gastric":   (40.0, 40.0, 30.0, 8.0, 390.0),
-    "fluid":     (15.0, 0.0, 0.0, 5.0, 130.0),
-    "gas":       (-950.0, 0.0, 0.0, 30.0, 8.0),
-    "bowel":     (30.0, 30.0, 25.0, 12.0, 360.0),
-    "bile":      (8.0, 0.0, 0.0, 3.0, 150.0),
-    "table":     (150.0, 0.0, 0.0, 10.0, 4.0),
-    "oral":      (260.0, 0.0, 0.0, 25.0, 60.0),     # positive oral contrast in stomach and bowel
-    "mottled":   (15.0, 0.0, 0.0, 45.0, 420.0),     # faeces, food: soft tissue with fine gas
-    "strand":    (25.0, 15.0, 35.0, 8.0, 420.0),    # fat septa and small vessels
+_TISSUES: dict[str, tuple[float, float, float, float, float, float]] = {
+    #               HU    art    port   del    tex   MRI
+    "air":       (-1000.0, 0.0, 0.0, 0.0, 0.0, 5.0),
+    "fat_sc":    (-105.0, 0.0, 0.0, 0.0, 8.0, 950.0),
+    "fat":       (-92.0, 0.0, 0.0, 0.0, 10.0, 880.0),
+    "muscle":    (52.0, 8.0, 12.0, 10.0, 6.0, 300.0),
+    "cortical":  (850.0, 0.0, 0.0, 0.0, 90.0, 25.0),
+    "marrow":    (230.0, 0.0, 0.0, 0.0, 40.0, 620.0),
+    "disc":      (85.0, 0.0, 0.0, 0.0, 8.0, 210.0),
+    "csf":       (10.0, 0.0, 0.0, 0.0, 3.0, 110.0),
+    "rib":       (400.0, 0.0, 0.0, 0.0, 70.0, 160.0),
+    "lung":      (-850.0, 0.0, 0.0, 0.0, 45.0, 20.0),
+    "heart":     (40.0, 210.0, 120.0, 75.0, 8.0, 260.0),
+    "artery":    (40.0, 260.0, 130.0, 80.0, 6.0, 60.0),
+    "vein":      (40.0, 40.0, 110.0, 75.0, 6.0, 90.0),
+    "liver":     (58.0, 22.0, 50.0, 35.0, 6.0, 470.0),
+    "spleen":    (48.0, 75.0, 65.0, 45.0, 6.0, 330.0),
+    "pancreas":  (42.0, 75.0, 50.0, 30.0, 8.0, 560.0),
+    "k_cortex":  (32.0, 170.0, 130.0, 100.0, 8.0, 420.0),
+    "k_medulla": (32.0, 45.0, 110.0, 105.0, 8.0, 270.0),
+    "k_sinus":   (-60.0, 0.0, 0.0, 0.0, 12.0, 800.0),
+    "gastric":   (40.0, 40.0, 30.0, 20.0, 8.0, 390.0),
+    "fluid":     (15.0, 0.0, 0.0, 0.0, 5.0, 130.0),
+    "gas":       (-950.0, 0.0, 0.0, 0.0, 30.0, 8.0),
+    "bowel":     (30.0, 30.0, 25.0, 15.0, 12.0, 360.0),
+    "bile":      (8.0, 0.0, 0.0, 0.0, 3.0, 150.0),
+    "table":     (150.0, 0.0, 0.0, 0.0, 10.0, 4.0),
+    "oral":      (260.0, 0.0, 0.0, 0.0, 25.0, 60.0),     # positive oral contrast in stomach and bowel
+    "mottled":   (15.0, 0.0, 0.0, 0.0, 45.0, 420.0),     # faeces, food: soft tissue with fine gas
+    "strand":    (25.0, 15.0, 35.0, 25.0, 8.0, 420.0),   # fat septa and small vessels
+    "urine":     (15.0, 0.0, 0.0, 350.0, 5.0, 130.0),    # renal pelvis: contrast excreted from ~3 min on
 }
 _TISSUE_NAMES = tuple(_TISSUES)
 T = {name: i for i, name in enumerate(_TISSUE_NAMES)}  # tissue class indices
@@ -788,7 +792,7 @@ def _kidney(grid: Grid, k: dict[str, Any], canvas: _Canvas, organ_id: int, masse
     tissue[sinus] = T["k_sinus"]
     dx, dy, dz = _local(grid, box, (np.asarray(sc) + hil) / 2)  # renal pelvis: urine, opening at the hilum
     pelvis = (dx**2 + dy**2) / (0.28 * k["axes"][0]) ** 2 + dz**2 / (0.22 * k["axes"][2]) ** 2 <= 1.0
-    tissue[pelvis & (sinus | notch)] = T["fluid"]
+    tissue[pelvis & (sinus | notch)] = T["urine"]
     _paint(canvas, box, kidney | (pelvis & mask), tissue, organ_id)
 
 
@@ -1124,28 +1128,76 @@ def _plan_tumours(rng: np.random.Generator, tasks: Sequence[tuple[str, int, int]
 #: (the other contrast phase, a softer kernel, more noise, another calibration), a test domain.
 DOMAINS = ("ct", "randomised", "other_scanner")
 
+#: The contrast phases a CT comes in, and each one's window of seconds after the start of the injection: a case's
+#: scan time is drawn in its phase's window (bolus timing varies within a phase). Unenhanced: no contrast.
+PHASES: dict[str, tuple[float, float] | None] = {
+    "unenhanced": None, "arterial": (30.0, 45.0), "portal": (60.0, 90.0), "delayed": (180.0, 300.0)}
+#: Enhancement curves: seconds at which `_TISSUES` gives each tissue's late arterial, portal venous and delayed
+#: enhancement (0 at the injection); linear in between, the delayed value after its knot.
+PHASE_KNOTS_S = (0.0, 35.0, 70.0, 240.0)
+#: A tumour's contrast to its organ (drawn for the portal venous phase) in each phase: subtle without contrast,
+#: hypervascular tumours brighter and hypovascular ones a little less dark in the late arterial phase, fading
+#: in the delayed phase (the generator's rule, not a measurement).
+TUMOUR_CONTRAST = {"unenhanced": (0.4, 0.4), "arterial": (0.8, 1.6), "portal": (1.0, 1.0), "delayed": (0.8, 0.7)}
+#: `data.phantom.phases`: "published" (each dataset's own phase mix, `catalogue.Phantom.scanner["phases"]`),
+#: "all" (every phase equally likely, for every training dataset), or one phase for every case of every dataset.
+PHASE_CHOICES = ("published", "all", *PHASES)
+
+
+def case_phase(dataset: str, phases: str, rng: np.random.Generator) -> str:
+    """The contrast phase of one case: drawn from the dataset's published mix, or from every phase (training
+    datasets only: the external test set keeps its own with `phases="all"`), or the one phase asked for."""
+    if phases not in PHASE_CHOICES:
+        raise ValueError(f"Unknown data.phantom.phases {phases!r}: use one of {', '.join(PHASE_CHOICES)}.")
+    if phases in PHASES:
+        return phases
+    mix = dict(PROFILES[dataset]["phases"])
+    if phases == "all" and BY_NAME[dataset].role == "train":
+        mix = {phase: 1.0 for phase in PHASES}
+    names = sorted(mix)
+    weights = np.array([mix[n] for n in names], float)
+    return names[int(rng.choice(len(names), p=weights / weights.sum()))] if len(names) > 1 else names[0]
+
+
+def enhancement(phase: str, seconds: float | None = None) -> np.ndarray:
+    """Each tissue's enhancement (HU over its unenhanced value) `seconds` after the injection (default: the
+    phase's reference time), interpolated between the knots of `PHASE_KNOTS_S`; zero for unenhanced."""
+    table = np.array([_TISSUES[n][1:4] for n in _TISSUE_NAMES], dtype=np.float32)
+    if PHASES[phase] is None:
+        return np.zeros(len(table), np.float32)
+    if seconds is None:
+        seconds = PHASE_KNOTS_S[list(PHASES).index(phase)]
+    knots = np.concatenate([np.zeros((len(table), 1), np.float32), table], axis=1)
+    return np.array([np.interp(seconds, PHASE_KNOTS_S, row) for row in knots], dtype=np.float32)
+
 
 def _intensities(rng: np.random.Generator, grid: Grid, canvas: _Canvas, tumours: list[dict[str, Any]],
-                 dataset: str, mri: bool, field_rng: np.random.Generator, domain: str = "ct") -> np.ndarray:
+                 dataset: str, mri: bool, field_rng: np.random.Generator, domain: str = "ct",
+                 phase: str = "portal") -> tuple[np.ndarray, dict[str, Any]]:
+    """The image of an anatomy (HU, or MRI-like units) and its acquisition: phase and seconds after injection."""
     p = dict(PROFILES[dataset])
     table = np.array([_TISSUES[n] for n in _TISSUE_NAMES], dtype=np.float32)
     texture = _smooth_field(field_rng, grid, 7.0)
     blur, noise_scale = 1.0, 1.0
     if domain == "other_scanner":
-        p.update(phase="portal" if p["phase"] == "arterial" else "arterial", gain=p["gain"] * 1.1,
-                 offset=p["offset"] + 25.0)
+        phase = {"arterial": "portal", "portal": "arterial"}.get(phase, phase)
+        p.update(gain=p["gain"] * 1.1, offset=p["offset"] + 25.0)
         blur, noise_scale = 1.8, 1.7
     randomised = domain == "randomised" and not mri
+    window = PHASES[phase]
+    seconds = None if window is None or mri or randomised else float(rng.uniform(*window))
+    acquisition = {"phase": "mri_like" if mri else "randomised" if randomised else phase,
+                   "seconds": None if seconds is None else round(seconds, 1)}
     if mri:
-        values = table[:, 4] * rng.uniform(0.9, 1.1)
-        tex_sd = table[:, 3] * 2.0
+        values = table[:, 5] * rng.uniform(0.9, 1.1)
+        tex_sd = table[:, 4] * 2.0
     elif randomised:  # SynthSeg-style: every tissue its own random mean and texture, in the HU window
         values = rng.uniform(-450.0, 450.0, len(table)).astype(np.float32)
         tex_sd = rng.uniform(0.0, 40.0, len(table)).astype(np.float32)
     else:
-        timing = rng.uniform(0.85, 1.15)  # contrast bolus timing of this scan
-        values = table[:, 0] + table[:, 1 if p["phase"] == "arterial" else 2] * timing
-        tex_sd = table[:, 3]
+        dose = rng.uniform(0.85, 1.15)  # the patient's enhancement per unit contrast (cardiac output, weight, dose)
+        values = table[:, 0] + enhancement(phase, seconds) * dose
+        tex_sd = table[:, 4]
     image = values[canvas.tissue]
     image += texture * tex_sd[canvas.tissue]
     organ_value = {"liver": T["liver"], "pancreas": T["pancreas"], "kidney": T["k_medulla"]}
@@ -1153,6 +1205,9 @@ def _intensities(rng: np.random.Generator, grid: Grid, canvas: _Canvas, tumours:
         delta = t["delta"] * (-4.0 if mri else 1.0)  # tumours bright on the MRI-like contrast
         if randomised:
             delta = rng.choice([-1.0, 1.0]) * rng.uniform(20.0, 150.0)
+        elif not mri:
+            hypo, hyper = TUMOUR_CONTRAST[phase]
+            delta *= hyper if delta > 0 else hypo
         view = image[t["box"]]
         base = values[organ_value[t["organ"]]] if t["organ"] != "kidney" else view[t["mask"]].mean()
         view[t["mask"]] = base + delta + texture[t["box"]][t["mask"]] * 6.0
@@ -1167,13 +1222,13 @@ def _intensities(rng: np.random.Generator, grid: Grid, canvas: _Canvas, tumours:
         bias = np.exp(0.15 * _smooth_field(field_rng, grid, 120.0))
         noise2 = rng.standard_normal(image.shape, dtype=np.float32)
         image = np.sqrt((image * bias + noise * noise_sd) ** 2 + (noise2 * noise_sd) ** 2)  # Rician
-        return np.clip(np.rint(image), 0, 32767).astype(np.int16)
+        return np.clip(np.rint(image), 0, 32767).astype(np.int16), acquisition
     if randomised:
         bias = np.exp(rng.uniform(0.0, 0.3) * _smooth_field(field_rng, grid, 120.0))
         image = (image + 500.0) * bias - 500.0  # multiplicative about the window's floor
-        return np.clip(np.rint(image + noise * rng.uniform(0.0, 40.0)), -1024, 3071).astype(np.int16)
+        return np.clip(np.rint(image + noise * rng.uniform(0.0, 40.0)), -1024, 3071).astype(np.int16), acquisition
     image = image * p["gain"] + p["offset"] + noise * noise_sd
-    return np.clip(np.rint(image), -1024, 3071).astype(np.int16)
+    return np.clip(np.rint(image), -1024, 3071).astype(np.int16), acquisition
 
 
 def dataset_label(dataset: str, canvas: _Canvas) -> np.ndarray:
@@ -1197,15 +1252,16 @@ def case_number(case_id: str) -> int:
 
 
 def simulate_case(dataset: str, case_id: str, *, seed: int = 0, inplane_zoom: float = 4.0,
-                  slice_zoom: float = 1.5, mri_like: bool = False, domain: str = "ct") -> dict[str, Any]:
+                  slice_zoom: float = 1.5, mri_like: bool = False, domain: str = "ct",
+                  phases: str = "published") -> dict[str, Any]:
     """One synthetic case on its canonical RAS grid (before the dataset's storage orientation).
 
-    `domain` (`DOMAINS`) changes only the image: the same case has the same anatomy and labels in every
-    domain and contrast.
+    `domain` (`DOMAINS`) and `phases` (`PHASE_CHOICES`: the dataset's published mix, every phase, or one) change
+    only the image: the same case has the same anatomy and labels in every domain, phase and contrast.
 
     Returns image (int16), label (uint8, the dataset's own values), organs, tumour_map and tissue
     (the full anatomy: internal ids `ORGANS`, `TUMOURS`, tissue classes `T`), affine (RAS), tumours
-    (organ and radius of each), grid.
+    (organ and radius of each), acquisition (contrast phase and seconds after the injection), grid.
     """
     if dataset not in PROFILES:
         raise ValueError(f"Unknown dataset {dataset!r}: use one of {', '.join(PROFILES)}.")
@@ -1216,10 +1272,12 @@ def simulate_case(dataset: str, case_id: str, *, seed: int = 0, inplane_zoom: fl
     grid = sample_grid(rng, dataset, anatomy, inplane_zoom, slice_zoom)
     canvas, tumours = build_anatomy(anatomy, grid, rng, _TUMOUR_TASKS[dataset])
     field_rng = np.random.default_rng([int(seed), DATASETS.index(dataset), case_number(case_id), 1])
-    image = _intensities(rng, grid, canvas, tumours, dataset, mri_like, field_rng, domain)
+    phase = case_phase(dataset, phases, np.random.default_rng([int(seed), DATASETS.index(dataset),
+                                                               case_number(case_id), 2]))
+    image, acquisition = _intensities(rng, grid, canvas, tumours, dataset, mri_like, field_rng, domain, phase)
     return dict(image=image, label=dataset_label(dataset, canvas), organs=canvas.organ,
                 tumour_map=canvas.tumour, tissue=canvas.tissue, affine=grid.affine(), grid=grid,
-                tumours=[{k: t[k] for k in ("organ", "radius_mm")} for t in tumours])
+                tumours=[{k: t[k] for k in ("organ", "radius_mm")} for t in tumours], acquisition=acquisition)
 
 
 def to_storage(array: np.ndarray, affine: np.ndarray, axcodes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -1253,7 +1311,8 @@ def _write_case(job: dict[str, Any]) -> dict[str, Any]:
     """Worker: simulate one case and write its image and label (each atomically)."""
     start = time.perf_counter()
     case = simulate_case(job["dataset"], job["case_id"], seed=job["seed"], inplane_zoom=job["inplane_zoom"],
-                         slice_zoom=job["slice_zoom"], mri_like=job["mri"], domain=job["domain"])
+                         slice_zoom=job["slice_zoom"], mri_like=job["mri"], domain=job["domain"],
+                         phases=job["phases"])
     axcodes = PROFILES[job["dataset"]]["axcodes"]
     image, affine = to_storage(case["image"], case["affine"], axcodes)
     label, _ = to_storage(case["label"], case["affine"], axcodes)
@@ -1266,7 +1325,7 @@ def _write_case(job: dict[str, Any]) -> dict[str, Any]:
     return dict(dataset=job["dataset"], case_id=job["case_id"], shape=list(image.shape),
                 spacing=[round(float(s), 3) for s in voxel_sizes(affine)],
                 axcodes="".join(axcodes), labels=np.flatnonzero(np.bincount(label.ravel(), minlength=1)).tolist(),
-                tumours=case["tumours"], seconds=time.perf_counter() - start)
+                tumours=case["tumours"], acquisition=case["acquisition"], seconds=time.perf_counter() - start)
 
 
 def _msd_json(dataset: str, rows: pd.DataFrame, mri: bool) -> bytes:
@@ -1289,10 +1348,12 @@ def _msd_json(dataset: str, rows: pd.DataFrame, mri: bool) -> bytes:
     return (json.dumps(doc, indent=4) + "\n").encode()
 
 
-def _parameters(seed, case_scale, min_cases, inplane_zoom, slice_zoom, mri_like, datasets, domain) -> dict[str, Any]:
+def _parameters(seed, case_scale, min_cases, inplane_zoom, slice_zoom, mri_like, datasets, domain,
+                phases) -> dict[str, Any]:
     return dict(seed=int(seed), case_scale=float(case_scale), min_cases=[int(m) for m in min_cases],
                 inplane_zoom=float(inplane_zoom), slice_zoom=float(slice_zoom),
-                mri_like=sorted(mri_like), datasets=None if datasets is None else sorted(datasets), domain=str(domain))
+                mri_like=sorted(mri_like), datasets=None if datasets is None else sorted(datasets), domain=str(domain),
+                phases=str(phases))
 
 
 def _is_current(root: Path, record: dict[str, Any]) -> bool:
@@ -1323,15 +1384,17 @@ def _refuse_real_data(root: Path) -> None:
 def generate(data_root: str | Path, *, seed: int = 0, case_scale: float = 0.1,
              min_cases: Sequence[int] = (2, 1, 1), inplane_zoom: float = 4.0, slice_zoom: float = 1.5,
              mri_like: Sequence[str] = (), datasets: Sequence[str] | None = None, domain: str = "ct",
-             workers: int | None = None, progress: bool = True) -> Path:
+             phases: str = "published", workers: int | None = None, progress: bool = True) -> Path:
     """Write the synthetic datasets under `data_root` in the real layouts; returns `data_root`.
 
     Cases are `subset_manifest(load_manifest(), case_scale, min_cases)` (optionally only `datasets`);
     voxel sizes are the real ones times `inplane_zoom` / `slice_zoom`; `mri_like` datasets get an
     MRI-like contrast; `domain` (`DOMAINS`) the image domain ("randomised" applies to the training
-    datasets only: the external test set stays realistic CT). Files: each case's image (int16) and
-    label (uint8) .nii.gz, an MSD `dataset.json` per MSD task, `manifest.csv` (the subset, written
-    last) and `phantom.json` (the parameters, written at the very end). A finished generation with the
+    datasets only: the external test set stays realistic CT); `phases` (`PHASE_CHOICES`) each case's contrast
+    phase: the dataset's published mix, every phase for the training datasets ("all"), or one phase for all.
+    Files: each case's image (int16) and label (uint8) .nii.gz, an MSD `dataset.json` per MSD task,
+    `manifest.csv` (the subset, written last) and `phantom.json` (the parameters and each case's acquisition,
+    written at the very end). A finished generation with the
     same parameters is reused as it is; the same parameters always give the same bytes.
     """
     root = Path(data_root)
@@ -1340,11 +1403,13 @@ def generate(data_root: str | Path, *, seed: int = 0, case_scale: float = 0.1,
         raise ValueError(f"Unknown dataset(s) {unknown} in mri_like/datasets: use names from {list(PROFILES)}.")
     if domain not in DOMAINS:
         raise ValueError(f"Unknown phantom domain {domain!r} (data.phantom.domain): use one of {', '.join(DOMAINS)}.")
+    if phases not in PHASE_CHOICES:
+        raise ValueError(f"Unknown data.phantom.phases {phases!r}: use one of {', '.join(PHASE_CHOICES)}.")
     if min(inplane_zoom, slice_zoom) <= 0:
         raise ValueError(f"inplane_zoom and slice_zoom must be positive, got {inplane_zoom}, {slice_zoom}.")
     record = dict(generator="fedseg.data.phantom", version=PHANTOM_VERSION,
                   parameters=_parameters(seed, case_scale, min_cases, inplane_zoom, slice_zoom, mri_like, datasets,
-                                         domain))
+                                         domain, phases))
     if _is_current(root, record):
         if progress:
             print(f"phantom: {root} already holds this generation (same parameters, version "
@@ -1361,7 +1426,8 @@ def generate(data_root: str | Path, *, seed: int = 0, case_scale: float = 0.1,
     jobs = [dict(dataset=r.dataset, case_id=r.case_id, image=f"{DATASET_DIRS[r.dataset]}/{r.image}",
                  label=f"{DATASET_DIRS[r.dataset]}/{r.label}", root=str(root), seed=int(seed),
                  inplane_zoom=float(inplane_zoom), slice_zoom=float(slice_zoom), mri=r.dataset in set(mri_like),
-                 domain="ct" if domain == "randomised" and BY_NAME[r.dataset].role != "train" else domain)
+                 domain="ct" if domain == "randomised" and BY_NAME[r.dataset].role != "train" else domain,
+                 phases=phases)
             for r in manifest.itertuples()]
     start = time.perf_counter()
     results = _run_jobs(jobs, workers, progress)

@@ -76,6 +76,20 @@ def test_speed_table_puts_full_and_coarse_to_fine_side_by_side():
     assert table.loc[external.LOCAL_PP, "seconds per case (mean)"] == 3.0
     assert table.loc[external.COARSE, "fine pass coverage (mean)"] == 0.4
     assert table.loc[external.COARSE, "Dice (mean of organs)"] == pytest.approx(0.6)
+    # the first stage found every organ: the table is the same as without its record
+    found = pd.DataFrame([{"case_id": c, "organ": o, "found": True, "fine_window": "box", "first_stage": "localiser"}
+                          for c in ("c1", "c2") for o in ("liver", "spleen")])
+    pd.testing.assert_frame_equal(external.speed_table(scores, timing, localiser=found), table)
+    assert external.fallback_note(found) == ""
+    # it missed c2's spleen: c2 is counted apart, not blended into the mean coverage
+    missed = found.assign(found=[True, True, True, False], fine_window=["box", "box", "box", "full"])
+    table = external.speed_table(scores, timing, localiser=missed)
+    assert table.loc[external.COARSE, "fine pass coverage (mean)"] == 0.3
+    assert table.loc[external.COARSE, "cases with a full-window fallback"] == 1
+    assert table.loc[external.COARSE, "organs over the full window"] == "spleen (1)"
+    assert table.loc[external.LOCAL_PP, "fine pass coverage (mean)"] == 1.0
+    assert table.loc[external.LOCAL_PP, "cases with a full-window fallback"] == 0
+    assert "1 case(s)" in external.fallback_note(missed) and "c2: spleen" in external.fallback_note(missed)
 
 
 def test_table2_cases_takes_each_tasks_own_model_and_the_global_model_everywhere():

@@ -74,7 +74,8 @@ def tiny_config(data_root, rounds=2, local_steps=2):
         "preprocess": {"spacing": [VOXEL] * 3, "hu_window": [-500, 500], "patch_size": [16, 16, 16],
                        "patch_sampling": "posneg", "patches_per_volume": 2, "num_workers": 0,
                        "intensity_shift": {"prob": 0.8, "offset": 0.1}},
-        "model": {"name": "UNet", "channels": [8, 16], "strides": [2], "num_res_units": 1},
+        # num_res_units 0: the last layer gives the logits, so ownerfedavg runs and the dilution is measured
+        "model": {"name": "UNet", "channels": [8, 16], "strides": [2], "num_res_units": 0},
         "train": {"loss": "masked_dice", "optimizer": "adam", "lr": 1e-2, "weight_decay": 0.0,
                   "schedule": "constant", "cases_per_step": 1, "steps": 4, "val_every": 2,
                   "checkpoint_every": 2, "sw_batch_size": 2, "sw_overlap": 0.25, "amp": True},
@@ -195,7 +196,7 @@ def test_global_best_is_the_channel_mean_and_is_saved_with_the_rounds_table(tmp_
     assert math.isclose(metrics["global-mean-dice"], (0.8 + 0.4 + 0.9) / 3)  # channels, not client means (0.75)
     assert metrics["dice-spleen"] == 0.9 and metrics["dice-liver"] == 0.8 and math.isnan(metrics["dice-kidney"])
     best = torch.load(tmp_path / "checkpoints" / "fl-global" / "best.pt", weights_only=False)
-    assert set(best) == {"model", "step", "val_mean_dice"} and best["step"] == 1
+    assert set(best) == {"model", "step", "val_mean_dice", "code", "federation_id"} and best["step"] == 1
     assert all(torch.equal(best["model"][k], first[k]) for k in first)
 
     # round 2 is worse: the best stays round 1's weights
@@ -252,11 +253,12 @@ def test_rounds_between_validations_send_no_evaluation_and_the_best_is_chosen_am
 # The client: what it sends, its local best, its failures
 # --------------------------------------------------------------------------------------------------
 
-def client_message(cfg, kind, server_round=1):
+def client_message(cfg, kind, server_round=1, federation="fed-A"):
+    """A train or evaluate message of the server's round `server_round` of federation `federation`."""
     torch.manual_seed(0)
     model = build_network(**cfg["model"])
     content = RecordDict({"arrays": ArrayRecord(model.state_dict()),
-                          "config": ConfigRecord({"server-round": server_round})})
+                          "config": ConfigRecord({"server-round": server_round, task.FEDERATION_KEY: federation})})
     meta = Metadata(run_id=1, message_id="in", src_node_id=0, dst_node_id=5, reply_to_message_id="", group_id="1",
                     created_at=time.time(), ttl=3600.0, message_type=kind)
     return Message(content=content, metadata=meta), model
@@ -304,15 +306,60 @@ def test_a_restarted_client_keeps_its_local_best_from_disk(tiny):
     cfg, cases, run_dir = tiny
     node = {"dataset": "liver"}
     path = task.local_best_path(run_dir, "liver")
-    save_checkpoint({}, path, step=1, val_mean_dice=2.0)  # unbeatable (Dice <= 1)
-    message, _ = client_message(cfg, "train", server_round=2)
+    save_checkpoint({}, path, step=1, val_mean_dice=2.0, federation_id="fed-A")  # unbeatable (Dice <= 1)
+    message, _ = client_message(cfg, "train", server_round=2, federation="fed-A")
     out = client_app.app(message, client_context(cfg, run_dir, cases, node))  # fresh state: a restart
     assert out.content["metrics"]["local-best-updated"] == 0
     assert torch.load(path, weights_only=False)["val_mean_dice"] == 2.0
-    message, _ = client_message(cfg, "train", server_round=1)  # a new federation starts afresh
+    message, _ = client_message(cfg, "train", server_round=2, federation="fed-B")  # another federation: afresh
     out = client_app.app(message, client_context(cfg, run_dir, cases, node))
     assert out.content["metrics"]["local-best-updated"] == 1
-    assert torch.load(path, weights_only=False)["val_mean_dice"] < 1.0
+    saved = torch.load(path, weights_only=False)
+    assert saved["val_mean_dice"] < 1.0 and saved["federation_id"] == "fed-B"
+
+
+def test_an_earlier_federations_local_best_does_not_count_when_round_1_is_not_validated(tiny):
+    """Issue 27.1: the local best was forgotten only at round 1, which `val_every` > 1 does not validate, so at the
+    first validated round the bar was an earlier federation's best.pt (0.99): a worse new federation never
+    replaced it, and Tables 2 and 3 scored the old model."""
+    cfg, cases, run_dir = tiny
+    cfg["federated"].update(rounds=4, val_every=2)
+    node = {"dataset": "liver"}
+    path = task.local_best_path(run_dir, "liver")
+    save_checkpoint({}, path, step=4, val_mean_dice=0.99, federation_id="an-earlier-federation")
+    context = client_context(cfg, run_dir, cases, node)
+    for server_round in (1, 2):
+        message, _ = client_message(cfg, "train", server_round, federation="fed-new")
+        metrics = client_app.app(message, context).content["metrics"]
+    assert metrics["local-best-updated"] == 1 and metrics["mean-dice"] < 0.99
+    saved = torch.load(path, weights_only=False)
+    assert saved["step"] == 2 and saved["federation_id"] == "fed-new"
+    assert math.isclose(saved["val_mean_dice"], metrics["mean-dice"])
+
+
+def test_an_earlier_federations_local_best_does_not_answer_for_the_run(tiny):
+    """A local best left by an earlier federation in the run folder (e.g. of a site the new federation does not
+    have) is not the run's model: loading it for the run's tables is refused, naming both federations."""
+    from fedseg.evaluate.evaluation import load_best
+    from fedseg.train.training import StaleCheckpointError
+
+    cfg, cases, run_dir = tiny
+    message, _ = client_message(cfg, "train", 2, federation="fed-old")
+    client_app.app(message, client_context(cfg, run_dir, cases, {"dataset": "liver"}))
+    path = task.local_best_path(run_dir, "liver")
+    (run_dir / "fl" / "summary.json").write_text(json.dumps({"federation_id": "fed-old"}))
+    load_best(cfg, path, torch.device("cpu"))  # the run's own federation wrote it
+    (run_dir / "fl" / "summary.json").write_text(json.dumps({"federation_id": "fed-new"}))
+    with pytest.raises(StaleCheckpointError, match="written by federation 'fed-old', not by this run's 'fed-new'"):
+        load_best(cfg, path, torch.device("cpu"))
+
+
+def test_a_train_message_without_a_federation_is_refused(tiny):
+    cfg, cases, run_dir = tiny
+    message, _ = client_message(cfg, "train", federation="")
+    with pytest.raises(RuntimeError, match="'liver' failed in train of round 1: .*no 'federation-id'"):
+        client_app.app(message, client_context(cfg, run_dir, cases, {"dataset": "liver"}))
+    assert not task.local_best_path(run_dir, "liver").exists()  # refused before any training
 
 
 def test_each_round_trains_on_new_batches_and_keep_optimizer_continues_the_steps(tiny):
@@ -333,6 +380,30 @@ def test_each_round_trains_on_new_batches_and_keep_optimizer_continues_the_steps
         client_app.app(message, client_context(cfg, run_dir, cases, node))
     assert list(pd.read_csv(history)["step"]) == [2, 4]  # round 2 resumed the optimizer at step 2
     assert "optimizer" in torch.load(run_dir / "fl" / "liver" / "last.pt", weights_only=False)
+
+
+def test_keep_optimizer_reruns_a_cut_round_from_the_state_the_round_before_ended_with(tiny):
+    """Issue 27.4: a client that finished round r before the server was cut had saved last.pt at step r*L; the
+    rerun round r loaded it, so its optimizer held the discarded round and its batches shifted by a round. The
+    rerun must give the very weights and metrics of the first run of that round."""
+    cfg, cases, run_dir = tiny
+    cfg["federated"].update(rounds=3, keep_optimizer=True)
+    node = {"dataset": "liver"}
+    context = client_context(cfg, run_dir, cases, node)
+    replies = {}
+    for server_round in (1, 2, 2):  # round 2 again: the server was cut after this client had finished it
+        message, _ = client_message(cfg, "train", server_round)
+        replies.setdefault(server_round, []).append(client_app.app(message, context))
+    first, rerun = replies[2]
+    assert not first.has_error() and not rerun.has_error()
+    a, b = (r.content["arrays"].to_torch_state_dict() for r in (first, rerun))
+    assert all(torch.equal(a[k], b[k]) for k in a), "the rerun round did not start from round 1's end state"
+    assert first.content["metrics"]["train-loss"] == rerun.content["metrics"]["train-loss"]
+    client_dir = run_dir / "fl" / "liver"
+    assert torch.load(task.round_state_path(client_dir, 2), weights_only=False)["state"]["step"] == 4
+    message, _ = client_message(cfg, "train", 3)
+    assert not client_app.app(message, context).has_error()
+    assert sorted(p.name for p in client_dir.glob("round-*.pt")) == ["round-0002.pt", "round-0003.pt"]
 
 
 def test_a_client_validates_on_validated_rounds_only_and_on_the_fixed_subset_of_its_cases(tiny):
@@ -465,12 +536,14 @@ def test_a_two_client_federation_runs_in_simulation(tiny):
     assert set(train["num_examples"]) == {2}
     assert (table[table["kind"] == "global"]["global_best"]).any()
     best = torch.load(result["global_best"], weights_only=False)
-    assert set(best) == {"model", "step", "val_mean_dice", "settings"} and best["step"] == result["best_round"]
+    assert set(best) == {"model", "step", "val_mean_dice", "settings", "code", "federation_id"}
+    assert best["step"] == result["best_round"] and best["federation_id"] == result["federation_id"]
     # every checkpoint of the federation names the settings that made it
     assert best["settings"]["loss"] == "masked_dice" and best["settings"]["model"] == cfg["model"]
     assert best["settings"]["federated"]["rounds"] == 2 and "client_cpus" not in best["settings"]["federated"]
     for path in (result["global_final"], *result["local_best"].values()):
-        assert torch.load(path, weights_only=False)["settings"] == best["settings"], path
+        saved = torch.load(path, weights_only=False)
+        assert saved["settings"] == best["settings"] and saved["federation_id"] == best["federation_id"], path
     assert torch.load(result["global_final"], weights_only=False)["step"] == 2
     for dataset in ("liver", "spleen"):
         assert torch.load(result["local_best"][dataset], weights_only=False)["step"] in (1, 2)
@@ -670,12 +743,57 @@ def test_a_federation_cut_after_a_round_resumes_to_the_weights_of_an_uninterrupt
         run_federation(cfg, run_dir, cases, clients=("liver", "spleen"), progress=False)
     # other settings never continue an unfinished federation
     task.write_status(run_dir, "failed", "pretend")
+    # nor other cases (issue 27.2): the state is stamped with each site's case fingerprints; simulate refuses them
+    # before fl/cases.csv is replaced, and the server itself refuses them (deployment has no fl/cases.csv)
+    stamp = torch.load(run_dir / "fl" / "state.pt", weights_only=False)["settings"]["cases"]
+    assert set(stamp) == {"liver", "spleen"} and stamp["liver"]["val"].startswith("1 cases")
+    recorded = (run_dir / "fl" / "cases.csv").read_text()
+    fewer = cases.assign(case_id=cases["case_id"].where(cases["case_id"] != "spleen_1", "spleen_9"))  # renamed
+    with pytest.raises(ValueError, match="unfinished federation .* on other cases"):
+        run_federation(cfg, run_dir, fewer, clients=("liver", "spleen"), progress=False)
+    assert (run_dir / "fl" / "cases.csv").read_text() == recorded
+    monkeypatch.setattr("fedseg.federated.simulation.refuse_other_cases", lambda *a: None)
+    with pytest.raises(Exception, match=r"state.pt was trained under other settings .*cases.spleen"):
+        run_federation(cfg, run_dir, fewer, clients=("liver", "spleen"), progress=False)
     other = {**cfg, "train": {**cfg["train"], "loss": "dice_ce"}}
     with pytest.raises(Exception,
                        match=r"state.pt was trained under other settings .*loss: 'masked_dice' -> 'dice_ce'"):
         run_federation(other, run_dir, cases, clients=("liver", "spleen"), progress=False)
     again = run_federation(other, run_dir, cases, clients=("liver", "spleen"), progress=False, overwrite=True)
     assert again["resumed_after_round"] is None
+
+
+@pytest.mark.slow
+def test_a_federation_cut_in_the_middle_of_a_round_with_keep_optimizer_resumes_to_the_same_weights(tiny, monkeypatch):
+    """Issue 27.4: with keep_optimizer, clients that finished the cut round had saved that round's optimizer state;
+    the rerun round started from it (Adam's moments with the discarded round, batches a round ahead). Each client
+    now keeps its state per finished round and the rerun round starts from the round before's."""
+    from fedseg.federated.simulation import run_federation
+
+    cfg, cases, run_dir = tiny
+    cfg["federated"].update(rounds=2, keep_optimizer=True)
+    clients = ("liver", "spleen")
+    whole = run_federation(cfg, run_dir.with_name("whole"), cases, clients=clients, progress=False)
+    original = StudyFedAvg.aggregate_train
+
+    def cut_in_round_2(self, server_round, replies):
+        if server_round + self.round_offset == 2:  # every client finished round 2; the server did not
+            raise RuntimeError("the machine went down in round 2")
+        return original(self, server_round, replies)
+
+    monkeypatch.setattr(StudyFedAvg, "aggregate_train", cut_in_round_2)
+    with pytest.raises(Exception, match="went down in round 2"):
+        run_federation(cfg, run_dir, cases, clients=clients, progress=False)
+    assert torch.load(run_dir / "fl" / "state.pt", weights_only=False)["round"] == 1
+    assert torch.load(run_dir / "fl" / "liver" / "last.pt", weights_only=False)["state"]["step"] == 4
+    monkeypatch.setattr(StudyFedAvg, "aggregate_train", original)
+    resumed = run_federation(cfg, run_dir, cases, clients=clients, progress=False)
+    assert resumed["resumed_after_round"] == 1
+    a, b = (torch.load(r["global_final"], weights_only=False)["model"] for r in (whole, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for client in clients:
+        a, b = (torch.load(r["local_best"][client], weights_only=False)["model"] for r in (whole, resumed))
+        assert all(torch.equal(a[k], b[k]) for k in a), client
 
 
 def test_virtual_clients_never_fall_back_to_the_cpu_silently():

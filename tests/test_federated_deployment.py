@@ -227,7 +227,7 @@ def test_two_sites_federate_with_flwr_run_and_a_failing_site_fails_the_run(feder
     assert sorted(table[table["kind"] == "train"]["dataset"]) == ["liver", "liver", "spleen", "spleen"]
     assert set(table[table["kind"] == "train"]["num_examples"]) == {2}
     best = torch.load(run_dir / "checkpoints" / "fl-global" / "best.pt", weights_only=False)
-    assert set(best) == {"model", "step", "val_mean_dice", "settings"}
+    assert set(best) == {"model", "step", "val_mean_dice", "settings", "code", "federation_id"}
     for dataset in ("liver", "spleen"):
         assert (run_dir / "checkpoints" / f"fl-local-{dataset}" / "best.pt").exists()
     assert json.loads((run_dir / "fl" / "summary.json").read_text())["num_rounds"] == 2

@@ -8,11 +8,19 @@ from flwr.app import ArrayRecord
 from test_federated import client_context, client_message, reply
 
 from fedseg.config import load_profile
-from fedseg.data.labels import owned_mask
+from fedseg.data.labels import CHANNELS, owned_mask
 from fedseg.federated import client_app, methods, task
 from fedseg.federated.simulation import federation_run_config
 from fedseg.federated.strategies import StudyFedAvg, StudyOwnerFedAvg, StudySegViz
-from fedseg.train.models import SharedTaskUNet, build_network, split_state_dict, unique_state_dict
+from fedseg.train.models import (
+    NoOutputLayer,
+    SharedTaskUNet,
+    build_network,
+    load_weights,
+    output_layer,
+    split_state_dict,
+    unique_state_dict,
+)
 
 
 def segviz_state(value, tasks=("liver", "spleen")):
@@ -362,29 +370,165 @@ def test_the_strategy_writes_the_dilution_of_every_round(tmp_path):
     assert np.allclose(liver["ratio"], 0.25) and np.allclose(liver["owner_share"], 0.25)
 
 
-def test_output_layer_finds_the_logit_convolution_and_its_channel_axis():
-    from fedseg.train.models import output_layer
-
+def test_output_layer_is_the_convolution_whose_output_is_the_logits_and_refuses_residual_unets():
+    """The layer is found on the real output path: its output is the network's logits, so its row c (and bias c)
+    write logit c alone. A residual UNet has no such layer and is refused, naming the network and the fix."""
     transposed = build_network("UNet", channels=[8, 16], strides=[2], num_res_units=0)
-    residual = build_network("UNet", channels=[8, 16], strides=[2], num_res_units=1)
     axes = output_layer(transposed)
-    assert axes == {"model.2.conv.weight": 1, "model.2.conv.bias": 0}
+    assert axes == {"model.2.conv.weight": 1, "model.2.conv.bias": 0}  # ConvTranspose: weight (in, out, k, k, k)
     assert transposed.state_dict()["model.2.conv.weight"].shape[1] == 8
-    assert output_layer(residual) == {"model.2.1.conv.unit0.conv.weight": 0, "model.2.1.conv.unit0.conv.bias": 0}
+    assert output_layer(build_network("DynUNet", filters=[8, 16, 32], strides=[1, 2, 2])) == {
+        "output_block.conv.conv.weight": 0, "output_block.conv.conv.bias": 0}
+    # nudging the layer's channel-1 entries moves logit 1 and no other logit
+    x = torch.randn(2, 1, 16, 16, 16, generator=torch.Generator().manual_seed(1))
+    state = {k: v.clone() for k, v in unique_state_dict(transposed).items()}
+    nudged = {k: v.clone() for k, v in state.items()}
+    nudged["model.2.conv.weight"][:, 1] += 0.1
+    nudged["model.2.conv.bias"][1] += 0.1
+    before, after = logits_of(transposed, state, x), logits_of(transposed, nudged, x)
+    assert not torch.equal(before[:, 1], after[:, 1])
+    assert torch.equal(before[:, [0, *range(2, 8)]], after[:, [0, *range(2, 8)]])
+    for units in (1, 2):
+        residual = build_network("UNet", channels=[8, 16], strides=[2], num_res_units=units)
+        with pytest.raises(NoOutputLayer, match=rf"UNet with num_res_units={units} has no output layer of its own"
+                                                r".*num_res_units: 0"):
+            output_layer(residual)
+    with pytest.raises(NoOutputLayer, match="SharedTaskUNet"):
+        output_layer(SharedTaskUNet(tasks=("liver", "spleen"), channels=(4, 8), strides=(2,)))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("method, loss", [("ownerfedavg", "masked_dice"), ("fedavg", "literal_dice_ce")])
-def test_the_head_moves_as_each_method_and_loss_predict_in_simulation(tiny, method, loss):
-    """ownerfedavg keeps the owner's whole update (ratio 1); a literal loss makes non-owners move every head."""
+def logits_of(model, state, x):
+    """`model`'s logits on `x` with weights `state` (eval mode, no gradient)."""
+    load_weights(model, state).eval()
+    with torch.no_grad():
+        return model(x)
+
+
+def top_layer_step(model, state, x, loss_of, lr=0.5):
+    """`state` after one gradient step of `loss_of(logits)` on the top up-layer of a MONAI UNet (`model.2.*`: the
+    plain UNet's transposed convolution; the residual UNet's transposed convolution, norm, PReLU and last
+    ResidualUnit), everything else as it was: an update of the head alone, as a client would make it."""
+    load_weights(model, state).train()
+    model.zero_grad()
+    loss_of(model(x)).backward()
+    named = dict(model.named_parameters())
+    return {k: (v - lr * named[k].grad).detach() if k.startswith("model.2.") and k in named else v.clone()
+            for k, v in state.items()}
+
+
+@pytest.mark.parametrize("num_res_units", [0, 1])
+def test_ownerfedavg_keeps_a_non_owners_update_off_the_channels_logit_on_the_real_output_path(tmp_path, num_res_units):
+    """Measured on the logits, not on the layer ownerfedavg averages: after one ownerfedavg aggregation a
+    non-owner's update of the head (the spleen client teaching "no liver", a literal loss) leaves the liver logit
+    exactly as it was, and the liver client's update of it is kept whole; plain FedAvg moves the liver logit
+    with the non-owner's update and keeps only the owner's share of the owner's. A residual UNet has no head
+    that does this (its last ResidualUnit adds the transposed convolution's liver channel, which everyone trains,
+    to the liver logit): output_layer and ownerfedavg refuse it instead of averaging the wrong layer."""
+    torch.manual_seed(0)
+    model = build_network("UNet", channels=[8, 16], strides=[2], num_res_units=num_res_units)
+    x = torch.randn(2, 1, 16, 16, 16, generator=torch.Generator().manual_seed(1))
+    liver, spleen = CHANNELS.index("liver"), CHANNELS.index("spleen")
+    start = {k: v.clone() for k, v in unique_state_dict(model).items()}  # not the model's own tensors
+    owner = top_layer_step(model, start, x, lambda z: -z[:, liver].mean())  # the liver client: more liver
+    other = top_layer_step(model, start, x, lambda z: z[:, liver].mean() - z[:, spleen].mean())  # "no liver"
+    try:
+        axes = output_layer(model)
+    except NoOutputLayer as error:
+        assert num_res_units == 1 and "UNet with num_res_units=1" in str(error)
+        with pytest.raises(ValueError, match="ownerfedavg is refused on this network: UNet with num_res_units=1"):
+            methods.dilution_layer("ownerfedavg", model)
+        return
+
+    def liver_logit(method, liver_state, spleen_state):
+        strategy = (StudyOwnerFedAvg if method == "ownerfedavg" else StudyFedAvg)(
+            tmp_path / method, num_clients=2, output_axes=axes)
+        strategy.previous_arrays = ArrayRecord(start)
+        arrays, _ = strategy.aggregate_train(1, [reply(10, "liver", liver_state, num_examples=1),
+                                                 reply(11, "spleen", spleen_state, num_examples=3)])
+        return logits_of(model, arrays.to_torch_state_dict(), x)[:, liver]
+
+    unchanged, owners_own = logits_of(model, start, x)[:, liver], logits_of(model, owner, x)[:, liver]
+    moved_by_other = (liver_logit("ownerfedavg", start, other) - unchanged).abs().max().item()
+    assert moved_by_other == 0, f"a non-owner's head update moved the liver logit by {moved_by_other} (ownerfedavg)"
+    assert torch.equal(liver_logit("ownerfedavg", owner, start), owners_own)  # the owner's update, whole
+    assert num_res_units == 0
+    assert (liver_logit("fedavg", start, other) - unchanged).abs().max() > 1e-3  # FedAvg: the conflict reaches it
+    kept = (liver_logit("fedavg", owner, start) - unchanged).abs().mean() / (owners_own - unchanged).abs().mean()
+    assert kept.item() == pytest.approx(0.25, rel=1e-3)  # FedAvg: the owner's share of cases (dilution)
+
+
+def test_a_residual_unet_measures_no_dilution_and_says_why(tmp_path):
+    """On a network without an output layer of its own, FedAvg's dilution is not measured (rather than measured
+    on weights that are not the logits' own), an earlier federation's table in the folder is removed, and the
+    tables say "not measured" with the reason."""
+    from fedseg.federated.strategies import record_dilution
+    from fedseg.reporting import report
+
+    residual = build_network("UNet", channels=[8, 16], strides=[2], num_res_units=1)
+    axes, reason = methods.dilution_layer("fedavg", residual)
+    assert axes is None and reason.startswith("UNet with num_res_units=1 has no output layer of its own")
+    assert methods.dilution_layer("segviz", residual) == (None, None)
+    plain = build_network("UNet", channels=[8, 16], strides=[2], num_res_units=0)
+    assert methods.dilution_layer("ownerfedavg", plain) == (output_layer(plain), None)
+    with pytest.raises(ValueError, match="ownerfedavg is refused on this network: UNet with num_res_units=1"):
+        methods.check_network({"federated": {"method": "ownerfedavg"}, "preprocess": {"patch_size": [16] * 3},
+                               "model": {"name": "UNet", "channels": [8, 16], "strides": [2], "num_res_units": 1}})
+    methods.check_network({"federated": {"method": "fedavg"}, "model": {"name": "UNet", "num_res_units": 1}})
+
+    folders = {"plain": tmp_path / "plain", "residual": tmp_path / "residual"}
+    stale = tmp_path / "residual" / "metrics" / "fl_dilution.csv"  # an earlier federation's, in the same folder
+    stale.parent.mkdir(parents=True)
+    stale.write_text("round,channel\n1,liver\n")
+    record_dilution(folders["residual"], measured=False, reason=reason)
+    assert not stale.exists()
+    strategy = StudyFedAvg(folders["plain"], num_clients=2, output_axes=OUTPUT_AXES)
+    strategy.previous_arrays = ArrayRecord(head(0.0))
+    strategy.aggregate_train(1, [reply(10, "liver", head(1.0), num_examples=1),
+                                 reply(11, "spleen", head(0.0), num_examples=3)])
+    dilution, unmeasured = report.read_dilution(folders), report.unmeasured_dilution(folders)
+    assert set(dilution) == {"plain"} and unmeasured == {"residual": reason}
+    table = report.dilution_summary(dilution, unmeasured)
+    assert (table.loc[("residual", "all channels")] == report.NOT_MEASURED).all()
+    assert table.loc[("plain", "liver"), "global / owner move"] == 0.25
+    assert f"**residual: not measured.** {reason}" in report.dilution_note(unmeasured)
+    record_dilution(folders["residual"], measured=True)  # a later federation there that measures it
+    assert report.unmeasured_dilution(folders) == {}
+
+
+def test_ownerfedavg_on_a_residual_unet_is_refused_before_the_federation_starts(tiny):
     from fedseg.federated.simulation import run_federation
 
     cfg, cases, run_dir = tiny
+    cfg["federated"]["method"], cfg["model"]["num_res_units"] = "ownerfedavg", 1
+    with pytest.raises(ValueError, match="ownerfedavg is refused on this network: UNet with num_res_units=1"):
+        run_federation(cfg, run_dir, cases, clients=("liver", "spleen"), progress=False)
+    assert not (run_dir / "fl" / "state.pt").exists() and not (run_dir / "metrics" / "fl_rounds.csv").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, loss, num_res_units", [("ownerfedavg", "masked_dice", 0),
+                                                         ("fedavg", "literal_dice_ce", 0),
+                                                         ("fedavg", "masked_dice", 1)])
+def test_the_head_moves_as_each_method_and_loss_predict_in_simulation(tiny, method, loss, num_res_units):
+    """ownerfedavg with a masked loss: no non-owner moves an owned channel's head; a literal loss makes non-owners
+    move every head; a residual UNet (no head of its own) writes "not measured" and why, not numbers."""
+    from fedseg.federated.simulation import run_federation
+    from fedseg.reporting import report
+
+    cfg, cases, run_dir = tiny
     cfg["federated"]["method"], cfg["train"]["loss"] = method, loss
+    cfg["model"]["num_res_units"] = num_res_units
     run_federation(cfg, run_dir, cases, clients=("liver", "spleen"), progress=False)
-    dilution = pd.read_csv(run_dir / "metrics" / "fl_dilution.csv")
+    table = run_dir / "metrics" / "fl_dilution.csv"
+    if num_res_units:
+        assert not table.exists()
+        reason = report.unmeasured_dilution({"fl": run_dir})["fl"]
+        assert reason.startswith("UNet with num_res_units=1 has no output layer of its own")
+        return
+    assert not (run_dir / "metrics" / "fl_dilution_not_measured.txt").exists()
+    dilution = pd.read_csv(table)
     owned = dilution[dilution["owners"].notna()]
     if method == "ownerfedavg":
-        assert (owned["others_move"] == 0).all() and np.allclose(owned["ratio"], 1.0, rtol=1e-5)
+        assert (owned["others_move"] == 0).all() and (owned["owner_move"] > 0).all()
     else:
         assert (dilution["others_move"] > 0).all()  # every channel, owned or not, is taught by the non-owners

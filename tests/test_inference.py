@@ -283,6 +283,52 @@ def test_coarse_to_fine_matches_the_full_pass_inside_a_smaller_box():
 
     single = coarse_to_fine_logits(pointwise, image, cfg, CPU, margin_mm=4.0)
     assert isinstance(single.logits, torch.Tensor) and torch.equal(single.logits, result.logits["liver"])
+    # every organ a fine model gives was found: the box alone, no full-window pass
+    assert result.organs == {"liver": True, "spleen": True} and result.fallback == ()
+    assert single.organs == {"liver": True, "pancreas": True, "kidney": True, "spleen": True}
+
+
+def test_coarse_to_fine_margin_follows_each_axis_spacing():
+    """Anisotropic voxels (1 x 2 x 4 mm): 8 mm of margin is 8, 4 and 2 voxels, not one count on every axis."""
+    cfg = config(patch=8)
+    cfg["preprocess"]["spacing"] = [1.0, 2.0, 4.0]
+    image = torch.full((1, 40, 40, 24), 0.1)
+    image[:, 16:24, 16:24, 10:14] = 0.9  # coarse voxels [8, 12) x [8, 12) x [5, 7) at factor 2
+    result = coarse_to_fine_logits({"liver": pointwise}, image, cfg, CPU, coarse_factor=2.0, margin_mm=8.0)
+    assert result.box == ((16 - 8, 24 + 8), (16 - 4, 24 + 4), (10 - 2, 14 + 2))
+    assert result.covered == pytest.approx(24 * 16 * 8 / (40 * 40 * 24))
+    full = predict_logits({"liver": pointwise}, image, cfg, CPU)["liver"]
+    assert torch.equal(result.logits["liver"] > 0, full > 0)
+
+
+def test_coarse_to_fine_segments_an_organ_the_localiser_missed_over_the_full_window():
+    """CT unlike the training data: the spleen lies far from liver and kidneys and the localiser does not see it.
+    The fine pass must still look for it everywhere, and the result must say the localiser missed it."""
+    cfg = config(spacing=2.0, patch=16)
+    image = torch.full((1, 48, 48, 40), 0.1)
+    image[:, 6:14, 8:16, 26:36] = 0.9    # liver and kidneys: the localiser finds them
+    image[:, 36:44, 36:44, 2:8] = 0.7    # the spleen, far away: bright for the fine models only
+    spleen = CHANNEL_INDEX["spleen"]
+
+    def localiser(batch):  # sees the brightest organs only, and never the spleen
+        score = (batch - 0.8) * 20
+        logits = torch.cat([-score, *[score] * (NUM_CHANNELS - 1)], dim=1)
+        logits[:, spleen] = -5.0
+        return logits
+
+    models = {"liver": pointwise, "spleen": pointwise}
+    full = predict_logits(models, image, cfg, CPU)
+    result = coarse_to_fine_logits(models, image, cfg, CPU, margin_mm=4.0, coarse_models={"localiser": localiser})
+    ensemble = ensemble_logits(result.logits)
+    assert (ensemble[spleen, 36:44, 36:44, 2:8] > 0).all(), "the spleen outside the localiser's box was lost"
+    assert torch.equal(result.logits["spleen"][spleen] > 0, full["spleen"][spleen] > 0)  # its full-window pass
+    assert result.found and result.organs == {"liver": True, "spleen": False}
+    assert result.fallback == ("spleen",) and result.window("spleen") == "full" and result.window("liver") == "box"
+    assert result.box == ((2, 18), (4, 20), (23, 39))  # the box of what the localiser found, as before
+    liver_channels = [CHANNEL_INDEX["liver"], CHANNEL_INDEX["liver_tumor"]]
+    assert (result.logits["liver"][liver_channels][:, 36:44, 36:44, 2:8] == ABSENT_LOGIT).all()  # found: box only
+    assert (result.logits["spleen"][0, 36:44, 36:44, 2:8] < 0).all()  # not background where the spleen is
+    assert (result.logits["spleen"][0, 30:, :4, :4] > 0).all()  # background elsewhere outside the box
 
 
 def test_coarse_to_fine_falls_back_to_the_full_pass_when_nothing_is_found():
@@ -295,6 +341,8 @@ def test_coarse_to_fine_falls_back_to_the_full_pass_when_nothing_is_found():
 
     result = coarse_to_fine_logits(pointwise, image, cfg, CPU, coarse_models=blind)
     assert not result.found and result.covered == 1.0
+    assert result.organs == dict.fromkeys(("liver", "pancreas", "kidney", "spleen"), False)
+    assert result.fallback == ("liver", "pancreas", "kidney", "spleen")
     assert result.box == ((0, 40), (0, 36), (0, 20))
     assert torch.equal(result.logits, predict_logits(pointwise, image, cfg, CPU))
     with pytest.raises(ValueError, match="coarse_factor"):

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from fedseg import config, run
+from fedseg import config, run, run_folder
 from fedseg.data import datasets as ds
 from fedseg.data.datasets import (
     DataError,
@@ -211,3 +211,96 @@ def test_external_evaluation_without_btcv_is_skipped_with_a_message(tmp_path, ca
     assert result["scores"].empty and result["timing"].empty
     assert {"method", "case_id", "organ", "dice"} <= set(result["scores"].columns)
     assert "BTCV" in capsys.readouterr().out
+
+
+def _pointwise(image):
+    """A fake network: every foreground channel on where the image is bright (intensity > 0.5)."""
+    score = (image - 0.5) * 20
+    return torch.cat([-score, *[score] * 7], dim=1)
+
+
+def _btcv_config(data_root) -> dict:
+    return {"data_root": str(data_root), "data": {"source": "real"},
+            "preprocess": {"spacing": [2.0, 2.0, 2.0], "hu_window": [-500, 500], "patch_size": [8, 8, 8]},
+            "train": {"sw_batch_size": 1, "sw_overlap": 0.25, "amp": False}}
+
+
+def test_external_evaluation_refuses_up_front_when_btcv_files_are_missing(partial_root, tmp_path, monkeypatch):
+    """A data root lacking one of the run's BTCV cases: one error naming the missing file and the fix, before any
+    model is loaded (not a bare FileNotFoundError from nibabel half-way through the cases)."""
+    missing = partial_root / "BTCV" / "label" / "label0001.nii.gz"
+    missing.unlink()
+    run_dir = tmp_path / "run"
+    loaded = []
+    monkeypatch.setattr(external, "run_checkpoints", lambda *a, **k: {"fl-global": {"model": run_dir / "best.pt"}})
+    monkeypatch.setattr(external, "load_group", lambda *a, **k: loaded.append(a) or {"model": _pointwise})
+    cases = _cases(("spleen", "btcv"))
+    with pytest.raises(FileNotFoundError, match="1 of the run's 2 BTCV test cases") as info:
+        external.evaluate_btcv(_btcv_config(partial_root), cases, run_dir, coarse_to_fine=False, write=False,
+                               progress=False)
+    message = str(info.value)
+    assert str(missing) in message and "No case was evaluated" in message
+    assert "-p datasets=spleen,btcv -p cases=img0002" in message  # the fix: declare the cases present in 01
+    assert loaded == []  # refused before any model was loaded
+
+    # 04 pointed at another data root than 01 prepared the run from: said so, with the one 01 used
+    (run_dir / "data").mkdir(parents=True)
+    (run_dir / "data" / "data.json").write_text('{"data_root": "/data/fedseg"}')
+    with pytest.raises(FileNotFoundError, match="data_root=/data/fedseg"):
+        external.require_btcv_files(_btcv_config(partial_root), cases, run_dir)
+    # no BTCV case left: the fix is a run without BTCV
+    (partial_root / "BTCV" / "img" / "img0002.nii.gz").unlink()
+    with pytest.raises(FileNotFoundError, match="2 of the run's 2") as info:
+        external.require_btcv_files(_btcv_config(partial_root), cases)
+    assert "-p datasets=spleen`" in str(info.value)
+
+
+def test_external_evaluation_records_an_organ_the_first_stage_missed(partial_root, tmp_path, monkeypatch):
+    """Coarse-to-fine with a first stage that finds nothing: each case and organ recorded as missed, segmented over
+    the full window, and the speed table keeps those cases out of the mean coverage."""
+    run_dir = tmp_path / "run"
+
+    def blind(batch):
+        return torch.full((batch.shape[0], 8, *batch.shape[2:]), -5.0)
+
+    monkeypatch.setattr(external, "run_checkpoints", lambda *a, **k: {"fl-local": {"spleen": run_dir / "best.pt"}})
+    monkeypatch.setattr(external, "load_group", lambda *a, **k: {"spleen": _pointwise})
+    monkeypatch.setattr(external, "load_localiser", lambda *a, **k: ({"localiser": blind}, 2.0))
+    result = external.evaluate_btcv(_btcv_config(partial_root), _cases(("spleen", "btcv")), run_dir, write=False,
+                                    progress=False)
+    record = result["localiser"]
+    assert list(record.columns) == list(external.LOCALISER_COLUMNS)
+    assert record[["case_id", "organ", "found", "fine_window"]].values.tolist() == [
+        ["img0001", "spleen", False, "full"], ["img0002", "spleen", False, "full"]]
+    assert set(record["first_stage"]) == {"localiser"}
+    speed = external.speed_table(result["scores"], result["timing"], localiser=record)
+    assert speed.loc[external.COARSE, "cases with a full-window fallback"] == 2
+    assert speed.loc[external.COARSE, "organs over the full window"] == "spleen (2)"
+    assert np.isnan(speed.loc[external.COARSE, "fine pass coverage (mean)"])  # no case ran on its box alone
+
+
+def test_figures_notebook_skips_fig3_and_its_view_without_a_btcv_prediction(partial_root, tmp_path, capsys):
+    """05 on a run without BTCV (or without 04's prediction): Fig. 3 and the interactive view are skipped with a
+    note, instead of failing with `image_path` undefined."""
+    import nbformat
+
+    notebook = nbformat.read(config.notebooks_dir() / "05_figures.ipynb", as_version=4)
+    cells = [c.source for c in notebook.cells
+             if c.cell_type == "code" and ("fig3_btcv" in c.source or "viewing.show" in c.source)]
+    assert len(cells) == 2
+    run_dir = tmp_path / "run"
+    namespace = {"cfg": _btcv_config(partial_root), "cases": _cases(("spleen",)), "run_dir": run_dir,
+                 "interactive": True, "viewer": "niivue", "external": external, "display": print}
+    for source in cells:
+        exec(source, namespace)
+    out = capsys.readouterr().out
+    assert "no Fig. 3" in out and "No BTCV prediction to view" in out
+
+    cfg, cases = _btcv_config(partial_root), _cases(("spleen", "btcv"))
+    assert external.figure_case(cfg, cases, run_dir) is None  # BTCV in the run, but 04 wrote no prediction
+    assert "no Fig. 3" in capsys.readouterr().out
+    prediction = run_folder.predictions_dir(run_dir, "btcv", external.slug(external.LOCAL_PP), "img0002.nii.gz")
+    prediction.parent.mkdir(parents=True)
+    prediction.write_bytes(b"")
+    assert external.figure_case(cfg, cases, run_dir) == (
+        "img0002", partial_root / "BTCV" / "img" / "img0002.nii.gz", prediction)

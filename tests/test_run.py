@@ -118,8 +118,6 @@ def test_a_run_rewriting_results_does_not_mark_the_code_dirty(tmp_path, monkeypa
     the code that ran; a changed source file does make it dirty."""
     import subprocess
 
-    from fedseg import run
-
     def git(*args):
         subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
 
@@ -129,12 +127,12 @@ def test_a_run_rewriting_results_does_not_mark_the_code_dirty(tmp_path, monkeypa
     (tmp_path / "code.py").write_text("x = 1\n")
     git("add", ".")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
-    monkeypatch.setattr(run, "package_checkout", lambda: tmp_path)  # the checkout the code comes from
+    monkeypatch.setattr(config, "package_checkout", lambda: tmp_path)  # the checkout the code comes from
     (tmp_path / "results" / "table.md").write_text("new\n")
-    record = run.git_commit()
+    record = config.git_commit()
     assert record["commit"] and record["dirty"] is False
     (tmp_path / "code.py").write_text("x = 2\n")
-    assert run.git_commit()["dirty"] is True
+    assert config.git_commit()["dirty"] is True
 
 
 def test_an_unknown_parameter_is_refused_naming_the_closest(tmp_path):

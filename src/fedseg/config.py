@@ -6,9 +6,11 @@ configuration every notebook works from (`resolve`), and the project a run reads
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import os
+import subprocess
 import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -52,6 +54,37 @@ def package_checkout() -> Path | None:
     """The checkout the running code comes from (an editable install), or None for an installed wheel."""
     here = Path(__file__).resolve().parents[2]
     return here if _is_project(here) else None
+
+
+def git_commit() -> dict[str, Any]:
+    """The commit of the checkout the code comes from (else the project's) and whether it had uncommitted
+    changes (a run is only as reproducible)."""
+    def git(*args: str) -> str:
+        try:
+            out = subprocess.run(["git", *args], cwd=package_checkout() or repo_root(), capture_output=True,
+                                 text=True, timeout=20)
+        except (OSError, subprocess.SubprocessError):
+            return ""
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    commit = git("rev-parse", "HEAD")
+    # results/ is what runs write (regenerating the committed reference rewrites tracked files there): only
+    # changes to the code, notebooks and profiles make a run's commit an incomplete record of what ran
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")
+    return {"commit": commit or None, "dirty": bool(changed)}
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> dict[str, Any]:
+    """The code this process runs, as every checkpoint records it: fedseg's version and the commit (and whether
+    it had uncommitted changes) at the process's first call, i.e. of the code it imported."""
+    from importlib import metadata
+
+    try:
+        version = metadata.version("fedseg")
+    except metadata.PackageNotFoundError:
+        version = None
+    return {"fedseg": version, **git_commit()}
 
 
 def notebooks_dir() -> Path:

@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -33,9 +32,9 @@ import yaml
 from fedseg import run_folder
 from fedseg.config import (
     PROFILE_FILE,
+    git_commit,
     load_profile,
     notebooks_dir,
-    package_checkout,
     project_env,
     repo_root,
     resolve,
@@ -45,18 +44,19 @@ from fedseg.data.labels import TRAIN_DATASETS
 from fedseg.evaluate import metrics
 from fedseg.experiments import contrast
 from fedseg.experiments import nodes as node_sets
-from fedseg.federated.methods import check_method
+from fedseg.federated.methods import check_method, check_network
 from fedseg.predict import predict, volume_table
 from fedseg.reporting import report
 from fedseg.reporting.readme import results_readme
 from fedseg.reporting.report import (
-    DILUTION_NOTE,
     dilution_figure,
+    dilution_note,
     dilution_summary,
     read_dilution,
     save_figure,
     save_table,
     sweep_table,
+    unmeasured_dilution,
 )
 from fedseg.train.losses import LOSSES
 
@@ -135,21 +135,6 @@ def portable(value: Any, run_dir: Path) -> Any:
             if path and path != "/":
                 value = value.replace(path, name)
     return value
-
-
-def git_commit() -> dict[str, Any]:
-    """The commit of the checkout the code comes from (else the project's) and whether it had uncommitted
-    changes (a run is only as reproducible)."""
-    def git(*args: str) -> str:
-        out = subprocess.run(["git", *args], cwd=package_checkout() or repo_root(), capture_output=True, text=True,
-                             timeout=20)
-        return out.stdout.strip() if out.returncode == 0 else ""
-
-    commit = git("rev-parse", "HEAD")
-    # results/ is what runs write (regenerating the committed reference rewrites tracked files there): only
-    # changes to the code, notebooks and profiles make a run's commit an incomplete record of what ran
-    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")
-    return {"commit": commit or None, "dirty": bool(changed)}
 
 
 class PeakMemory:
@@ -374,8 +359,11 @@ def run_sweep(profile: str = "laptop", methods: tuple[str, ...] = ("fedavg",), *
     global and local Dice per channel with the SL row and its wall time. 03's own second federation
     (`compare_loss`) is switched off here: the sweep's losses say what runs. A folder that already holds 01 and
     02 (a chain's run) keeps them, and federations that finished there are not run again."""
+    base = load_profile(profile)
     for method in methods:
         check_method(method)
+        # ownerfedavg on a network without an output layer of its own: refused before 01 and 02 run
+        check_network({**base, "federated": {**(base.get("federated") or {}), "method": method}})
     unknown = [loss for loss in losses if loss not in LOSSES]
     if unknown:
         raise ValueError(f"Unknown loss {', '.join(unknown)}: use {', '.join(LOSSES)}.")
@@ -394,9 +382,11 @@ def run_sweep(profile: str = "laptop", methods: tuple[str, ...] = ("fedavg",), *
                 _run_federation_notebook(profile, run_dir, run_dir / folder, {**(params or {}), **extra}, log_output)
             folders.append(folder)
     table = sweep_table(run_dir, tuple(folders))
-    dilution = read_dilution({folder: run_dir / folder for folder in folders})
-    if dilution:  # the mechanism of each swept federation side by side
-        save_table(dilution_summary(dilution), run_dir, "sweep_dilution", note=DILUTION_NOTE)
+    federations = {folder: run_dir / folder for folder in folders}
+    dilution, unmeasured = read_dilution(federations), unmeasured_dilution(federations)
+    if dilution or unmeasured:  # the mechanism of each swept federation side by side ("not measured": no head)
+        save_table(dilution_summary(dilution, unmeasured), run_dir, "sweep_dilution", note=dilution_note(unmeasured))
+    if dilution:
         save_figure(dilution_figure(dilution), run_dir, "sweep_dilution")
     save_table(table, run_dir, "sweep_methods", note="Dice (%) on each task's test split; Avg. = mean of the 7 "
                "channels. Each method trained from the same seed, data and 02 baselines (SL row).")

@@ -70,6 +70,12 @@ def checkpoint(run_dir: str | Path, model: str, which: str = "best") -> Path:
     return model_dir(run_dir, model) / {"best": BEST, "final": FINAL}[which]
 
 
+def run_dir_of(checkpoint_path: str | Path) -> Path | None:
+    """The run folder a `checkpoints/<model>/<file>.pt` lies in, None for a checkpoint outside one."""
+    folder = Path(checkpoint_path).parent
+    return folder.parent.parent if folder.parent.name == "checkpoints" else None
+
+
 def metrics_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "metrics"
 
@@ -77,6 +83,12 @@ def metrics_dir(run_dir: str | Path) -> Path:
 def metrics_file(run_dir: str | Path, name: str) -> Path:
     """`metrics/<name>` (name with its suffix, e.g. fl_rounds.csv)."""
     return metrics_dir(run_dir) / name
+
+
+def dilution_not_measured(run_dir: str | Path) -> Path:
+    """`metrics/fl_dilution_not_measured.txt`: why a federation measured no dilution (its network has no output
+    layer of its own, `models.output_layer`), written instead of `metrics/fl_dilution.csv`."""
+    return metrics_file(run_dir, "fl_dilution_not_measured.txt")
 
 
 def tables_dir(run_dir: str | Path) -> Path:

@@ -20,7 +20,7 @@ from fedseg import run_folder
 from fedseg.data.transforms import IMAGE, LABEL, case_records, evaluation_dataset
 from fedseg.train.inference import predict_logits
 from fedseg.train.models import build_network, load_weights
-from fedseg.train.training import select_device, validate
+from fedseg.train.training import StaleCheckpointError, check_answers_for, select_device, validate
 
 
 def trained_network(cfg: dict[str, Any], checkpoint: str | Path, saved: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -32,25 +32,49 @@ def trained_network(cfg: dict[str, Any], checkpoint: str | Path, saved: dict[str
     recorded_settings = saved.get("settings") or {}
     if recorded_settings.get("model"):
         return dict(recorded_settings["model"])
-    folder = Path(checkpoint).parent
-    recorded = run_folder.fl_config(folder.parent.parent)
-    if folder.name.startswith("fl-") and folder.parent.name == "checkpoints" and recorded.exists():
-        return json.loads(recorded.read_text())["model"]
+    run_dir = run_folder.run_dir_of(checkpoint)
+    federated = run_dir is not None and Path(checkpoint).parent.name.startswith("fl-")
+    if federated and run_folder.fl_config(run_dir).exists():
+        return json.loads(run_folder.fl_config(run_dir).read_text())["model"]
     return cfg["model"]
 
 
-def load_best(cfg: dict[str, Any], checkpoint: str | Path, device: torch.device | None = None) -> torch.nn.Module:
-    """The network of a `best.pt` checkpoint (`trained_network`) with its weights, ready for inference."""
+def check_federation(checkpoint: str | Path, saved: dict[str, Any]) -> None:
+    """A federation's checkpoint (`checkpoints/fl-*/`) answers for its run only if the run's federation wrote it:
+    its `federation_id` must be that of the run's finished federation (`fl/summary.json`). A local best left by an
+    earlier federation in the same folder (e.g. a site the new one does not have) is refused, naming the fix."""
+    run_dir = run_folder.run_dir_of(checkpoint)
+    if run_dir is None or not Path(checkpoint).parent.name.startswith("fl-"):
+        return
+    summary = run_folder.fl_summary(run_dir)
+    expected = json.loads(summary.read_text()).get("federation_id") if summary.exists() else None
+    if expected and saved.get("federation_id") != expected:
+        raise StaleCheckpointError(
+            f"{checkpoint} was written by federation {saved.get('federation_id')!r}, not by this run's "
+            f"{expected!r} ({summary}): it is an earlier federation's model. Rerun 03 into this folder "
+            "(--only 03 --overwrite) or delete that checkpoint folder.")
+
+
+def load_best(cfg: dict[str, Any], checkpoint: str | Path, device: torch.device | None = None, *,
+              trained: dict[str, Any] | None = None) -> torch.nn.Module:
+    """The network of a `best.pt` checkpoint (`trained_network`) with its weights, ready for inference; refused
+    when it was trained on other data or preprocessing than the run it answers for (`training.check_answers_for`):
+    `trained`, the configuration it must have been trained under, default `cfg` (an experiment that tests models on
+    other data on purpose passes the training run's configuration here and the test data's as `cfg`)."""
     device = device or select_device()
     saved = torch.load(checkpoint, map_location=device, weights_only=False)
+    check_answers_for(checkpoint, saved, trained if trained is not None else cfg)
+    check_federation(checkpoint, saved)
     model = build_network(**trained_network(cfg, checkpoint, saved))
     load_weights(model, saved["model"])
     return model.to(device).eval()
 
 
 def score_test_splits(cfg: dict[str, Any], checkpoints: dict[str, str | Path], cases: pd.DataFrame,
-                datasets: tuple[str, ...], progress: bool = True) -> pd.DataFrame:
-    """Dice of every model (name -> best.pt) on the test split of every dataset in `datasets`.
+                datasets: tuple[str, ...], progress: bool = True, *,
+                trained: dict[str, Any] | None = None) -> pd.DataFrame:
+    """Dice of every model (name -> best.pt) on the test split of every dataset in `datasets` of `cfg`'s data root;
+    `trained`: the configuration the models were trained under when that is another data root (`load_best`).
 
     Long form: model, dataset, case_id, channel, dice (NaN where the case has none of that channel).
     """
@@ -60,7 +84,7 @@ def score_test_splits(cfg: dict[str, Any], checkpoints: dict[str, str | Path], c
     volumes = evaluation_dataset(cfg, records)
     frames = []
     for name, checkpoint in tqdm(checkpoints.items(), desc="test splits", disable=not progress):
-        scores = validate(load_best(cfg, checkpoint, device), volumes, records, cfg, device)
+        scores = validate(load_best(cfg, checkpoint, device, trained=trained), volumes, records, cfg, device)
         frames.append(scores.assign(model=name))
     columns = ["model", "dataset", "case_id", "channel", "dice"]
     return pd.concat(frames, ignore_index=True)[columns]

@@ -16,7 +16,12 @@ Each model runs once per case; the methods are combinations of those passes:
 - **... coarse-to-fine**: the processed FL local ensemble where a first stage finds the organs' box and the fine
   pass runs only there (Wang & Ma's two stages); timed against the full sliding window. The first stage is the
   run's localiser (02: a network of the same design trained on the pooled data at twice the voxel size) when the
-  run has one; without it, the FL local models themselves at half resolution (which loses small organs).
+  run has one; without it, the FL local models themselves at half resolution (which loses small organs). An organ
+  the first stage does not find is segmented over the full window instead, and recorded per case and organ
+  (`LOCALISER_COLUMNS`, 04's `metrics/btcv_localiser.csv`).
+
+A BTCV case of the run whose files are missing under the data root stops the evaluation before any model is
+loaded (`require_btcv_files`), naming every missing file and the fix.
 
 Every prediction is written as a NIfTI label map (fused, values = channel index) beside the metrics.
 """
@@ -53,6 +58,9 @@ METHODS = (SL, SL_PP, CENTRAL, GLOBAL, LOCAL, LOCAL_PP)
 #: Columns of `evaluate_btcv`'s tables (also when there is no BTCV case to fill them).
 SCORE_COLUMNS = ("method", "case_id", "organ", "dice", "nsd", "hd95", "pred_empty", "truth_empty")
 TIMING_COLUMNS = ("method", "case_id", "seconds", "fine_pass_coverage", "voxels")
+#: Columns of the first stage's record (`metrics/btcv_localiser.csv`): per case and organ, whether coarse-to-fine's
+#: first stage found it, and where the fine pass segmented it ("box", or "full" after a miss).
+LOCALISER_COLUMNS = ("case_id", "organ", "found", "fine_window", "first_stage")
 
 
 def slug(method: str) -> str:
@@ -113,7 +121,9 @@ def load_localiser(run_dir: str | Path, cfg: dict[str, Any],
         raise ValueError(f"{folder} was trained for {record['fine_spacing']} mm voxels and network {record['model']}, "
                          f"not this run's {cfg['preprocess']['spacing']} mm and {cfg['model']}: retrain it (02) or "
                          "evaluate with coarse_to_fine=False.")
-    return {LOCALISER_NAME: load_best(cfg, folder / run_folder.BEST, device)}, float(record["factor"])
+    coarse = {**cfg, "preprocess": {**cfg["preprocess"],
+                                    "spacing": [float(s) * float(record["factor"]) for s in record["fine_spacing"]]}}
+    return {LOCALISER_NAME: load_best(coarse, folder / run_folder.BEST, device)}, float(record["factor"])
 
 
 def _methods(groups: Mapping[str, Any]) -> list[str]:
@@ -145,6 +155,75 @@ def btcv_test_cases(cases: pd.DataFrame) -> pd.DataFrame:
     return btcv
 
 
+def missing_btcv_files(cfg: dict[str, Any], cases: pd.DataFrame) -> dict[str, list[Path]]:
+    """The BTCV test cases of `cases` whose image or label is not under `cfg["data_root"]`: case id -> missing files."""
+    missing = {}
+    for _, row in cases[(cases["dataset"] == "btcv") & (cases["split"] == "test")].iterrows():
+        lacking = [path for path in case_files(cfg["data_root"], row) if not path.is_file()]
+        if lacking:
+            missing[row["case_id"]] = lacking
+    return missing
+
+
+def require_btcv_files(cfg: dict[str, Any], cases: pd.DataFrame, run_dir: str | Path | None = None) -> None:
+    """Refuse, before any model is loaded, to evaluate on BTCV when files of the run's BTCV test cases are not
+    under `cfg["data_root"]`: one FileNotFoundError that lists every missing file and says the fix (put them back,
+    point data_root at the folder 01 used, or rerun 01 declaring only the cases present with `datasets`/`cases`).
+
+    Table 3 is a mean over the run's BTCV cases: scoring only those present would make it a number over other
+    cases than the run's (and than another method's, or another run's), so 04 does not do it silently."""
+    missing = missing_btcv_files(cfg, cases)
+    if not missing:
+        return
+    files = [str(path) for paths in missing.values() for path in paths]
+    shown = "".join(f"\n  {f}" for f in files[:10]) + (f"\n  ... and {len(files) - 10} more" if len(files) > 10 else "")
+    btcv = cases[(cases["dataset"] == "btcv") & (cases["split"] == "test")]
+    present = [c for c in btcv["case_id"] if c not in missing]
+    fixes = []
+    prepared = run_folder.data_summary(run_dir) if run_dir is not None else None
+    if prepared is not None and prepared.exists():
+        used = json.loads(prepared.read_text()).get("data_root")
+        if used and Path(used) != Path(cfg["data_root"]):
+            fixes.append(f"01 prepared this run from data_root={used}, but this evaluation reads "
+                         f"data_root={cfg['data_root']}: pass data_root={used} (or leave it None)")
+    if cfg.get("data", {}).get("source") == "synthetic":
+        fixes.append("rerun 01_data_prep, which regenerates synthetic data that lacks files, then this notebook")
+    else:
+        fixes.append("put them back under data_root (BTCV's RawData.zip: fedseg.data.download.btcv_instructions)")
+    datasets = ",".join(present_datasets(cases))
+    if present:
+        fixes.append(f"or evaluate on the {len(present)} BTCV case(s) present: rerun 01_data_prep with "
+                     f"`-p datasets={datasets} -p cases={','.join(present)}` (with datasets declared, these ids "
+                     "narrow BTCV only; add any case ids the run already declares), then 04")
+    else:
+        training = ",".join(present_datasets(cases, TRAIN_DATASETS))
+        fixes.append(f"or run without BTCV: rerun 01_data_prep with `-p datasets={training}`, then 04 skips the "
+                     "external evaluation")
+    raise FileNotFoundError(
+        f"{len(missing)} of the run's {len(btcv)} BTCV test cases ({', '.join(missing)}) have files missing under "
+        f"{cfg['data_root']}:{shown}\nNo case was evaluated. Fix: " + "; ".join(fixes) + ".")
+
+
+def figure_case(cfg: dict[str, Any], cases: pd.DataFrame, run_dir: str | Path,
+                method: str = LOCAL_PP) -> tuple[str, Path, Path] | None:
+    """For Fig. 3 (05): the first BTCV case (by id) whose CT is under `cfg["data_root"]` and whose `method` label map 04
+    wrote, as (case id, CT path, prediction path); None, with a printed note saying why, when there is none (BTCV
+    absent from the run, its files missing under data_root, or 04 not run)."""
+    btcv = cases[cases["dataset"] == "btcv"].sort_values("case_id")
+    if btcv.empty:
+        print("BTCV is absent from this run's cases (01 did not use it): no Fig. 3.")
+        return None
+    for _, row in btcv.iterrows():
+        image_path, _ = case_files(cfg["data_root"], row)
+        prediction = run_folder.predictions_dir(run_dir, "btcv", slug(method), f"{row['case_id']}.nii.gz")
+        if image_path.is_file() and prediction.is_file():
+            return row["case_id"], image_path, prediction
+    print(f"No BTCV case of this run has both its CT under {cfg['data_root']} and 04's {method} prediction under "
+          f"{run_folder.predictions_dir(run_dir, 'btcv', slug(method))}: no Fig. 3 (run 04 with this run_dir and "
+          "data_root first).")
+    return None
+
+
 def load_btcv_case(cfg: dict[str, Any], row: pd.Series, transform) -> tuple[Path, Any, dict[str, np.ndarray],
                                                                           tuple[float, ...]]:
     """One BTCV case: its image path, the image through `transform` (`inference.inference_transform`, kept
@@ -164,18 +243,23 @@ def evaluate_btcv(cfg: dict[str, Any], cases: pd.DataFrame, run_dir: str | Path,
 
     Returns {"scores": per case and organ (method, case_id, organ, dice, nsd, hd95, pred_empty, truth_empty),
     "timing": per case and method (seconds of inference incl. inversion and post-processing, fraction of
-    voxels the fine pass covered)}. Predictions go to `<run_dir>/predictions/btcv/<method>/<case>.nii.gz`.
+    voxels the fine pass covered), "localiser": per case and organ, whether coarse-to-fine's first stage found
+    it and where the fine pass segmented it (`LOCALISER_COLUMNS`; "full", the whole grid, after a miss)}.
+    Predictions go to `<run_dir>/predictions/btcv/<method>/<case>.nii.gz`.
     Coarse-to-fine's first stage is the run's localiser when it has one (its own voxel factor replaces
     `coarse_factor`), else the FL local models at `coarse_factor` times the voxel size. The client groups are
     the models of the training datasets `cases` holds. Without BTCV in `cases` (a run on part of the data), it
-    says so and returns both tables empty.
+    says so and returns the tables empty; a BTCV case of `cases` with files missing under the data root is
+    refused up front (`require_btcv_files`), before any model is loaded.
     """
     run_dir = Path(run_dir)
     if not ((cases["dataset"] == "btcv") & (cases["split"] == "test")).any():
         print("BTCV is absent from this run's cases (01_data_prep did not use it: not declared, or not under "
               "data_root), so there is no external evaluation: the BTCV tables stay empty.")
         return {"scores": pd.DataFrame(columns=list(SCORE_COLUMNS)),
-                "timing": pd.DataFrame(columns=list(TIMING_COLUMNS))}
+                "timing": pd.DataFrame(columns=list(TIMING_COLUMNS)),
+                "localiser": pd.DataFrame(columns=list(LOCALISER_COLUMNS))}
+    require_btcv_files(cfg, cases, run_dir)  # before any model: name every missing file at once
     require_finished(run_dir)  # never score the bests of a federation that failed half-way
     groups = run_checkpoints(run_dir, present_datasets(cases, TRAIN_DATASETS) or None)
     methods = _methods(groups)
@@ -190,7 +274,8 @@ def evaluate_btcv(cfg: dict[str, Any], cases: pd.DataFrame, run_dir: str | Path,
     coarse_models = None
     if localiser is not None:
         coarse_models, coarse_factor = localiser
-    scores, timing = [], []
+    first_stage = LOCALISER_NAME if localiser is not None else f"fl-local models at 1/{coarse_factor:g} resolution"
+    scores, timing, localised = [], [], []
     for _, row in tqdm(list(btcv.iterrows()), desc="BTCV cases", disable=not progress):
         image_path, image, truth, spacing = load_btcv_case(cfg, row, transform)
         # one group's logits at a time (a group's methods follow each other in METHODS), timed once per case
@@ -214,6 +299,9 @@ def evaluate_btcv(cfg: dict[str, Any], cases: pd.DataFrame, run_dir: str | Path,
                                                          coarse_models=coarse_models)
                 mask = method_mask(LOCAL_PP, inference.ensemble_logits(result.logits), image, cfg)
                 covered, model_seconds = result.covered, 0.0
+                localised += [{"case_id": row["case_id"], "organ": organ, "found": found,
+                               "fine_window": result.window(organ), "first_stage": first_stage}
+                              for organ, found in result.organs.items()]
             else:
                 mask = method_mask(method, logits, image, cfg)
                 model_seconds = group_seconds
@@ -229,22 +317,58 @@ def evaluate_btcv(cfg: dict[str, Any], cases: pd.DataFrame, run_dir: str | Path,
             timing.append({"method": method, "case_id": row["case_id"], "seconds": round(elapsed, 3),
                            "fine_pass_coverage": round(covered, 3), "voxels": int(np.prod(fused.shape))})
     return {"scores": pd.DataFrame(scores, columns=list(SCORE_COLUMNS)),
-            "timing": pd.DataFrame(timing, columns=list(TIMING_COLUMNS))}
+            "timing": pd.DataFrame(timing, columns=list(TIMING_COLUMNS)),
+            "localiser": pd.DataFrame(localised, columns=list(LOCALISER_COLUMNS))}
+
+
+def fallback_cases(localiser: pd.DataFrame | None) -> dict[str, list[str]]:
+    """The cases where coarse-to-fine's first stage missed an organ (`evaluate_btcv`'s "localiser" record): case id
+    -> the organs the fine pass segmented over the full window instead of the box."""
+    if localiser is None or localiser.empty:
+        return {}
+    missed = localiser[~localiser["found"].astype(bool)]
+    return {case: list(group["organ"]) for case, group in missed.groupby("case_id", sort=False)}
+
+
+def fallback_note(localiser: pd.DataFrame | None) -> str:
+    """A sentence naming the cases whose organs the first stage missed ("" when it found every organ)."""
+    cases = fallback_cases(localiser)
+    if not cases:
+        return ""
+    listed = "; ".join(f"{case}: {', '.join(organs)}" for case, organs in cases.items())
+    return (f"The first stage missed an organ in {len(cases)} case(s), segmented over the full window instead of the "
+            f"box ({listed}); the fine pass coverage (mean) is over the other cases "
+            "(metrics/btcv_localiser.csv).")
 
 
 def speed_table(scores: pd.DataFrame, timing: pd.DataFrame,
-                methods: tuple[str, ...] = (LOCAL_PP, COARSE)) -> pd.DataFrame:
+                methods: tuple[str, ...] = (LOCAL_PP, COARSE), localiser: pd.DataFrame | None = None) -> pd.DataFrame:
     """Full sliding window vs coarse-to-fine, side by side: seconds per case (mean, max), the fraction of
-    the volume the fine pass covered, and mean Dice per organ and over the organs."""
+    the volume the fine pass covered, and mean Dice per organ and over the organs.
+
+    With the first stage's record (`localiser`, `evaluate_btcv`'s) showing an organ missed, coarse-to-fine's
+    coverage is the mean over the cases where the first stage found every organ (the others also ran a
+    full-window pass), and two columns count the cases with a fallback and the organs it took; when the first
+    stage found every organ, the table is the one without the record."""
+    fallbacks = fallback_cases(localiser)
     rows = {}
     for method in methods:
         times, dice = timing[timing["method"] == method], scores[scores["method"] == method]
         if times.empty:
             continue
         per_organ = dice.groupby("organ", sort=False)["dice"].mean()
+        coverage = times["fine_pass_coverage"]
+        if fallbacks and method == COARSE:
+            coverage = coverage[~times["case_id"].isin(list(fallbacks))]
         rows[method] = {"cases": len(times), "seconds per case (mean)": times["seconds"].mean(),
                         "seconds per case (max)": times["seconds"].max(),
-                        "fine pass coverage (mean)": times["fine_pass_coverage"].mean(),
+                        "fine pass coverage (mean)": coverage.mean(),
                         **{f"Dice {organ}": value for organ, value in per_organ.items()},
                         "Dice (mean of organs)": per_organ.mean()}
+        if fallbacks:
+            fell_back = [organs for case, organs in fallbacks.items() if method == COARSE
+                         and case in set(times["case_id"])]
+            counts = pd.Series([organ for organs in fell_back for organ in organs], dtype=object).value_counts()
+            rows[method] |= {"cases with a full-window fallback": len(fell_back),
+                             "organs over the full window": ", ".join(f"{o} ({n})" for o, n in counts.items())}
     return pd.DataFrame.from_dict(rows, orient="index").round(3)

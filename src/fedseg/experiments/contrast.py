@@ -83,10 +83,11 @@ def check_same_cases(cases: pd.DataFrame, roots: Mapping[str, Path]) -> None:
 
 def score_contrasts(cfg: dict[str, Any], cases: pd.DataFrame, checkpoints: Mapping[str, Path],
                     roots: Mapping[str, Path], progress: bool = True) -> pd.DataFrame:
-    """`evaluation.score_test_splits` of every checkpoint on the test splits of each contrast's root.
-    Long form: model, dataset, case_id, channel, dice, contrast."""
+    """`evaluation.score_test_splits` of every checkpoint (trained under `cfg`) on the test splits of each
+    contrast's root. Long form: model, dataset, case_id, channel, dice, contrast."""
     frames = [score_test_splits({**cfg, "data_root": str(root)}, dict(checkpoints), cases, TRAIN_DATASETS,
-                                progress=progress).assign(contrast=contrast) for contrast, root in roots.items()]
+                                progress=progress, trained=cfg).assign(contrast=contrast)
+              for contrast, root in roots.items()]
     return pd.concat(frames, ignore_index=True)
 
 

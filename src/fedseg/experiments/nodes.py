@@ -30,7 +30,7 @@ from fedseg import run_folder
 from fedseg.data.transforms import case_records
 from fedseg.evaluate import metrics
 from fedseg.evaluate.evaluation import load_best
-from fedseg.evaluate.external import btcv_test_cases, load_btcv_case
+from fedseg.evaluate.external import btcv_test_cases, load_btcv_case, require_btcv_files
 from fedseg.train import inference
 from fedseg.train.training import central_budget, fit, select_device
 
@@ -132,6 +132,7 @@ def score_btcv(cfg: dict[str, Any], cases: pd.DataFrame, models: Mapping[tuple[s
         raise FileNotFoundError(f"Checkpoints missing for the SegViz table: {', '.join(missing)}. "
                                 "Run `python -m fedseg nodes` on this run folder to train them.")
     btcv = btcv_test_cases(cases)
+    require_btcv_files(cfg, cases)  # every missing file named before any model is loaded
     device = select_device()
     loaded = {str(p): load_best(cfg, p, device) for p in {str(p) for m in models.values() for p in m.values()}}
     transform = inference.inference_transform(cfg)

@@ -11,9 +11,8 @@ weights on the site's validation cases. Site identity: node_config `dataset` (de
 from __future__ import annotations
 
 import contextlib
-import math
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedseg import run_folder
@@ -73,31 +72,49 @@ def _global_model(cfg: dict, msg: Message):
     return load_weights(model, msg.content["arrays"].to_torch_state_dict())
 
 
-def _keep_local_best(context: Context, cfg: dict, dataset: str, server_round: int, model, metric: float) -> bool:
-    """Save the model if it beats this site's local best so far (context.state, else the file on disk)."""
+def _keep_local_best(context: Context, cfg: dict, dataset: str, federation: str, server_round: int, model,
+                     metric: float) -> bool:
+    """Save the model if it beats this site's local best so far in this federation (`federation`: the id the
+    server sends each round). The bar is context.state's, else (a restarted client) the checkpoint on disk if
+    this federation wrote it; a local best of an earlier federation in the same folder never counts, whichever
+    round this federation validates first (`federated.val_every`)."""
     path = task.local_best_path(cfg["run_dir"], dataset)
-    if server_round == 1:  # a new federation: an earlier run's local best does not count
-        best = -math.inf
-    elif "local-best" in context.state:
-        best = float(context.state["local-best"]["val-mean-dice"])
-    else:  # a restarted client: its state is gone, the checkpoint is not
-        best = task.saved_metric(path)
+    kept = context.state.get("local-best")
+    if kept is not None and str(kept.get("federation-id", "")) == federation:
+        best = float(kept["val-mean-dice"])
+    else:  # a new federation, or a restarted client: its state is gone, the checkpoint (if this federation's) is not
+        best = task.saved_metric(path, federation)
     if not metric > best:
         return False
     save_checkpoint(task.state_dict_cpu(model), path, step=server_round, val_mean_dice=metric,
-                         settings=task.federation_settings(cfg))
-    context.state["local-best"] = MetricRecord({"val-mean-dice": metric, "round": server_round})
+                    federation_id=federation, settings=task.federation_settings(cfg))
+    context.state["local-best"] = ConfigRecord({"val-mean-dice": metric, "round": server_round,
+                                                "federation-id": federation})
     return True
+
+
+def _federation(msg: Message) -> str:
+    """The federation a train message belongs to (the server's `StudyFedAvg.federation_id`)."""
+    federation = str(msg.content["config"].get(task.FEDERATION_KEY, ""))
+    if not federation:
+        raise ValueError(f"The train message has no {task.FEDERATION_KEY!r} in its config: the server is not the "
+                         "study's ServerApp (or an older one); start the federation with this fedseg's ServerApp.")
+    return federation
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Who this site is (its client name as `identity` metrics): the server asks before round 1, so it can say
-    which sites are missing and name a site it later loses."""
+    which sites are missing and name a site it later loses; asked for them, also its cases' fingerprints
+    (`task.site_cases`)."""
     with _named_failure(context, "the identity query", 0):
         client, partition_id = sites.site_identity(context.node_config, context.run_config)
-        metrics = {"partition-id": partition_id, **identity(client)}
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+        content = RecordDict({"metrics": MetricRecord({"partition-id": partition_id, **identity(client)})})
+        if msg.content["config"].get(task.CASES_KEY):  # the server stamps its resumable state with them
+            cfg = task.study_config(context.run_config, context.node_config)
+            content[task.CASES_KEY] = ConfigRecord(
+                task.site_cases(cfg, task.load_cases(cfg, context.run_config), client))
+    return Message(content, reply_to=msg)
 
 
 @app.train()
@@ -105,6 +122,7 @@ def train(msg: Message, context: Context) -> Message:
     """Local training from the global weights; replies weights + n_k + scalar metrics."""
     server_round = int(msg.content["config"]["server-round"])
     with _named_failure(context, "train", server_round):
+        federation = _federation(msg)
         cfg, dataset, partition_id, train_records, val_records = _site(context)
         model = _global_model(cfg, msg)
         method = cfg["federated"]["method"]
@@ -123,7 +141,7 @@ def train(msg: Message, context: Context) -> Message:
                                     val_records, task=block, extra_loss=extra, volumes=volumes)
         final = result["final"]
         metric = float(final["val_mean_dice"])
-        updated = _keep_local_best(context, cfg, dataset, server_round, model, metric)
+        updated = _keep_local_best(context, cfg, dataset, federation, server_round, model, metric)
         metrics = {"num-examples": len(train_records), "partition-id": partition_id,
                    **identity(dataset), "train-loss": result["train_loss"],
                    "mean-dice": metric, "local-best-updated": int(updated),

@@ -5,7 +5,9 @@
   over the clients whose dataset annotates that channel (its owners) only; a channel nobody owns keeps its
   previous value. With a masked loss a non-owner sends that channel's output weights back unchanged, so
   FedAvg moves them by only n_owner / n of their owner's update (dilution); this removes the dilution and
-  nothing else.
+  nothing else. It needs a network whose logits are one convolution's output (`models.output_layer`): UNet
+  with `num_res_units: 0`, DynUNet and the other MONAI networks; it is refused on UNet with residual units,
+  whose last ResidualUnit writes every logit with weights all clients train (`check_network`).
 - `fedprox`: FedAvg with FedProx's proximal term (Li et al., MLSys 2020) in each client's local loss,
   mu/2 * ||w - w_global||^2, pulling local training towards the received global weights; mu = `federated.mu`.
 - `segviz`: SegViz (Kanhere et al. 2024): the `SharedTaskUNet`; each client trains the shared block and its own
@@ -38,7 +40,7 @@ from fedseg.data.labels import CHANNELS, owned_mask, pack_channels, unpack_chann
 from fedseg.data.transforms import FOREGROUND, IMAGE, LABEL, evaluation_dataset
 from fedseg.federated.sites import parse_client
 from fedseg.train.completion import distillation_loss, pseudo_label_volume
-from fedseg.train.models import parameter_group, shared_task_shape
+from fedseg.train.models import NoOutputLayer, build_network, output_layer, parameter_group, shared_task_shape
 
 METHODS: tuple[str, ...] = ("fedavg", "ownerfedavg", "fedprox", "segviz", "fedgin", "distill", "pseudo")
 #: GIN settings of `fedgin` when the profile's `preprocess.gin` gives none.
@@ -63,6 +65,34 @@ def network_config(cfg: Mapping[str, Any], datasets: Sequence[str]) -> dict[str,
     if cfg["federated"].get("method", "fedavg") != "segviz":
         return model
     return {"name": "SharedTaskUNet", "tasks": list(dict.fromkeys(datasets)), **shared_task_shape(model)}
+
+
+def dilution_layer(method: str, model: torch.nn.Module,
+                   patch_size: Sequence[int] | None = None) -> tuple[dict[str, int] | None, str | None]:
+    """The output layer (`models.output_layer`) a federation of `method` on `model` averages over owners
+    (`ownerfedavg`) and measures its dilution on, or None and why it measures none.
+
+    SegViz keeps each task block's head as its owner sent it: (None, None). A network without an output layer of
+    its own (`models.NoOutputLayer`, e.g. UNet with residual units) measures no dilution, and says why, rather
+    than measure weights that are not the logits' own; `ownerfedavg` on it is refused (ValueError).
+    """
+    if method == "segviz":
+        return None, None
+    try:
+        return output_layer(model, patch_size), None
+    except NoOutputLayer as error:
+        if method == "ownerfedavg":
+            raise ValueError(f"federated.method=ownerfedavg is refused on this network: {error}") from error
+        return None, str(error)
+
+
+def check_network(cfg: Mapping[str, Any]) -> None:
+    """Refuse, before anything trains, a profile whose `federated.method` cannot run on its `model`:
+    `ownerfedavg` on a network with no output layer of its own (`dilution_layer`)."""
+    if (cfg.get("federated") or {}).get("method") != "ownerfedavg":
+        return
+    patch_size = (cfg.get("preprocess") or {}).get("patch_size")
+    dilution_layer("ownerfedavg", build_network(**network_config(cfg, [])), patch_size)
 
 
 def evaluation_block(model: torch.nn.Module, client: str) -> str | None:

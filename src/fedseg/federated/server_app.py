@@ -21,13 +21,16 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedseg import run_folder
 from fedseg.federated import sites, task
+from fedseg.federated.methods import dilution_layer
 from fedseg.federated.strategies import (
     StudyFedAvg,
     StudyOwnerFedAvg,
     StudySegViz,
+    record_dilution,
+    site_cases,
     wait_for_sites,
 )
-from fedseg.train.models import build_network, output_layer
+from fedseg.train.models import build_network
 from fedseg.train.training import check_resumable, save_checkpoint, seed_everything
 
 #: The strategy of each method; the others train differently on the clients and aggregate with FedAvg.
@@ -63,8 +66,15 @@ def main(grid: Grid, context: Context) -> None:
     model = build_network(**cfg["model"])
     settings = task.federation_settings(cfg)  # what every checkpoint of this federation carries
     strategy_class = STRATEGIES.get(fl["method"], StudyFedAvg)
-    # SegViz has one head per task block: its dilution is not measured (each block is kept as its owner sent it)
-    axes = None if fl["method"] == "segviz" else output_layer(model)
+    # the output layer ownerfedavg averages over owners and the dilution is measured on: none for SegViz (each task
+    # block's head is kept as its owner sent it) nor for a network whose logits no one layer gives alone (UNet with
+    # residual units: not measured, and why; ownerfedavg refused before any round, `methods.dilution_layer`)
+    try:
+        axes, unmeasured = dilution_layer(fl["method"], model, cfg["preprocess"].get("patch_size"))
+    except ValueError as error:
+        task.write_status(run_dir, "failed", f"{type(error).__name__}: {error}")
+        raise
+    record_dilution(run_dir, measured=axes is not None, reason=unmeasured)
     strategy = strategy_class(run_dir, num_clients=fl["min_clients"], fraction_train=float(fl["fraction_train"]),
                               progress=bool(context.run_config.get("progress", False)), output_axes=axes,
                               settings=settings)
@@ -72,7 +82,9 @@ def main(grid: Grid, context: Context) -> None:
         expected = sites.client_list(context.run_config) if context.run_config.get("clients") else None
         connected = wait_for_sites(grid, fl["min_clients"], expected, float(fl["wait_timeout"]))
         strategy.node_names.update(connected)
-        strategy.state_settings = {**settings, "sites": sorted(connected.values())}
+        # a resume must find the same sites on the same cases (each site's case fingerprints)
+        strategy.state_settings = {**settings, "sites": sorted(connected.values()),
+                                   "cases": site_cases(grid, connected)}
         arrays, done = ArrayRecord(task.state_dict_cpu(model)), 0
         if state_path.exists():
             state = torch.load(state_path, map_location="cpu", weights_only=False)
@@ -88,8 +100,10 @@ def main(grid: Grid, context: Context) -> None:
         raise
 
     final = save_checkpoint(arrays.to_torch_state_dict(), run_folder.checkpoint(run_dir, "fl-global", "final"),
-                                 step=fl["rounds"], val_mean_dice=strategy.last_metric, settings=settings)
-    summary = {"num_rounds": fl["rounds"], "local_steps": fl["local_steps"], "clients": fl["min_clients"],
+                                 step=fl["rounds"], val_mean_dice=strategy.last_metric, settings=settings,
+                                 federation_id=strategy.federation_id)
+    summary = {"federation_id": strategy.federation_id, "num_rounds": fl["rounds"], "local_steps": fl["local_steps"],
+               "clients": fl["min_clients"],
                "resumed_after_round": done if done else None,
                "best_round": strategy.best_round, "best_val_mean_dice": strategy.best_metric,
                "final_val_mean_dice": strategy.last_metric, "global_best": str(strategy.global_best_path),

@@ -23,7 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedseg import run_folder
 from fedseg.data.labels import TRAIN_DATASETS
-from fedseg.federated import client_app, server_app, sites, task
+from fedseg.federated import client_app, methods, server_app, sites, task
 
 
 def _with_run_config(context: Context, run_config: dict[str, Any]) -> Context:
@@ -127,6 +127,18 @@ def client_devices(fl: Mapping[str, Any], gpus: int) -> str:
     return f"virtual clients on the CPU: {cpus} core(s) each" + (" (cpu_clients: true)" if gpus else "")
 
 
+def refuse_other_cases(run_dir: Path, path: Path, cases: pd.DataFrame, overwrite: bool) -> None:
+    """An unfinished federation (`fl/state.pt`) resumes only on the cases it started with: refuse, before its
+    `fl/cases.csv` is replaced, a cases table that differs from it (the server's resume check would refuse it
+    too, but only after the record of the old cases was gone)."""
+    if overwrite or not run_folder.fl_state(run_dir).exists() or not path.exists():
+        return
+    if path.read_text() != cases.to_csv(index=False):
+        raise ValueError(f"{run_dir} holds an unfinished federation ({run_folder.fl_state(run_dir)}) on other cases "
+                         f"than these ({path}): resuming it would mix two trainings. Rerun it on the same cases, "
+                         "pass overwrite=True (--overwrite) to start it afresh, or choose another run folder.")
+
+
 def simulate(run_config: Mapping[str, Any], cases: pd.DataFrame | None = None) -> dict[str, Any]:
     """The federation `run_config` describes (`federation_run_config`), in Flower's simulation engine: one
     virtual SuperNode per client, the App's own handlers, and `cases` (default `<run-dir>/data/cases.csv`, else
@@ -137,8 +149,10 @@ def simulate(run_config: Mapping[str, Any], cases: pd.DataFrame | None = None) -
     task.refuse_finished(run_dir, bool(run_config.get("overwrite")))
     run_folder.fl_dir(run_dir).mkdir(parents=True, exist_ok=True)
     cfg = task.study_config(run_config)
+    methods.check_network(cfg)  # ownerfedavg on a network without an output layer: refused before Ray starts
     names = sites.client_list(run_config)
     cases = cases if cases is not None else task.load_cases(cfg, {})
+    refuse_other_cases(run_dir, Path(run_config["cases"]), cases, bool(run_config.get("overwrite")))
     cases.to_csv(run_config["cases"], index=False)
     summary_file = run_folder.fl_summary(run_dir)
     server, client = simulation_apps(dict(run_config))

@@ -14,16 +14,20 @@
   validation cases (each channel is owned by one client); it is not the mean of the client means;
 - dilution: given the network's output layer (`models.output_layer`), every round writes to
   `<run_dir>/metrics/fl_dilution.csv` how far each channel's output weights moved in the global model
-  against how far its owner(s) moved them (`methods.output_moves`).
+  against how far its owner(s) moved them (`methods.output_moves`). A network without an output layer of
+  its own (UNet with residual units) measures none: `record_dilution` writes why instead
+  (`run_folder.dilution_not_measured`).
 """
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 import random
 import re
 import time
+import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,7 +47,7 @@ from fedseg.federated.methods import (
     selective_average,
 )
 from fedseg.federated.sites import client_name, parse_client
-from fedseg.federated.task import validated_round
+from fedseg.federated.task import CASES_KEY, FEDERATION_KEY, validated_round
 from fedseg.train.training import save_checkpoint
 
 FOREGROUND = CHANNELS[1:]
@@ -76,6 +80,22 @@ def site_names(grid: Grid, node_ids: Iterable[int], timeout: float = 120.0) -> d
     if failures:
         raise FederationError("A site could not say which dataset it holds:\n" + "\n".join(failures))
     return names
+
+
+def site_cases(grid: Grid, names: dict[int, str], timeout: float = 120.0) -> dict[str, dict[str, str]]:
+    """Each connected site's training and validation case fingerprints (`task.site_cases`), by client name: what
+    the server stamps its resumable state with, so a resume on other cases is refused."""
+    messages = [Message(RecordDict({"config": ConfigRecord({CASES_KEY: True})}), dst_node_id=int(n),
+                        message_type="query") for n in sorted(names)]
+    found, failures = {}, []
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        if reply.has_error():
+            failures.append(f"- error code {reply.error.code}: {(reply.error.reason or '').strip()[-2000:]}")
+        else:
+            found[names[reply.metadata.src_node_id]] = dict(reply.content[CASES_KEY])
+    if failures:
+        raise FederationError("A site could not say which cases it holds:\n" + "\n".join(failures))
+    return dict(sorted(found.items()))
 
 
 def wait_for_sites(grid: Grid, min_nodes: int, expected: Sequence[str] | None = None, timeout: float = 1800.0,
@@ -146,6 +166,28 @@ def aggregate_study_metrics(records: list[RecordDict], weighted_by_key: str) -> 
     return out
 
 
+def new_federation_id() -> str:
+    """A federation's identity: when it started (UTC) and a random suffix, unique to each fresh start."""
+    return f"{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+
+
+def record_dilution(run_dir: str | Path, measured: bool, reason: str | None = None) -> None:
+    """Before a federation's first round: when it measures no dilution, an earlier federation's
+    `metrics/fl_dilution.csv` in the folder is removed (it would answer for this one) and `reason` (None for
+    SegViz, which keeps each head as its owner sent it) is written to `run_folder.dilution_not_measured`; when it
+    measures it, an earlier note saying it did not is removed."""
+    note = run_folder.dilution_not_measured(run_dir)
+    if measured:
+        note.unlink(missing_ok=True)
+        return
+    run_folder.metrics_file(run_dir, "fl_dilution.csv").unlink(missing_ok=True)
+    if reason:
+        note.parent.mkdir(parents=True, exist_ok=True)
+        note.write_text(reason + "\n")
+    else:
+        note.unlink(missing_ok=True)
+
+
 class StudyFedAvg(FedAvg):
     """FedAvg over `num_clients` sites with sorted, fail-loud aggregation and the FL global best."""
     def __init__(self, run_dir: str | Path, num_clients: int, fraction_train: float = 1.0, progress: bool = False,
@@ -167,6 +209,9 @@ class StudyFedAvg(FedAvg):
         self.state_settings = settings  # what a resume must match (the server adds the sites)
         self.dilution: list[dict[str, Any]] = []
         self.round_offset = 0  # rounds finished before a resume: Flower counts this start's rounds from 1
+        # this federation's identity, sent with every round: a client's local best from another federation in the
+        # same folder never counts as this one's (`client_app`); kept across a resume (`save_state`, `restore`)
+        self.federation_id = new_federation_id()
         self._started = time.perf_counter()
 
     @property
@@ -192,7 +237,8 @@ class StudyFedAvg(FedAvg):
         state = {"round": server_round, "arrays": self.global_arrays.to_torch_state_dict(),
                  "best_metric": self.best_metric, "best_round": self.best_round, "last_metric": self.last_metric,
                  "rows": self.rows, "dilution": self.dilution, "random": random.getstate(),
-                 "node_names": self.node_names, "settings": self.state_settings}
+                 "node_names": self.node_names, "settings": self.state_settings,
+                 "federation_id": self.federation_id}
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.state_path.with_suffix(".pt.tmp")
         torch.save(state, tmp)
@@ -206,6 +252,7 @@ class StudyFedAvg(FedAvg):
         self.last_metric = float(state["last_metric"])
         self.rows, self.dilution = list(state["rows"]), list(state["dilution"])
         self.node_names.update(state.get("node_names") or {})
+        self.federation_id = str(state.get("federation_id") or self.federation_id)
         random.setstate(state["random"])
         self._write_rows()
         if self.dilution:
@@ -217,6 +264,7 @@ class StudyFedAvg(FedAvg):
         server_round += self.round_offset
         self._started = time.perf_counter()
         self.previous_arrays = arrays  # the global model this round's clients start from
+        config[FEDERATION_KEY] = self.federation_id
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.sent["train"] = {m.metadata.dst_node_id for m in messages}
         return messages
@@ -296,7 +344,8 @@ class StudyFedAvg(FedAvg):
 
             self.best_metric, self.best_round = metric, server_round
             save_checkpoint(self.global_arrays.to_torch_state_dict(), self.global_best_path, step=server_round,
-                            val_mean_dice=metric, **({"settings": self.settings} if self.settings else {}))
+                            val_mean_dice=metric, federation_id=self.federation_id,
+                            **({"settings": self.settings} if self.settings else {}))
         self.rows.extend(self._row(server_round, "evaluate", m) for m in replies)
         self._end_round(server_round, sum(int(_metrics(m)["num-examples"]) for m in replies), metric,
                         {c: metrics[f"dice-{c}"] for c in FOREGROUND}, improved,

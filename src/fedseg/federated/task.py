@@ -14,6 +14,7 @@ import datetime
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -30,9 +31,19 @@ from fedseg.federated.methods import METHOD_DEFAULTS, check_method, network_conf
 from fedseg.federated.sites import client_list, parse_client
 from fedseg.train.losses import check_loss
 from fedseg.train.models import unique_state_dict
-from fedseg.train.training import save_atomic, train_model, validation_subset, weight_settings
+from fedseg.train.training import (
+    case_fingerprint,
+    save_atomic,
+    train_model,
+    validation_subset,
+    weight_settings,
+)
 
 FOREGROUND = CHANNELS[1:]
+#: The train message's config key that names the federation (`strategies.StudyFedAvg.federation_id`).
+FEDERATION_KEY = "federation-id"
+#: The query message's config key that asks a site for its cases' fingerprints, and the reply's record of them.
+CASES_KEY = "cases"
 #: FL knobs of a profile's `federated:` section and their values when the profile has none.
 #: `local_steps` None: `train.steps // rounds`, i.e. the SL model's budget spread over the rounds.
 FL_DEFAULTS: dict[str, Any] = {"rounds": 2, "local_steps": None, "fraction_train": 1.0, "min_clients": 4,
@@ -149,6 +160,14 @@ def client_records(cfg: Mapping[str, Any], cases: pd.DataFrame, client: str) -> 
     return train, val
 
 
+def site_cases(cfg: Mapping[str, Any], cases: pd.DataFrame, client: str) -> dict[str, str]:
+    """The fingerprints (`training.case_fingerprint`: count and hash of case ids and file sizes) of the training
+    and validation cases a site trains on: what a federation's resumable state is stamped with, so a federation
+    never continues on other cases than it started with."""
+    train, val = client_records(cfg, cases, client)
+    return {"train": case_fingerprint(train), "val": case_fingerprint(val)}
+
+
 def round_seed(seed: int, client: str, server_round: int = 0) -> int:
     """A seed per (study seed, client, round): each round draws new batches, yet reruns are identical, in
     simulation and deployment alike (seeded by the client's dataset and shard, not by a partition id that
@@ -177,8 +196,15 @@ def train_locally(cfg: dict[str, Any], model: torch.nn.Module, client: str, serv
     out_dir = run_folder.client_dir(cfg["run_dir"], client)
     last = out_dir / "last.pt"
     start, resume = 0, False
-    if fl["keep_optimizer"] and server_round > 1 and last.exists():
-        saved = torch.load(last, map_location="cpu", weights_only=False)
+    if fl["keep_optimizer"] and server_round > 1:
+        # the state the previous round ended with, not last.pt: after a cut in the middle of a round, a client that
+        # finished the cut round holds that round's state in last.pt, and the rerun round must not start from it
+        kept = round_state_path(out_dir, server_round - 1)
+        if not kept.exists():
+            raise FileNotFoundError(f"{kept} is missing: with federated.keep_optimizer a client continues the "
+                                    f"optimizer state of round {server_round - 1}, which this site did not keep. "
+                                    "Start the federation afresh (overwrite) or set keep_optimizer: false.")
+        saved = torch.load(kept, map_location="cpu", weights_only=False)
         saved["model"] = state_dict_cpu(model)
         save_atomic(saved, last)
         start, resume = int(saved["state"]["step"]), True
@@ -195,6 +221,13 @@ def train_locally(cfg: dict[str, Any], model: torch.nn.Module, client: str, serv
     if summary["steps"] != start + fl["local_steps"]:
         raise RuntimeError(f"Local training of {client} stopped at step {summary['steps']}, "
                            f"not {start + fl['local_steps']}.")
+    if fl["keep_optimizer"]:  # this round's end state, for the next round (and the rounds before it dropped)
+        kept = round_state_path(out_dir, server_round)
+        shutil.copyfile(last, kept.with_suffix(".pt.tmp"))
+        os.replace(kept.with_suffix(".pt.tmp"), kept)  # whole or absent, never half-copied
+        for old in out_dir.glob("round-*.pt"):
+            if old != round_state_path(out_dir, server_round) and old != round_state_path(out_dir, server_round - 1):
+                old.unlink(missing_ok=True)
     if not validated:  # a round between validations: no scores, the loss of its steps
         final = pd.Series({"step": summary["steps"], "val_mean_dice": math.nan,
                            **{f"dice_{c}": math.nan for c in FOREGROUND}})
@@ -203,6 +236,12 @@ def train_locally(cfg: dict[str, Any], model: torch.nn.Module, client: str, serv
     this_round = history[history["step"] > start]
     spans = np.diff(np.concatenate([[start], this_round["step"].to_numpy()]))
     return {**summary, "train_loss": float(np.average(this_round["loss"], weights=spans)), "final": history.iloc[-1]}
+
+
+def round_state_path(client_dir: Path, server_round: int) -> Path:
+    """`fl/<client>/round-<r>.pt`: a client's training state (weights, optimizer, step) at the end of round r,
+    kept with `federated.keep_optimizer` so round r + 1 continues exactly it, even when rerun after a cut."""
+    return Path(client_dir) / f"round-{int(server_round):04d}.pt"
 
 
 def validated_round(fl: Mapping[str, Any], server_round: int) -> bool:
@@ -284,8 +323,12 @@ def local_best_path(run_dir: str | Path, client: str) -> Path:
     return run_folder.checkpoint(run_dir, f"fl-local-{client}")
 
 
-def saved_metric(path: Path) -> float:
-    """The `val_mean_dice` of a checkpoint on disk, -inf when there is none."""
+def saved_metric(path: Path, federation: str | None = None) -> float:
+    """The `val_mean_dice` of a checkpoint on disk; -inf when there is none, or when `federation` is given and the
+    checkpoint was written by another federation (its `federation_id`)."""
     if not path.exists():
         return -math.inf
-    return float(torch.load(path, map_location="cpu", weights_only=False).get("val_mean_dice", -math.inf))
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    if federation is not None and saved.get("federation_id") != federation:
+        return -math.inf
+    return float(saved.get("val_mean_dice", -math.inf))

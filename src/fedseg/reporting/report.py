@@ -291,17 +291,32 @@ DILUTION_NOTE = ("Per federation and channel, means over the rounds in which the
                  "(below 0: the others pull it towards 'absent').")
 
 
+#: What a dilution table shows, in each measured column, for a federation that measured none.
+NOT_MEASURED = "not measured"
+
+
 def read_dilution(folders: Mapping[str, str | Path]) -> dict[str, pd.DataFrame]:
     """Name -> `metrics/fl_dilution.csv` of each federation folder that has one (SegViz keeps its task heads
-    as their owners sent them, so its federations measure none)."""
+    as their owners sent them, and a network without an output layer of its own has no head to measure, so
+    their federations have none: `unmeasured_dilution`)."""
     paths = {name: run_folder.metrics_file(folder, "fl_dilution.csv") for name, folder in folders.items()}
     return {name: pd.read_csv(path) for name, path in paths.items() if path.exists()}
 
 
-def dilution_summary(dilution: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+def unmeasured_dilution(folders: Mapping[str, str | Path]) -> dict[str, str]:
+    """Name -> why its federation measured no dilution (`run_folder.dilution_not_measured`: its network, e.g. UNet
+    with residual units, has no output layer of its own), for each federation folder that says so."""
+    paths = {name: run_folder.dilution_not_measured(folder) for name, folder in folders.items()}
+    return {name: path.read_text().strip() for name, path in paths.items() if path.exists()}
+
+
+def dilution_summary(dilution: Mapping[str, pd.DataFrame], unmeasured: Mapping[str, str] | None = None
+                     ) -> pd.DataFrame:
     """Per federation (name -> its `metrics/fl_dilution.csv`) and channel, over the rounds: the owners' share of
     the training cases, the mean of global move / owner move (FedAvg with a masked loss: the share), the mean
-    move of the non-owners relative to the owners', and the mean cosine between the global and the owners' update."""
+    move of the non-owners relative to the owners', and the mean cosine between the global and the owners' update.
+    A federation of `unmeasured` (`unmeasured_dilution`) gets one row, "not measured" in every column (the
+    reasons go under the table: `dilution_note`)."""
     rows = []
     for name, table in dilution.items():
         for channel, part in table.groupby("channel", sort=False):
@@ -312,7 +327,16 @@ def dilution_summary(dilution: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
                          "global / owner move": owned["ratio"].mean(),
                          "others / owner move": (owned["others_move"] / owned["owner_move"]).mean(),
                          "cosine(global, owner)": owned["cosine"].mean()})
-    return pd.DataFrame(rows).set_index(["federation", "channel"]).round(3)
+    columns = ["owners", "owner share", "global / owner move", "others / owner move", "cosine(global, owner)"]
+    for name in unmeasured or {}:
+        rows.append({"federation": name, "channel": "all channels", **dict.fromkeys(columns, NOT_MEASURED)})
+    return pd.DataFrame(rows, columns=["federation", "channel", *columns]).set_index(["federation", "channel"]).round(3)
+
+
+def dilution_note(unmeasured: Mapping[str, str] | None = None) -> str:
+    """`DILUTION_NOTE`, then why each federation of `unmeasured` measured no dilution."""
+    reasons = " ".join(f"**{name}: not measured.** {reason}" for name, reason in (unmeasured or {}).items())
+    return f"{DILUTION_NOTE} {reasons}" if reasons else DILUTION_NOTE
 
 
 def dilution_figure(dilution: Mapping[str, pd.DataFrame]) -> plt.Figure:

@@ -319,19 +319,57 @@ class CoarseToFine(NamedTuple):
 
     #: Logits of the full preprocessed grid: dict name -> (8, X, Y, Z), or one tensor for one model.
     logits: dict[str, torch.Tensor] | torch.Tensor
-    #: (start, stop) per spatial axis on the preprocessed grid, stop exclusive: where the fine pass ran.
+    #: (start, stop) per spatial axis on the preprocessed grid, stop exclusive: where the fine pass ran for the
+    #: organs the coarse pass found (the whole grid when it found none).
     box: tuple[tuple[int, int], ...]
-    #: Fraction of the preprocessed grid's voxels the fine pass covered (1.0 after a fallback).
+    #: Fraction of the preprocessed grid's voxels inside `box` (1.0 when the coarse pass found nothing). An organ
+    #: in `fallback` was segmented over the whole grid besides: read `covered` together with it.
     covered: float
-    #: Whether the coarse pass found foreground (False: it fell back to the full pass).
+    #: Whether the coarse pass found any foreground (False: it fell back to the full pass for every organ).
     found: bool
+    #: Per organ of `ORGANS` that a fine model gives: whether the coarse pass found it (False: the fine pass
+    #: segmented it over the full window, not the box).
+    organs: dict[str, bool]
+
+    @property
+    def fallback(self) -> tuple[str, ...]:
+        """The organs the coarse pass did not find, which the fine pass segmented over the full window."""
+        return tuple(organ for organ, found in self.organs.items() if not found)
+
+    def window(self, organ: str) -> str:
+        """Where the fine pass segmented `organ`: "box", or "full" (the whole grid) after a miss."""
+        return "box" if self.organs[organ] else "full"
+
+
+#: The organs coarse-to-fine looks for, each the union of its channels (an organ's tumour lies in it): a
+#: coarse pass that finds none of an organ's channels makes the fine pass segment that organ over the full window.
+ORGANS: dict[str, tuple[str, ...]] = BTCV_ORGANS
+
+
+def _given_channels(name: str) -> list[int]:
+    """The foreground channels a model gives: a client's model its own channels only, since the others were never
+    (or only negatively) supervised; any other model (a localiser, a global model) all of them."""
+    if name in TRAIN_DATASETS:
+        return [int(c) for c in owned_mask(name).nonzero()[0]]
+    return list(range(1, NUM_CHANNELS))
 
 
 def _foreground(name: str, logits: torch.Tensor) -> torch.Tensor:
-    """Voxels where a model predicts foreground (sigmoid > 0.5); a client's model counts its own channels only,
-    since the others were never (or only negatively) supervised."""
-    channels = owned_mask(name).nonzero()[0] if name in TRAIN_DATASETS else np.arange(1, NUM_CHANNELS)
-    return (logits[torch.as_tensor(channels)] > 0).any(dim=0)
+    """Voxels where a model predicts foreground (sigmoid > 0.5) in a channel it gives (`_given_channels`)."""
+    return (logits[torch.as_tensor(_given_channels(name))] > 0).any(dim=0)
+
+
+def _organs_found(coarse: Mapping[str, torch.Tensor], fine_names: Sequence[str]) -> dict[str, bool]:
+    """Per organ of `ORGANS` that some fine model gives: whether any coarse model predicts foreground in one of
+    the organ's channels that it gives."""
+    given = {name: set(_given_channels(name)) for name in [*fine_names, *coarse]}
+    found = {}
+    for organ, names in ORGANS.items():
+        channels = {CHANNEL_INDEX[c] for c in names}
+        if any(channels & given[name] for name in fine_names):
+            found[organ] = any(bool((logits[sorted(channels & given[name])] > 0).any())
+                               for name, logits in coarse.items() if channels & given[name])
+    return found
 
 
 def _widen(lo: int, hi: int, size: int, n: int) -> tuple[int, int]:
@@ -350,9 +388,15 @@ def coarse_to_fine_logits(models: Models, image: torch.Tensor, cfg: dict[str, An
     The preprocessed image is downsampled by `coarse_factor` (MONAI Resize, area averaging) and segmented
     with `coarse_models` (default: the fine models themselves, used one scale coarser than they were trained
     at); the bounding box of its foreground, mapped to the full grid and grown by `margin_mm` on each side
-    (and to at least one patch), is where the fine sliding-window pass runs. Outside the box the logits say
-    background: `models.ABSENT_LOGIT` in foreground channels and its negative in channel 0. Logits have the
-    full pass's shape and structure (as `predict_logits`); with no coarse foreground the full pass is run.
+    (the margin in voxels per axis from the profile's spacing, and to at least one patch), is where the fine
+    sliding-window pass runs. Outside the box the logits say background: `models.ABSENT_LOGIT` in foreground
+    channels and its negative in channel 0. Logits have the full pass's shape and structure (as `predict_logits`).
+
+    An organ of `ORGANS` the coarse pass did not find (CT unlike the training data: a spleen far from the box
+    around liver and kidneys) is not left to the box: the fine models that give its channels also run over the
+    full window, and its channels are theirs everywhere (channel 0 outside the box then says background where
+    none of those channels is on). `organs` records, per organ, whether the coarse pass found it; with no coarse
+    foreground at all the full pass is run. When every organ is found the result is the box pass alone.
     """
     named, is_mapping = _as_mapping(models)
     _check_image(image)
@@ -365,10 +409,11 @@ def coarse_to_fine_logits(models: Models, image: torch.Tensor, cfg: dict[str, An
     coarse_named = named if coarse_models is None else _as_mapping(coarse_models)[0]
     coarse = predict_logits(coarse_named, coarse_image, cfg, device)
     foreground = torch.stack([_foreground(name, logits) for name, logits in coarse.items()]).any(dim=0)
+    organs = _organs_found(coarse, list(named))
     if not foreground.any():
         logits = predict_logits(named, full, cfg, device)
         box = tuple((0, n) for n in shape)
-        return CoarseToFine(logits if is_mapping else logits["model"], box, 1.0, False)
+        return CoarseToFine(logits if is_mapping else logits["model"], box, 1.0, False, organs)
     start, end = generate_spatial_bounding_box(foreground[None])  # coarse voxels, end exclusive
     spacing, patch = cfg["preprocess"]["spacing"], cfg["preprocess"]["patch_size"]
     box = []
@@ -386,5 +431,19 @@ def coarse_to_fine_logits(models: Models, image: torch.Tensor, cfg: dict[str, An
         canvas[0] = -ABSENT_LOGIT
         canvas[(slice(None), *region)] = values
         logits[name] = canvas
+    missed = {CHANNEL_INDEX[c] for organ, found in organs.items() if not found for c in ORGANS[organ]}
+    if missed:
+        outside = torch.ones(shape, dtype=torch.bool)
+        outside[region] = False
+        for name, model in named.items():
+            channels = sorted(missed & set(_given_channels(name)))
+            if not channels:
+                continue
+            whole = _sliding_window(model, full, cfg, device)
+            canvas = logits[name]
+            canvas[channels] = whole[channels]
+            background = torch.minimum(canvas[0], -whole[channels].amax(dim=0))
+            canvas[0] = torch.where(outside, background, canvas[0])
+            del whole
     covered = math.prod(hi - lo for lo, hi in box) / math.prod(shape)
-    return CoarseToFine(logits if is_mapping else logits["model"], tuple(box), covered, True)
+    return CoarseToFine(logits if is_mapping else logits["model"], tuple(box), covered, True, organs)

@@ -10,7 +10,8 @@ U-Net of the same shape (instance-norm convolution blocks, strided downsampling,
 upsampling, 4-5 resolution levels on 96^3 patches) with no search to reproduce; for the paper profile,
 `{"name": "DynUNet", "filters": [32, 64, 128, 256, 320], "strides": [1, 2, 2, 2, 2]}` (16.7 M parameters).
 The light default for the CPU profiles is MONAI's `UNet` with channels 16-128 and one residual unit per
-level (0.6 M parameters).
+level (0.6 M parameters); the smoke and laptop profiles set `num_res_units: 0`, which `ownerfedavg` and the dilution
+measurement need (`output_layer`: with residual units no layer gives the logits alone).
 """
 
 from __future__ import annotations
@@ -173,24 +174,92 @@ def split_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, dict[s
     return groups
 
 
-def output_layer(model: nn.Module) -> dict[str, int]:
+#: Cube sides `output_layer` tries for its forward pass, smallest first (the transformers need 64 or 96).
+PROBE_SIDES = (16, 32, 64, 96)
+
+
+class NoOutputLayer(ValueError):
+    """The network has no convolution whose output is its logits, so no weights belong to one channel alone."""
+
+
+def output_layer(model: nn.Module, patch_size: Sequence[int] | None = None) -> dict[str, int]:
     """The state_dict keys of the layer that gives the logits, each with the axis that indexes the output channel.
 
-    The output layer is the last convolution (in module order) with `NUM_CHANNELS` outputs: its weight row
-    (Conv: axis 0; ConvTranspose: axis 1, its weight is (in, out, ...)) and bias entry c are all that channel
-    c alone owns, under the names `unique_state_dict` gives them (the form the federation's messages carry).
-    Dilution is measured on these (`methods.output_moves`) and `ownerfedavg` averages them over each channel's
-    owners only.
+    The output layer is the convolution whose output *is* the network's output, found by one forward pass (eval
+    mode, no gradient, a seeded random patch: a cube of `PROBE_SIDES`, else `patch_size`) with a hook on every
+    convolution: the one called once whose output equals the logits exactly. Its weight row (Conv: axis 0;
+    ConvTranspose: axis 1, its weight is (in, out, ...)) and bias entry c are then the only weights that write
+    channel c's logit alone (all else feeds every channel), under the names `unique_state_dict` gives them (the
+    form the federation's messages carry). Dilution is measured on these (`methods.output_moves`) and
+    `ownerfedavg` averages them over each channel's owners only.
+
+    Raises `NoOutputLayer`, naming the network, when no convolution gives the logits: MONAI's UNet with
+    `num_res_units` >= 1 ends in a ResidualUnit that adds every channel of the layer before to the logits, and
+    SharedTaskUNet's meta-model takes each channel from another task block.
     """
-    convolutions = [m for m in model.modules()
-                    if isinstance(m, nn.modules.conv._ConvNd) and m.out_channels == NUM_CHANNELS]
-    if not convolutions:
-        raise ValueError(f"{type(model).__name__} has no convolution with {NUM_CHANNELS} outputs to take as its "
-                         "output layer.")
-    layer = convolutions[-1]
-    weight_axis = 1 if layer.transposed else 0
-    tensors = {id(layer.weight): weight_axis, **({id(layer.bias): 0} if layer.bias is not None else {})}
+    found = _logit_convolution(model, patch_size)
+    if found is None:
+        raise NoOutputLayer(_no_output_layer_reason(model))
+    weight_axis = 1 if found.transposed else 0
+    tensors = {id(found.weight): weight_axis, **({id(found.bias): 0} if found.bias is not None else {})}
     return {key: tensors[id(value)] for key, value in _first_names(model).items() if id(value) in tensors}
+
+
+def _logit_convolution(model: nn.Module, patch_size: Sequence[int] | None) -> nn.modules.conv._ConvNd | None:
+    """The convolution, called once, whose output equals `model`'s output on a probe patch, else None."""
+    convolutions = [m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    if not convolutions:
+        return None
+    parameter = next(model.parameters())
+    dims = convolutions[0].weight.ndim - 2
+    in_channels = convolutions[0].in_channels
+    shapes = [(side,) * dims for side in PROBE_SIDES] + ([tuple(patch_size)] if patch_size is not None else [])
+    outputs: dict[int, list[torch.Tensor]] = {}
+    hooks = [c.register_forward_hook(lambda module, args, out, k=k: outputs.setdefault(k, []).append(out.clone()))
+             for k, c in enumerate(convolutions)]
+    training, failure = model.training, None
+    generator = torch.Generator().manual_seed(0)  # the global RNG is left as the caller seeded it
+    try:
+        model.eval()
+        for shape in shapes:
+            outputs.clear()
+            patch = torch.randn(1, in_channels, *shape, generator=generator).to(parameter)
+            try:
+                with torch.no_grad():
+                    logits = model(patch)
+            except (RuntimeError, ValueError, AssertionError) as error:  # too small a patch: a bigger one
+                failure = error
+                continue
+            for k, calls in outputs.items():
+                if len(calls) == 1 and calls[0].shape == logits.shape and torch.equal(calls[0], logits):
+                    return convolutions[k]
+            return None
+        raise ValueError(f"{type(model).__name__} ran on no probe patch of side {', '.join(map(str, PROBE_SIDES))}"
+                         f"{f' or {list(patch_size)}' if patch_size is not None else ''}: pass the profile's "
+                         f"patch size to output_layer ({type(failure).__name__}: {failure}).") from failure
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(training)
+
+
+def _no_output_layer_reason(model: nn.Module) -> str:
+    """Why `model` has no output layer of its own, naming the network and what to use instead."""
+    need = ("ownerfedavg (each channel's output weights averaged over its owners) and the dilution measurement "
+            "(metrics/fl_dilution.csv) need a layer whose weight row c and bias c alone write channel c's logit")
+    name = type(model).__name__
+    if isinstance(model, nets.UNet) and getattr(model, "num_res_units", 0) >= 1:
+        return (f"UNet with num_res_units={model.num_res_units} has no output layer of its own: its last "
+                "ResidualUnit adds every channel of the transposed convolution before it to the logits (the "
+                "identity residual) and mixes them all in its convolution, so weights that FedAvg averages over "
+                f"every client write each channel's logit. {need}: set model.num_res_units: 0 (the laptop "
+                "profile's UNet, whose last transposed convolution gives the logits) or use DynUNet.")
+    if isinstance(model, SharedTaskUNet):
+        return (f"SharedTaskUNet's logits (the meta-model) take each channel from its owner's task block, not from "
+                f"one convolution. {need}; SegViz (federated.method: segviz) keeps each task block as its owner "
+                "sent it instead.")
+    return (f"{name} has no convolution whose output is its logits (checked by a forward pass). {need}: use "
+            "UNet with num_res_units: 0 or DynUNet.")
 
 
 def _first_names(model: nn.Module) -> dict[str, torch.Tensor]:

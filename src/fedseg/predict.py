@@ -13,27 +13,38 @@ channel indices (`fedseg.data.labels.CHANNELS`: 1 liver, 2 liver tumour, 3 splee
 
 and one `volumes.csv` for all: per case, the volume of each label in mL (voxels x voxel volume from the written
 NIfTI's header). A fused label counts each voxel once: the liver's volume with its tumours is liver + liver_tumor.
+
+Each input is also checked against what the run's models were trained on (`training_domain`): its contrast phase
+is estimated from the CT values inside the predicted organs and a simple aorta finder (`estimate_phase`, whose
+docstring gives the rule and thresholds), its field of view is measured (`field_of_view`), and a `remark` says when
+either lies outside the training data (`remark`): in volumes.csv (columns `phase_estimate`, `phase_hu`, `fov_mm`,
+`remark`), under the PNG's title, and after the printed volumes.
 """
 
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
+from scipy import ndimage
 from tqdm.auto import tqdm
 
 from fedseg import run_folder
 from fedseg.config import PROFILE_FILE, load_profile
+from fedseg.data import phantom
+from fedseg.data.catalogue import BY_NAME
 from fedseg.data.labels import (
     CHANNEL_INDEX,
     CHANNELS,
     COLOURS,
     FOREGROUND,
     NUM_CHANNELS,
+    TRAIN_DATASETS,
 )
 from fedseg.evaluate import external
 from fedseg.federated.task import require_finished
@@ -58,6 +69,243 @@ GROUP_NOTEBOOK = {"sl": "02_standalone_baselines", "central": "02_standalone_bas
 WINDOW_HU = (-160.0, 240.0)
 #: `volumes.csv`'s columns after `case`: the voxel volume, then one per foreground label.
 VOLUME_COLUMNS = ("voxel_mm3", *(f"{name}_ml" for name in FOREGROUND))
+#: ... then the input's check against the training data: the estimated phase (`estimate_phase`), the CT values it
+#: was estimated from, the field of view (R-L x A-P x S-I mm) and the remark ("" when nothing is out of domain).
+CHECK_COLUMNS = ("phase_estimate", "phase_hu", "fov_mm", "remark")
+
+# ---------------------------------------------------------------------------------------------------
+# Is the input like the training data? Contrast phase and field of view.
+# ---------------------------------------------------------------------------------------------------
+#: The phases' names in remarks (`phantom.PHASES`, plus the estimator's "enhanced": contrast, phase not determined).
+PHASE_NAMES = {"unenhanced": "unenhanced", "arterial": "late arterial", "portal": "portal venous",
+               "delayed": "delayed", "enhanced": "contrast-enhanced"}
+#: The least predicted volume (mL) of an organ whose CT values `estimate_phase` uses.
+PHASE_MIN_ML = {"kidney": 10.0, "liver": 100.0}
+#: An organ's median outside this range (HU) is not the organ (fat, air, bone painted by a lost model): not used.
+SOFT_TISSUE_HU = (0.0, 400.0)
+#: Kidney parenchyma: ~30 HU without contrast, 130-200 in every enhanced phase (docs/phantom.md's table).
+UNENHANCED_KIDNEY_HU = 80.0
+#: Aorta minus liver (HU): ~200 late arterial (aorta ~300, liver ~80), ~60 portal venous (~170 / ~105), ~25 delayed
+#: (~120 / ~93); the boundaries between.
+ARTERIAL_AORTA_LIVER_HU = 100.0
+DELAYED_AORTA_LIVER_HU = 35.0
+#: The aorta finder: the brightest structure narrower than `AORTA_WIDTH_MM` in the median over the kidneys' slices
+#: (at least `AORTA_SLAB_MM` of them), within `AORTA_BOX_MM` (x: either side, y: behind, in front) of the body's centre.
+AORTA_WIDTH_MM = 30.0
+AORTA_SLAB_MM = 60.0
+AORTA_BOX_MM = (50.0, 40.0, 50.0)
+#: A field of view is flagged when its extent along the body (or in-plane) is more than this fraction above the
+#: longest training CT's, or below the shortest's.
+FOV_TOLERANCE = 0.2
+
+
+class PhaseEstimate(NamedTuple):
+    """What `estimate_phase` returns."""
+    #: unenhanced | arterial | portal | delayed | enhanced (contrast, phase not determined) | unknown.
+    phase: str
+    #: The median CT values (HU) it was estimated from: kidney, liver, aorta (those found).
+    hu: dict[str, float]
+    #: Why "unknown" or "enhanced" (which organ was not found); "" otherwise.
+    reason: str = ""
+
+
+class TrainingDomain(NamedTuple):
+    """What `training_domain` returns: what the run's models were trained on."""
+    #: Each training dataset's contrast phases (`phantom.PHASES` names; "randomised" for SynthSeg-style intensities,
+    #: "mri_like" for MRI-like cases).
+    phases: dict[str, set[str]]
+    #: The training CTs' extent along the body (S-I), least and most, mm.
+    z_mm: tuple[float, float]
+    #: Their largest in-plane extent (max of R-L and A-P), least and most, mm.
+    inplane_mm: tuple[float, float]
+    #: Where this was read: the data root's phantom.json, or the profile and the catalogue.
+    source: str
+
+
+def _aorta_hu(hu: np.ndarray, spacing: tuple[float, ...]) -> float | None:
+    """The aorta's median CT value in a slab of axial slices (canonical RAS, x y z), or None.
+
+    In the median over the slab's slices (smoothed over 6 mm in-plane), the candidate columns lie in the body, within
+    `AORTA_BOX_MM` of its centre (where the aorta runs in front of the spine), are not bone (90th percentile over the
+    slices < 450 HU) and steady along the body (90th - 10th percentile < 100 HU: the vertebrae alternate with discs);
+    of those, the one most above its surroundings after a grey opening with a disc `AORTA_WIDTH_MM` wide (a white
+    top-hat: structures narrower than the disc, which removes the vertebral bodies and the liver). Unenhanced, it
+    finds some soft-tissue column (not needed then); on blurred images it can take the spine instead."""
+    sx, sy, _ = spacing
+    body = hu > -300
+    labels, count = ndimage.label(body)
+    if count == 0:
+        return None
+    body = labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
+    cx, cy, _ = ndimage.center_of_mass(body)
+    smooth = ndimage.uniform_filter(hu.astype(np.float32), size=(max(1, round(6.0 / sx)), max(1, round(6.0 / sy)), 1),
+                                    mode="nearest")
+    p10, mid, p90 = np.percentile(smooth, [10, 50, 90], axis=2)
+    rx, ry = max(1, round(AORTA_WIDTH_MM / 2 / sx)), max(1, round(AORTA_WIDTH_MM / 2 / sy))
+    gx, gy = np.mgrid[-rx:rx + 1, -ry:ry + 1]
+    tophat = mid - ndimage.grey_opening(mid, footprint=(gx / rx) ** 2 + (gy / ry) ** 2 <= 1.0, mode="nearest")
+    x = (np.arange(hu.shape[0]) - cx) * sx
+    y = (np.arange(hu.shape[1]) - cy) * sy
+    side, back, front = AORTA_BOX_MM
+    candidate = ((np.abs(x)[:, None] <= side) & (y[None, :] >= -back) & (y[None, :] <= front) & body.all(axis=2)
+                 & (p90 < 450.0) & (p90 - p10 < 100.0))
+    if not candidate.any():
+        return None
+    i, j = np.unravel_index(int(np.argmax(np.where(candidate, tophat, -np.inf))), tophat.shape)
+    return float(mid[i, j])
+
+
+def estimate_phase(hu: np.ndarray, fused: np.ndarray, spacing: tuple[float, ...]) -> PhaseEstimate:
+    """The contrast phase of a CT from its values inside the predicted organs (canonical RAS arrays: HU and the
+    fused label map of `CHANNELS`; voxel size in mm). Tumour channels are left out. The rule (docs/phantom.md's
+    "Contrast phases" gives the values it rests on):
+
+    1. The kidney (at least `PHASE_MIN_ML` predicted, its median soft tissue: `SOFT_TISSUE_HU`) is needed: without
+       it the phase is "unknown". Its median below `UNENHANCED_KIDNEY_HU` (80 HU) is "unenhanced": parenchyma is
+       ~30 HU without contrast and 130-200 HU in every enhanced phase (the liver, ~55 HU, is then the brighter).
+    2. Enhanced: the aorta's value (`_aorta_hu`, on the kidneys' slices, at least `AORTA_SLAB_MM`) minus the liver's
+       median: >= `ARTERIAL_AORTA_LIVER_HU` (100) late arterial, >= `DELAYED_AORTA_LIVER_HU` (35) portal venous, below
+       it delayed. Without a liver (or aorta) found: "enhanced", the phase not determined.
+
+    On the phantoms' reference organs at coarse voxels, rule 1 was right in every case and scanner tried, rule 2 in
+    most (the README's predict section gives the counts): bolus timing varies within a phase and the aorta finder
+    can take the spine. It is an estimate for a remark, not a measurement."""
+    voxel_ml = float(np.prod(spacing[:3])) / 1000.0
+    kidney = fused == CHANNEL_INDEX["kidney"]
+    liver = fused == CHANNEL_INDEX["liver"]
+    values: dict[str, float] = {}
+    if kidney.sum() * voxel_ml < PHASE_MIN_ML["kidney"]:
+        return PhaseEstimate("unknown", values, "no kidney predicted")
+    values["kidney"] = float(np.median(hu[kidney]))
+    if not SOFT_TISSUE_HU[0] <= values["kidney"] <= SOFT_TISSUE_HU[1]:
+        return PhaseEstimate("unknown", values, f"the predicted kidney is not soft tissue: median "
+                                                f"{values['kidney']:.0f} HU")
+    if liver.sum() * voxel_ml >= PHASE_MIN_ML["liver"]:
+        median = float(np.median(hu[liver]))
+        if SOFT_TISSUE_HU[0] <= median <= SOFT_TISSUE_HU[1]:
+            values["liver"] = median
+    if values["kidney"] < UNENHANCED_KIDNEY_HU:
+        return PhaseEstimate("unenhanced", values)
+    slices = np.flatnonzero(kidney.any(axis=(0, 1)))
+    centre, half = (slices[0] + slices[-1]) / 2.0, max(slices[-1] - slices[0] + 1, AORTA_SLAB_MM / spacing[2]) / 2.0
+    lo, hi = max(0, int(np.floor(centre - half))), min(hu.shape[2], int(np.ceil(centre + half)) + 1)
+    aorta = _aorta_hu(hu[:, :, lo:hi], spacing) if (hi - lo) * spacing[2] >= 0.6 * AORTA_SLAB_MM else None
+    if aorta is not None:
+        values["aorta"] = aorta
+    if "liver" not in values or aorta is None:
+        return PhaseEstimate("enhanced", values, "no liver predicted" if "liver" not in values else "no aorta found")
+    gap = aorta - values["liver"]
+    phase = ("arterial" if gap >= ARTERIAL_AORTA_LIVER_HU else "portal" if gap >= DELAYED_AORTA_LIVER_HU
+             else "delayed")
+    return PhaseEstimate(phase, values)
+
+
+def field_of_view(shape: tuple[int, ...], spacing: tuple[float, ...]) -> tuple[float, float, float]:
+    """The extent (mm) of a canonical RAS volume: R-L, A-P, S-I (voxels x voxel size)."""
+    return tuple(round(float(n) * float(s), 1) for n, s in zip(shape[:3], spacing[:3], strict=True))
+
+
+def _published_phases(phases: str, domain: str) -> dict[str, set[str]]:
+    """Each training dataset's phases by the profile's `data.phantom` settings (or the datasets' published ones)."""
+    if domain == "randomised":
+        return {d: {"randomised"} for d in TRAIN_DATASETS}
+    if phases in phantom.PHASES:
+        return {d: {phases} for d in TRAIN_DATASETS}
+    if phases == "all":
+        return {d: set(phantom.PHASES) for d in TRAIN_DATASETS}
+    return {d: set(BY_NAME[d].phantom.scanner["phases"]) for d in TRAIN_DATASETS}
+
+
+def training_domain(run_dir: str | Path, cfg: dict[str, Any]) -> TrainingDomain:
+    """What the run's models were trained on: each training dataset's contrast phases and the training CTs'
+    extents. Read from the run's data root (`cfg["data_root"]`, else run.json's) when it holds the phantom's
+    phantom.json (each case's acquisition, shape and voxel size; the training datasets' cases, all splits); else
+    from the profile (`data.phantom.phases` and `domain` for synthetic data) and the catalogue: the datasets'
+    published phases (`catalogue.Phantom.scanner["phases"]`) and typical extents (`z_extent`, `fov`)."""
+    root = cfg.get("data_root")
+    record_path = run_folder.run_record(run_dir)
+    if not root and record_path.exists():
+        root = json.loads(record_path.read_text()).get("data_root")
+    record = None
+    if root and (Path(root) / phantom.PHANTOM_FILE).is_file():
+        try:
+            record = json.loads((Path(root) / phantom.PHANTOM_FILE).read_text())
+        except ValueError:
+            record = None
+    cases = [c for c in (record or {}).get("cases", []) if c.get("dataset") in TRAIN_DATASETS and c.get("shape")]
+    if cases:
+        phases: dict[str, set[str]] = {}
+        z, inplane = [], []
+        for case in cases:
+            published = BY_NAME[case["dataset"]].phantom.scanner["phases"]
+            phase = (case.get("acquisition") or {}).get("phase")
+            phases.setdefault(case["dataset"], set()).update([phase] if phase else published)
+            extent = [n * s for n, s in zip(case["shape"], case["spacing"], strict=True)]
+            axcodes = case.get("axcodes", "RAS")
+            along = next(i for i, c in enumerate(axcodes) if c in "SI")
+            z.append(extent[along])
+            inplane.append(max(e for i, e in enumerate(extent) if i != along))
+        return TrainingDomain(phases, (min(z), max(z)), (min(inplane), max(inplane)),
+                              f"{Path(root) / phantom.PHANTOM_FILE} ({len(cases)} training-dataset cases)")
+    data = cfg.get("data", {})
+    settings = data.get("phantom", {}) if data.get("source") == "synthetic" else {}
+    scanners = [BY_NAME[d].phantom.scanner for d in TRAIN_DATASETS]
+    return TrainingDomain(_published_phases(settings.get("phases", "published"), settings.get("domain", "ct")),
+                          (min(s["z_extent"][0] for s in scanners), max(s["z_extent"][1] for s in scanners)),
+                          (min(s["fov"][0] for s in scanners), max(s["fov"][1] for s in scanners)),
+                          "the profile and the datasets' catalogue (published phases, typical extents)")
+
+
+def _trained_on(domain: TrainingDomain) -> str:
+    """E.g. "portal venous (liver, pancreas, spleen) and late arterial (kits19) CT"."""
+    by_phase: dict[str, list[str]] = {}
+    for dataset in sorted(domain.phases):
+        for phase in sorted(domain.phases[dataset]):
+            by_phase.setdefault(phase, []).append(dataset)
+    names = {**PHASE_NAMES, "randomised": "domain-randomised", "mri_like": "MRI-like"}
+    parts = [f"{names.get(p, p)} ({', '.join(d)})" for p, d in sorted(by_phase.items(), key=lambda i: -len(i[1]))]
+    return (", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]) + " CT"
+
+
+def remark(estimate: PhaseEstimate, fov_mm: tuple[float, float, float], domain: TrainingDomain) -> str:
+    """The sentence(s) written beside the volumes when the input is unlike the training data: its estimated phase
+    is none of the training phases (a "randomised" training covers every phase; "enhanced" is flagged only when no
+    training phase had contrast; "unknown" is said as such), or its extent along the body or in-plane lies
+    `FOV_TOLERANCE` beyond the training CTs' range. "" when neither."""
+    said = []
+    trained = set().union(*domain.phases.values()) if domain.phases else set()
+    values = ", ".join(f"{k} {v:.0f} HU" for k, v in estimate.hu.items())
+    if estimate.phase == "unknown":
+        said.append(f"Phase not estimated ({estimate.reason}).")
+    elif "randomised" not in trained and (
+            (estimate.phase == "enhanced" and not trained & (set(phantom.PHASES) - {"unenhanced"}))
+            or (estimate.phase != "enhanced" and estimate.phase not in trained)):
+        said.append(f"Phase: {PHASE_NAMES[estimate.phase]} (estimated: {values}), the models were trained on "
+                    f"{_trained_on(domain)}.")
+    along, inplane = fov_mm[2], max(fov_mm[:2])
+    (zlo, zhi), (ilo, ihi) = domain.z_mm, domain.inplane_mm
+    if along > zhi * (1 + FOV_TOLERANCE) or along < zlo * (1 - FOV_TOLERANCE):
+        said.append(f"Field of view {along:.0f} mm along the body, the training CTs {zlo:.0f}-{zhi:.0f} mm"
+                    + (": it reaches beyond the abdomen (chest or pelvis), where organs may be painted."
+                       if along > zhi else ": part of the abdomen only."))
+    if inplane > ihi * (1 + FOV_TOLERANCE) or inplane < ilo * (1 - FOV_TOLERANCE):
+        said.append(f"In-plane field of view {inplane:.0f} mm, the training CTs {ilo:.0f}-{ihi:.0f} mm.")
+    if said and any(not s.startswith("Phase not") for s in said):
+        said.append("Volumes may be wrong.")
+    return " ".join(said)
+
+
+def check_input(image_path: str | Path, label_path: str | Path, domain: TrainingDomain) -> dict[str, str]:
+    """`CHECK_COLUMNS` for one input and its written label map (on the same grid)."""
+    image = nib.as_closest_canonical(nib.load(str(image_path)))
+    fused = np.asarray(nib.as_closest_canonical(nib.load(str(label_path))).dataobj, dtype=np.uint8)
+    spacing = tuple(float(z) for z in image.header.get_zooms()[:3])
+    estimate = estimate_phase(np.asarray(image.dataobj, dtype=np.float32), fused, spacing)
+    fov = field_of_view(image.shape, spacing)
+    return {"phase_estimate": estimate.phase,
+            "phase_hu": " ".join(f"{k}={v:.0f}" for k, v in estimate.hu.items()),
+            "fov_mm": "x".join(f"{e:.0f}" for e in fov),
+            "remark": remark(estimate, fov, domain)}
 
 
 class Prediction(NamedTuple):
@@ -150,10 +398,11 @@ def _display(plane: np.ndarray) -> np.ndarray:
 
 
 def overlay_figure(image_path: str | Path, label_path: str | Path, title: str = "",
-                   volumes: dict[str, float] | None = None):
+                   volumes: dict[str, float] | None = None, note: str = "", warn: bool = False):
     """An axial and a coronal slice (radiological view: the patient's right on the left) through the most
     predicted voxels, the label map over the CT in the paper's colours, with a legend (and each label's mL
-    from `volumes`, `label_volumes`). A matplotlib Figure on the Agg canvas, outside pyplot."""
+    from `volumes`, `label_volumes`) and `note` in a line under the title (red when `warn`: the input's
+    `remark`). A matplotlib Figure on the Agg canvas, outside pyplot."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
@@ -175,12 +424,15 @@ def overlay_figure(image_path: str | Path, label_path: str | Path, title: str = 
     coronal.set_aspect(sz / sx)  # rows are z (superior up), columns x
     coronal.set_title(f"coronal (RAS slice {y} of {hu.shape[1]})", fontsize=9)
     fig.suptitle(title + ("" if drawn else " (no organ predicted)"), fontsize=10)
+    if note:
+        fig.text(0.5, 0.925, textwrap.fill(note, 130), ha="center", va="top", fontsize=8,
+                 color="firebrick" if warn else "dimgray")
     volumes = volumes or {}
     legend = [Patch(color=COLOURS[c], label=c.replace("_", " ")
                     + (f" {volumes[f'{c}_ml']:.1f} mL" if f"{c}_ml" in volumes else "")) for c in drawn]
     if legend:
         fig.legend(handles=legend, loc="lower center", ncol=min(4, len(legend)), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.08 if legend else 0, 1, 0.95))
+    fig.tight_layout(rect=(0, 0.08 if legend else 0, 1, 0.95 - (0.03 * (1 + len(note) // 130) if note else 0)))
     return fig
 
 
@@ -218,6 +470,7 @@ def predict(run_dir: str | Path, images: str | Path, model: str = DEFAULT_MODEL,
     device = select_device(device)
     models = external.load_group(cfg, paths, device)
     transform = inference.inference_transform(cfg)
+    domain = training_domain(run_dir, cfg)
     rows = []
     for case, image_path in tqdm(list(cases.items()), desc=f"{name} on {Path(images).name}", disable=not progress):
         image = transform({"image": str(image_path)})["image"]
@@ -225,15 +478,27 @@ def predict(run_dir: str | Path, images: str | Path, model: str = DEFAULT_MODEL,
         label_map = inference.fuse(external.method_mask(method, logits, image, cfg))
         written = inference.write_prediction(label_map, image_path, out / f"{case}.nii.gz")
         volumes = label_volumes(written)
-        fig = overlay_figure(image_path, written, f"{case}: {name} ({run_dir.name})", volumes)
+        check = check_input(image_path, written, domain)
+        fig = overlay_figure(image_path, written, f"{case}: {name} ({run_dir.name})", volumes,
+                             check["remark"] or _in_domain(check), warn=bool(check["remark"]))
         fig.savefig(out / f"{case}.png", dpi=110)
-        rows.append({"case": case, **volumes})
-    table = pd.DataFrame(rows, columns=["case", *VOLUME_COLUMNS]).set_index("case")
+        rows.append({"case": case, **volumes, **check})
+    table = pd.DataFrame(rows, columns=["case", *VOLUME_COLUMNS, *CHECK_COLUMNS]).set_index("case")
     table.to_csv(out / "volumes.csv")
     return Prediction(out, table)
 
 
+def _in_domain(check: dict[str, str]) -> str:
+    """The PNG's line for an input without a remark."""
+    phase = check["phase_estimate"]
+    return (f"phase: {PHASE_NAMES.get(phase, phase)} (estimated), field of view {check['fov_mm']} mm: "
+            "like the training CTs")
+
+
 def volume_table(volumes: pd.DataFrame) -> str:
-    """The volumes as printed: mL per label, one decimal."""
+    """The volumes as printed: mL per label, one decimal; then each case's remark (`remark`), if any."""
     shown = volumes[[f"{name}_ml" for name in FOREGROUND]]
-    return shown.rename(columns=lambda c: c.removesuffix("_ml")).to_markdown(floatfmt=".1f")
+    table = shown.rename(columns=lambda c: c.removesuffix("_ml")).to_markdown(floatfmt=".1f")
+    remarks = volumes["remark"].fillna("") if "remark" in volumes else pd.Series(dtype=str)
+    flagged = [f"- {case}: {text}" for case, text in remarks.items() if text]
+    return table + ("\nUnlike the training data:\n" + "\n".join(flagged) if flagged else "")

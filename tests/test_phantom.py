@@ -398,3 +398,12 @@ def test_each_dataset_keeps_its_published_phase_and_all_gives_every_site_every_p
     assert set(phases("liver", "unenhanced")) == {"unenhanced"}
     with pytest.raises(ValueError, match="data.phantom.phases 'venous'"):
         phantom.case_phase("liver", "venous", np.random.default_rng(0))
+
+
+def test_the_enhancement_table_sets_the_images_values_beside_the_published_ones():
+    table = phantom.enhancement_table(patients=1, progress=False)
+    assert list(table.columns) == list(phantom.PHASES) and list(table.index) == list(phantom.ENHANCEMENT_TISSUES)
+    measured = {phase: float(table.loc["kidney cortex", phase].split()[0]) for phase in phantom.PHASES}
+    published = {phase: float(table.loc["kidney cortex", phase].split("/ ")[1]) for phase in phantom.PHASES}
+    assert published == {"unenhanced": 32.0, "arterial": 202.0, "portal": 162.0, "delayed": 132.0}
+    assert measured["unenhanced"] < 60 < measured["delayed"] < measured["arterial"]

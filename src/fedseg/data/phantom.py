@@ -1231,6 +1231,38 @@ def _intensities(rng: np.random.Generator, grid: Grid, canvas: _Canvas, tumours:
     return np.clip(np.rint(image), -1024, 3071).astype(np.int16), acquisition
 
 
+#: The tissues whose values the enhancement table compares with the published ones (`enhancement_table`), named.
+ENHANCEMENT_TISSUES = {"aorta": "artery", "portal vein, IVC": "vein", "liver": "liver", "spleen": "spleen",
+                       "pancreas": "pancreas", "kidney cortex": "k_cortex", "kidney medulla": "k_medulla",
+                       "renal pelvis (urine)": "urine"}
+
+
+def enhancement_table(seed: int = 0, patients: int = 10, dataset: str = "btcv", progress: bool = True) -> pd.DataFrame:
+    """Each tissue's value in each phase as the images show it (HU; median and 5th-95th percentile over `patients`
+    cases of `dataset`, each case's median over the tissue's voxels: blur, noise, bolus timing and the scanner's
+    calibration included) beside the published value the generator aims at (unenhanced + enhancement at the
+    phase's reference time, `PHASE_KNOTS_S`)."""
+    values: dict[tuple[str, str], list[float]] = {}
+    for k in tqdm(range(patients), desc="enhancement", disable=not progress):
+        for phase in PHASES:
+            case = simulate_case(dataset, f"case{k:04d}", seed=seed, phases=phase)
+            image, tissue = case["image"].astype(np.float32), case["tissue"]
+            for name, t in ENHANCEMENT_TISSUES.items():
+                inside = tissue == T[t]
+                if inside.any():
+                    values.setdefault((name, phase), []).append(float(np.median(image[inside])))
+    rows = []
+    for name, t in ENHANCEMENT_TISSUES.items():
+        row = {"tissue": name}
+        for phase in PHASES:
+            found = np.asarray(values.get((name, phase), []))
+            target = _TISSUES[t][0] + float(enhancement(phase)[T[t]])
+            lo, mid, hi = np.percentile(found, [5, 50, 95]) if len(found) else (np.nan,) * 3
+            row[phase] = f"{mid:.0f} ({lo:.0f} to {hi:.0f}) / {target:.0f}"
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("tissue")
+
+
 def dataset_label(dataset: str, canvas: _Canvas) -> np.ndarray:
     """The dataset's own label map: only its organs, with its own values (the rest stays 0)."""
     organ_values, tumour_values = _LABEL_RULES[dataset]

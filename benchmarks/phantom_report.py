@@ -85,12 +85,13 @@ def phases_report(out: Path, seed: int, patients: int) -> None:
 
     phases_figure(out / "fig1_phases.png", seed=seed)
     table = phantom.enhancement_table(seed=seed, patients=patients, progress=False)
-    note = (f"Phantom {phantom.PHANTOM_VERSION}, {patients} BTCV-like cases at the laptop profile's phantom resolution "
-            "(in-plane zoom 4, slice zoom 1.5), each imaged in every phase: the median HU over each tissue's voxels, "
-            "median (5th to 95th percentile) over the cases / the value the generator aims at (published unenhanced value + enhancement at the phase's "
-            "reference time: 35, 70, 240 s; docs/phantom.md cites the sources). The images read lower where a "
-            "tissue is thin against fat (partial volume: kidney cortex, aorta, urine), where the scan falls early "
-            "in its phase's window, and by the BTCV scanner's calibration (gain 0.97).")
+    note = (f"Phantom {phantom.PHANTOM_VERSION}, {patients} BTCV-like cases at the laptop profile's phantom "
+            "resolution (in-plane zoom 4, slice zoom 1.5), each imaged in every phase: the median HU over each "
+            "tissue's voxels, median (5th to 95th percentile) over the cases / the value the generator aims at "
+            "(published unenhanced value + enhancement at the phase's reference time: 35, 70, 240 s; "
+            "docs/phantom.md cites the sources). The images read lower where a tissue is thin against fat "
+            "(partial volume: kidney cortex, aorta, urine), where the scan falls early in its phase's window, and "
+            "by the BTCV scanner's calibration (gain 0.97).")
     (out / "enhancement.md").write_text(f"# Contrast enhancement per phase\n\n{table.to_markdown()}\n\n{note}\n")
     print(table.to_markdown())
 

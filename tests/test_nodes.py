@@ -50,3 +50,28 @@ def test_the_segviz_table_gives_mean_and_std_over_cases_with_the_papers_row_belo
     assert row["spleen"] == "0.30 ± 0.20" and row["pancreas"] == "-" and row["cases"] == 3
     assert table.loc["2-node SegViz (paper)", "liver"] == "0.90 ± 0.04"
     assert table.loc["2-node Something new (this run)", "liver"] == "0.40 ± 0.05"
+
+
+def test_the_chains_own_fedavg_is_the_four_node_federation_unless_it_trained_other_settings(tmp_path):
+    """The budget study's points hold the chain's FedAvg in the run folder itself: the 4-node conventional FL
+    reuses it, but not when 03 ran with other clients or settings, or another loss than the profile's."""
+    (tmp_path / "checkpoints" / "fl-global").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "fl-global" / "best.pt").write_bytes(b"")
+
+    def chain(status="ok", **parameters):
+        entry = {"status": status, "parameters": {"profile": "laptop", "seed": 0, "compare_loss": "", **parameters}}
+        (tmp_path / "run.json").write_text(json.dumps({"notebooks": {"03_federated_training": entry},
+                                                       "profile_config": {"train": {"loss": "dice_ce"}}}))
+
+    chain()
+    assert nodes.chain_federation(tmp_path) == "fedavg"
+    assert nodes.federation_dir(tmp_path, 4, "fedavg") == tmp_path
+    assert nodes.federation_dir(tmp_path, 4, "segviz") == tmp_path / "nodes-4" / "segviz"
+    assert nodes.federation_dir(tmp_path, 2, "fedavg") == tmp_path / "nodes-2" / "fedavg"
+    chain(loss="dice_ce")
+    assert nodes.federation_dir(tmp_path, 4, "fedavg") == tmp_path
+    for other in ({"status": "failed"}, {"loss": "literal_dice_ce"}, {"clients": "liver,spleen"}, {"rounds": 3}):
+        chain(**other)
+        assert nodes.federation_dir(tmp_path, 4, "fedavg") == tmp_path / "nodes-4" / "fedavg", other
+    chain(method="segviz")
+    assert nodes.federation_dir(tmp_path, 4, "segviz") == tmp_path

@@ -1,4 +1,4 @@
-"""The papermill chain and the studies built on it (sweep, node sets, contrast); `python -m fedseg` is its
+"""The papermill chain and the studies built on it (sweep, node sets, contrast, budget); `python -m fedseg` is its
 command line. Profiles and the project a run works in are `fedseg.config`.
 
 A run executes the numbered notebooks in order into `results/<run-name>/`, passing each the same
@@ -42,10 +42,11 @@ from fedseg.config import (
 from fedseg.data import phantom
 from fedseg.data.labels import TRAIN_DATASETS
 from fedseg.evaluate import metrics
-from fedseg.experiments import contrast
+from fedseg.experiments import budget, contrast
 from fedseg.experiments import nodes as node_sets
 from fedseg.federated.methods import check_method, check_network
 from fedseg.predict import predict, volume_table
+from fedseg.reporting import budget as budget_report
 from fedseg.reporting import report
 from fedseg.reporting.readme import results_readme
 from fedseg.reporting.report import (
@@ -351,15 +352,20 @@ def _write_readme(run_dir: Path) -> None:
 
 
 def run_sweep(profile: str = "laptop", methods: tuple[str, ...] = ("fedavg",), *, losses: tuple[str, ...] = (),
-              run_name: str | None = None, params: dict[str, Any] | None = None, overwrite: bool = False,
-              results: str | Path | None = None, log_output: bool = False) -> Path:
+              federations: Sequence[tuple[str, str | None]] = (), run_name: str | None = None,
+              params: dict[str, Any] | None = None, overwrite: bool = False, results: str | Path | None = None,
+              log_output: bool = False) -> Path:
     """The federated methods side by side in one run folder: 01 and 02 once, then 03 once per method (and per
     loss of `losses`, default the profile's) into `<run>/<method>/` or `<run>/<method>-<loss>/` (its own
     checkpoints, rounds, dilution, tables), then `tables/sweep_methods.*` collecting every federation's FL
-    global and local Dice per channel with the SL row and its wall time. 03's own second federation
+    global and local Dice per channel with the SL row and its wall time. `federations`, (method, loss) pairs
+    (loss None: the profile's), replaces methods x losses when given. 03's own second federation
     (`compare_loss`) is switched off here: the sweep's losses say what runs. A folder that already holds 01 and
     02 (a chain's run) keeps them, and federations that finished there are not run again."""
     base = load_profile(profile)
+    pairs = list(federations) or [(method, loss) for method in methods for loss in losses or (None,)]
+    methods = tuple(dict.fromkeys(method for method, _ in pairs))
+    losses = tuple(dict.fromkeys(loss for _, loss in pairs if loss))
     for method in methods:
         check_method(method)
         # ownerfedavg on a network without an output layer of its own: refused before 01 and 02 run
@@ -373,14 +379,13 @@ def run_sweep(profile: str = "laptop", methods: tuple[str, ...] = ("fedavg",), *
         shutil.rmtree(run_dir)
     _run_baselines(profile, run_dir, dict(params or {}), log_output)  # kept when the folder has them (e.g. a chain's)
     folders = []
-    for method in methods:
-        for loss in losses or (None,):
-            folder = method if loss is None else f"{method}-{loss}"
-            # a rerun resumes the sweep
-            if "03_federated_training" not in run_folder.finished_notebooks(run_dir / folder):
-                extra = {"method": method, **({"loss": loss} if loss else {})}
-                _run_federation_notebook(profile, run_dir, run_dir / folder, {**(params or {}), **extra}, log_output)
-            folders.append(folder)
+    for method, loss in pairs:
+        folder = method if loss is None else f"{method}-{loss}"
+        # a rerun resumes the sweep
+        if "03_federated_training" not in run_folder.finished_notebooks(run_dir / folder):
+            extra = {"method": method, **({"loss": loss} if loss else {})}
+            _run_federation_notebook(profile, run_dir, run_dir / folder, {**(params or {}), **extra}, log_output)
+        folders.append(folder)
     table = sweep_table(run_dir, tuple(folders))
     federations = {folder: run_dir / folder for folder in folders}
     dilution, unmeasured = read_dilution(federations), unmeasured_dilution(federations)
@@ -515,6 +520,7 @@ def run_contrast(profile: str = "laptop", mri_like: tuple[str, ...] | None = Non
             _run_federation_notebook(str(profile_path), run_dir, folder, {**params, "method": method}, log_output)
     cfg = resolve(str(profile_path), params.get("seed"))
     cases = run_folder.read_cases(run_dir)
+    start = time.perf_counter()
     roots = contrast.test_roots(derived, cfg["seed"])
     contrast.check_same_cases(cases, roots)
     checkpoints = {f"sl-{d}": run_folder.checkpoint(run_dir, f"sl-{d}") for d in TRAIN_DATASETS}
@@ -527,6 +533,9 @@ def run_contrast(profile: str = "laptop", mri_like: tuple[str, ...] | None = Non
         rows[f"{method}: FL local model"] = {d: f"{method}-local-{d}" for d in TRAIN_DATASETS}
     scores = contrast.score_contrasts(cfg, cases, checkpoints, roots)
     scores.to_csv(run_folder.metrics_file(run_dir, "contrast_per_case.csv"), index=False)
+    # the work outside the notebooks (both contrasts' test data, every model on them), for the study's cost
+    pd.DataFrame([{"step": "test data and scoring", "wall_s": round(time.perf_counter() - start, 1)}]).to_csv(
+        run_folder.metrics_file(run_dir, "contrast_time.csv"), index=False)
     channels = contrast.channel_table(scores, rows)
     note = f"MRI-like clients: {', '.join(sorted(mri_like))}; the others CT. " + contrast.NOTE
     report.save_table(channels, run_dir, "contrast_channels", note=note)
@@ -534,6 +543,154 @@ def run_contrast(profile: str = "laptop", mri_like: tuple[str, ...] | None = Non
     report.save_figure(contrast.contrast_figure(channels, mri_like), run_dir, "contrast_channels")
     _write_readme(run_dir)
     return run_dir
+
+
+def _budget_point(study: Path, name: str, derived: dict[str, Any]) -> Path:
+    """A budget point's folder with its derived profile written once into `profile.yaml`; a folder run with
+    another profile (or holding another run) is refused, naming what differs."""
+    folder = (study / name).resolve()
+    path = folder / PROFILE_FILE
+    if path.exists():
+        differ = budget.profile_difference(yaml.safe_load(path.read_text()) or {}, derived)
+        if differ:
+            raise ValueError(f"{folder} was run with another profile ({'; '.join(differ[:6])}): rerun with the "
+                             "settings it was run with, or choose another --run-name.")
+    elif folder.exists() and any(folder.iterdir()):
+        raise FileExistsError(f"{folder} holds another run (no {PROFILE_FILE}): choose another --run-name.")
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(derived, sort_keys=False))
+    return folder
+
+
+def _budget_chain_and_sweep(folder: Path, params: dict[str, Any], log_output: bool) -> None:
+    """The chain (01-05, each notebook unless it finished there; its 03 is FedAvg with the profile's loss, 03's
+    compared federation off) and the sweep's other federations (`budget.SWEEP`) into a budget point's folder."""
+    profile = str(folder / PROFILE_FILE)
+    for name in CHAIN:
+        if name not in run_folder.finished_notebooks(folder):
+            print(f"fedseg budget: {folder.name}: {name}", flush=True)
+            run_chain(profile, run_name=folder.name, params={**params, "compare_loss": ""}, only=name,
+                      results=folder.parent, log_output=log_output)
+    finished = all(run_folder.FEDERATED in run_folder.finished_notebooks(folder / f"{m}-{loss}")
+                   for m, loss in budget.SWEEP)
+    if not (finished and run_folder.table_file(folder, "sweep_methods").exists()):
+        print(f"fedseg budget: {folder.name}: sweep {', '.join(f'{m}-{loss}' for m, loss in budget.SWEEP)}",
+              flush=True)
+        run_sweep(profile, federations=budget.SWEEP, run_name=folder.name, results=folder.parent, params=params,
+                  log_output=log_output)
+
+
+def _budget_nodes(folder: Path, nodes: tuple[int, ...], params: dict[str, Any], log_output: bool) -> None:
+    """SegViz's node sets into a budget point's folder, unless every piece and the scores are there already."""
+    methods = node_sets.FL_ROWS.values()
+    finished = run_folder.metrics_file(folder, "segviz_nodes_per_case.csv").exists() and all(
+        node_sets.central_checkpoint(folder, n).exists()
+        and all(node_sets.finished_federation(node_sets.federation_dir(folder, n, m)) for m in methods)
+        for n in nodes)
+    if not finished:
+        print(f"fedseg budget: {folder.name}: node sets {', '.join(map(str, nodes))}", flush=True)
+        run_nodes(str(folder / PROFILE_FILE), nodes, run_name=folder.name, results=folder.parent, params=params,
+                  log_output=log_output)
+
+
+def _budget_contrast(folder: Path, params: dict[str, Any], log_output: bool) -> None:
+    """FedGIN's contrast study into a budget point's `contrast/` (its own profile), unless it finished there."""
+    study = folder / budget.CONTRAST
+    methods = ("fedavg", "fedgin")
+    finished = run_folder.metrics_file(study, "contrast_per_case.csv").exists() and all(
+        run_folder.FEDERATED in run_folder.finished_notebooks(study / m) for m in methods)
+    if not finished:
+        print(f"fedseg budget: {folder.name}: contrast study", flush=True)
+        run_contrast(str(folder / PROFILE_FILE), None, methods, run_name=budget.CONTRAST, results=folder,
+                     params=params, log_output=log_output)
+
+
+def _budget_report(study: Path, strict: bool = True) -> Path:
+    """The study's report from the points its folder holds (`reporting.budget.write_report`), naming the last
+    command that trained it (`budget_runs.csv`)."""
+    runs = study / BUDGET_RUNS
+    command = ""
+    if runs.exists():
+        trained = pd.read_csv(runs)
+        command = str(trained["command"].dropna().iloc[-1]) if trained["command"].notna().any() else ""
+    try:
+        return budget_report.write_report(study, budget.find_points(study), command=command)["md"]
+    except Exception as exc:  # an intermediate report must not stop hours of training; the final one raises
+        if strict:
+            raise
+        print(f"fedseg budget: the intermediate report failed ({type(exc).__name__}: {exc}); training goes on, "
+              "and `--report-only` rebuilds it", file=sys.stderr, flush=True)
+        return study / "budget.md"
+
+
+#: Each `budget` command that trained, with its wall time (the study's wall time is their sum).
+BUDGET_RUNS = "budget_runs.csv"
+
+
+def run_budget(profile: str = "laptop", scales: Sequence[int] = (1, 3, 10), *, fine_scale: int | None = 3,
+               fine_spacing: float | None = 3.0, nodes_scales: Sequence[int] | None = None,
+               contrast_scales: Sequence[int] | None = None, nodes: tuple[int, ...] = (2, 3, 4),
+               scale_rounds: bool = False, report_only: bool = False, run_name: str | None = None,
+               params: dict[str, Any] | None = None, results: str | Path | None = None, log_output: bool = False,
+               command: str = "") -> Path:
+    """The budget-response study (`fedseg.experiments.budget`) into `results/<run-name>/`, resuming what it holds;
+    returns the report's path (`budget.md`).
+
+    Per scale k a point `scale-<k>/` (and `scale-<fine>-<spacing>mm/` at the finer voxel) with its derived profile
+    (`budget.budget_profile`) in `profile.yaml`: the chain (SL, central, localiser, FedAvg with the profile's loss,
+    BTCV) and the sweep's federations (`budget.SWEEP`: FedAvg with the paper's loss, ownerfedavg); at
+    `nodes_scales` (default the two smallest) SegViz's node sets and at `contrast_scales` (default the two
+    smallest) FedGIN's contrast study (`<point>/contrast/`). Every finished piece is kept, so a rerun goes on
+    where the last stopped; the folder's profiles must match. Then the report (`reporting.budget`): budget.csv,
+    budget.md, budget.png, claims_by_scale.{md,csv} in the study folder. `report_only` rebuilds the report only.
+    """
+    base = load_profile(profile)
+    scales = budget.check_scales(scales)
+    chosen = {}
+    for what, given in (("nodes", nodes_scales), ("contrast", contrast_scales)):
+        picked = scales[:2] if given is None else (budget.check_scales(given) if len(given) else ())
+        outside = [k for k in picked if k not in scales]
+        if outside:
+            raise ValueError(f"--{what}-scales {list(outside)}: not among --scales {list(scales)} (the {what} study "
+                             "runs into a scale's folder).")
+        chosen[what] = picked
+    nodes = node_sets.check_nodes(nodes)
+    points = [(k, None) for k in scales]
+    if fine_scale and fine_spacing:
+        fine_scale = budget.check_scales([fine_scale])[0]
+        if [float(fine_spacing)] * 3 == [float(v) for v in base["preprocess"]["spacing"]]:
+            raise ValueError(f"--fine-spacing {fine_spacing} is the profile's own voxel: choose a finer one.")
+        points.append((fine_scale, float(fine_spacing)))
+    results = Path(results) if results else repo_root() / "results"
+    study = (results / (run_name or f"budget-{base['name']}")).resolve()
+    if report_only:
+        if not study.is_dir():
+            raise FileNotFoundError(f"{study} does not exist: run the study first (without --report-only).")
+        return _budget_report(study)
+    params = dict(params or {})
+    study.mkdir(parents=True, exist_ok=True)
+    # every point's profile written (or checked) before anything trains
+    folders = {(k, spacing): _budget_point(study, budget.point_name(k, spacing),
+                                           budget.budget_profile(base, k, spacing, scale_rounds))
+               for k, spacing in points}
+    started, t0, status = _now(), time.perf_counter(), "failed"
+    try:
+        for (k, spacing), folder in folders.items():
+            _budget_chain_and_sweep(folder, params, log_output)
+            if spacing is None and k in chosen["nodes"]:
+                _budget_nodes(folder, nodes, params, log_output)
+            if spacing is None and k in chosen["contrast"]:
+                _budget_contrast(folder, params, log_output)
+            _budget_report(study, strict=False)
+        status = "ok"
+    finally:
+        runs = study / BUDGET_RUNS
+        earlier = pd.read_csv(runs) if runs.exists() else pd.DataFrame()
+        row = {"started": started, "ended": _now(), "wall_s": round(time.perf_counter() - t0, 1), "status": status,
+               "command": command or None}
+        pd.concat([earlier, pd.DataFrame([row])], ignore_index=True).to_csv(runs, index=False)
+    return _budget_report(study)
 
 
 def _parse_param(text: str) -> tuple[str, Any]:
@@ -581,6 +738,31 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scales(text: str | None) -> tuple[int, ...] | None:
+    return None if text is None else tuple(int(k) for k in _names(text) if k not in ("0", "none"))
+
+
+def _budget(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """`python -m fedseg budget`: `run_budget`, then where its report is and each claim's line."""
+    import shlex
+
+    words = sys.argv[1:] if argv is None else argv
+    try:
+        fine = _scales(args.fine_scale)
+        path = run_budget(args.profile, _scales(args.scales), fine_scale=fine[0] if fine else None,
+                          fine_spacing=args.fine_spacing, nodes_scales=_scales(args.nodes_scales),
+                          contrast_scales=_scales(args.contrast_scales), nodes=_scales(args.nodes),
+                          scale_rounds=args.scale_rounds, report_only=args.report_only, run_name=args.run_name,
+                          params=dict(args.param), results=args.results, log_output=args.log_output,
+                          command="python -m fedseg " + " ".join(shlex.quote(w) for w in words))
+    except (ChainError, FileExistsError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    lines = [line for line in path.read_text().splitlines() if line.startswith("- **")]
+    print(f"budget study {path.parent}: {path.name}, budget.csv, budget.png, claims_by_scale.md\n" + "\n".join(lines))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fedseg", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -607,6 +789,23 @@ def main(argv: list[str] | None = None) -> int:
     gin.add_argument("--mri-like", default="", help="comma-separated datasets generated MRI-like "
                      "(default: liver,spleen)")
     gin.add_argument("--methods", default="fedavg,fedgin", help="comma-separated federated methods")
+    bud = sub.add_parser("budget", help="the budget-response study: the chain, FedAvg with both losses and "
+                         "ownerfedavg at several training budgets (and a finer voxel), SegViz's node sets and FedGIN's "
+                         "contrast study at two of them; Dice and the claims against budget. Resumable")
+    _add_common(bud, "study folder under results/ (default: budget-<profile>); a rerun resumes it")
+    bud.add_argument("--scales", default="1,3,10", help="comma-separated budget scales: k x every training budget "
+                     "of the profile (default 1,3,10)")
+    bud.add_argument("--fine-scale", default="3", help="the scale also run at --fine-spacing (default 3; '' or 0: "
+                     "none)")
+    bud.add_argument("--fine-spacing", type=float, default=3.0, help="the finer voxel in mm (default 3.0)")
+    bud.add_argument("--nodes-scales", default=None, help="scales with SegViz's node sets (default: the two "
+                     "smallest; '' for none)")
+    bud.add_argument("--contrast-scales", default=None, help="scales with FedGIN's contrast study (default: the two "
+                     "smallest; '' for none)")
+    bud.add_argument("--nodes", default="2,3,4", help="the node sets of `nodes` (default 2,3,4)")
+    bud.add_argument("--scale-rounds", action="store_true", help="scale the FL rounds with the budget and keep the "
+                     "local steps (default: keep the rounds, scale the local steps)")
+    bud.add_argument("--report-only", action="store_true", help="only rebuild the report from the study folder")
     pred = sub.add_parser("predict", help="apply a trained run's model to your own CT (a folder of NIfTI): label "
                           "maps, overlays and organ volumes, with 04's preprocessing and inversion")
     pred.add_argument("--run", required=True, help="the run's folder, e.g. results/<run-name> (its checkpoints/)")
@@ -619,6 +818,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "predict":
         return _predict(args)
+    if args.command == "budget":
+        return _budget(args, argv)
     if args.command in EXPERIMENTS:
         start, table, title = EXPERIMENTS[args.command]
         common = {"run_name": args.run_name, "params": dict(args.param), "results": args.results,

@@ -12,12 +12,14 @@ node set, Dice mean ± std over the cases:
   global model is the meta-model (shared block + every node's task block).
 
 `run_nodes` is resumable: 01/02, each central model and each federation already in the run folder are
-reused (for 4 nodes, a sweep's `<run>/<method>/` is the same federation), so an interrupted run goes on.
+reused (for 4 nodes, a sweep's `<run>/<method>/`, or the chain's own FedAvg in the run folder, is the same
+federation), so an interrupted run goes on.
 Inference and scoring are `fedseg.train.inference` and `fedseg.evaluate.metrics`, as in the external evaluation.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -82,11 +84,35 @@ def check_nodes(nodes: Iterable[int]) -> tuple[int, ...]:
 
 def federation_dir(run_dir: str | Path, nodes: int, method: str) -> Path:
     """Where the node set's federation of `method` lives: `<run>/nodes-<n>/<method>/`, or for the 4-node set
-    a sweep's `<run>/<method>/` when that one finished (the same four clients, seed and profile)."""
+    a sweep's `<run>/<method>/` when that one finished, else the run folder itself when its own 03 (the chain's)
+    is that federation (`chain_federation`): the same four clients, seed and profile."""
     run_dir = Path(run_dir)
-    if nodes == len(NODE_SETS[4]) and finished_federation(run_dir / method):
-        return run_dir / method
+    if nodes == len(NODE_SETS[4]):
+        if finished_federation(run_dir / method):
+            return run_dir / method
+        if chain_federation(run_dir) == method:
+            return run_dir
     return run_dir / f"nodes-{nodes}" / method
+
+
+#: 03 parameters that do not change which federation the chain trained (the rest, e.g. rounds or clients, do).
+SAME_FEDERATION_PARAMETERS = {"profile", "run_dir", "data_root", "seed", "method", "loss", "compare_loss",
+                              "overwrite"}
+
+
+def chain_federation(run_dir: str | Path) -> str | None:
+    """The method of the run folder's own finished federation (the chain's 03) when it is the node sets' 4-node
+    one: every client, the profile's settings and loss (03's compared-loss federation aside); else None."""
+    run_dir = Path(run_dir)
+    if not finished_federation(run_dir):
+        return None
+    record = json.loads(run_folder.run_record(run_dir).read_text())
+    params = record["notebooks"][run_folder.FEDERATED].get("parameters") or {}
+    profile = record.get("profile_config") or {}
+    if set(params) - SAME_FEDERATION_PARAMETERS or params.get("loss") not in (None, profile.get("train", {}).get(
+            "loss")):
+        return None
+    return params.get("method") or (profile.get("federated") or {}).get("method") or "fedavg"
 
 
 def central_checkpoint(run_dir: str | Path, nodes: int) -> Path:

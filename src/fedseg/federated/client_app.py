@@ -111,9 +111,8 @@ def query(msg: Message, context: Context) -> Message:
         client, partition_id = sites.site_identity(context.node_config, context.run_config)
         content = RecordDict({"metrics": MetricRecord({"partition-id": partition_id, **identity(client)})})
         if msg.content["config"].get(task.CASES_KEY):  # the server stamps its resumable state with them
-            cfg = task.study_config(context.run_config, context.node_config)
-            content[task.CASES_KEY] = ConfigRecord(
-                task.site_cases(cfg, task.load_cases(cfg, context.run_config), client))
+            train_records, val_records = _site(context)[3:]
+            content[task.CASES_KEY] = ConfigRecord(task.site_cases(train_records, val_records))
     return Message(content, reply_to=msg)
 
 

@@ -160,12 +160,11 @@ def client_records(cfg: Mapping[str, Any], cases: pd.DataFrame, client: str) -> 
     return train, val
 
 
-def site_cases(cfg: Mapping[str, Any], cases: pd.DataFrame, client: str) -> dict[str, str]:
+def site_cases(train_records: list, val_records: list) -> dict[str, str]:
     """The fingerprints (`training.case_fingerprint`: count and hash of case ids and file sizes) of the training
-    and validation cases a site trains on: what a federation's resumable state is stamped with, so a federation
-    never continues on other cases than it started with."""
-    train, val = client_records(cfg, cases, client)
-    return {"train": case_fingerprint(train), "val": case_fingerprint(val)}
+    and validation cases a site trains on (`client_records`): what a federation's resumable state is stamped with,
+    so a federation never continues on other cases than it started with."""
+    return {"train": case_fingerprint(train_records), "val": case_fingerprint(val_records)}
 
 
 def round_seed(seed: int, client: str, server_round: int = 0) -> int:

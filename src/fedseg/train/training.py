@@ -364,8 +364,7 @@ def check_answers_for(path: str | Path, saved: Mapping[str, Any], cfg: Mapping[s
                 **{k: cfg["preprocess"].get(k) for k in INFERENCE_PREPROCESS_KEYS}}
     found = {"data": settings.get("data"),
              **{k: (settings.get("preprocess") or {}).get(k) for k in INFERENCE_PREPROCESS_KEYS}}
-    differing = [f"{key}: {found[key]!r} -> {expected[key]!r}" for key in expected
-                 if not _json_equal(found[key], expected[key])]
+    differing = setting_differences(found, expected)
     if differing:
         raise StaleCheckpointError(f"{path} was trained on other data or preprocessing than this run's "
                                    f"({'; '.join(differing)}), so it cannot answer for it. {fix}")
@@ -386,13 +385,9 @@ def _json_equal(a: Any, b: Any) -> bool:
     return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
 
 
-def check_resumable(path: Path, saved: Mapping[str, Any] | None, settings: Mapping[str, Any]) -> None:
-    """Raise `StaleCheckpointError` naming every setting in which `saved` differs from `settings`, and the fix."""
-    fix = (f"Start a new run folder (another --run-name), pass --overwrite to replace this one, or delete "
-           f"{path.parent} to train this model afresh.")
-    if saved is None:
-        raise StaleCheckpointError(f"{path} records no training settings (it predates them), so resuming it could "
-                                   f"mix two trainings. {fix}")
+def setting_differences(saved: Mapping[str, Any], settings: Mapping[str, Any]) -> list[str]:
+    """Each setting in which `saved` differs from `settings`, as "key: old -> new" (a section's keys as
+    "section.key")."""
     differing = []
     for key in sorted(set(saved) | set(settings)):
         old, new = saved.get(key), settings.get(key)
@@ -401,6 +396,17 @@ def check_resumable(path: Path, saved: Mapping[str, Any] | None, settings: Mappi
                           if not _json_equal(old.get(k), new.get(k))]
         elif not _json_equal(old, new):
             differing.append(f"{key}: {old!r} -> {new!r}")
+    return differing
+
+
+def check_resumable(path: Path, saved: Mapping[str, Any] | None, settings: Mapping[str, Any]) -> None:
+    """Raise `StaleCheckpointError` naming every setting in which `saved` differs from `settings`, and the fix."""
+    fix = (f"Start a new run folder (another --run-name), pass --overwrite to replace this one, or delete "
+           f"{path.parent} to train this model afresh.")
+    if saved is None:
+        raise StaleCheckpointError(f"{path} records no training settings (it predates them), so resuming it could "
+                                   f"mix two trainings. {fix}")
+    differing = setting_differences(saved, settings)
     if differing:
         raise StaleCheckpointError(f"{path} was trained under other settings than this run asks for "
                                    f"({'; '.join(differing)}); resuming it would mix two trainings. {fix}")

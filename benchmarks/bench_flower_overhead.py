@@ -21,7 +21,7 @@ from fedseg.config import resolve
 from fedseg.data import datasets
 from fedseg.data.labels import TRAIN_DATASETS
 from fedseg.data.transforms import build_cache, case_records, evaluation_dataset
-from fedseg.federated import sites, task
+from fedseg.federated import settings, sites, task
 from fedseg.federated.simulation import run_federation
 from fedseg.federated.strategies import fedavg_weights
 from fedseg.run import PeakMemory
@@ -68,7 +68,7 @@ def main() -> None:
     build_cache(cfg, case_records(data_root, cases[cases.split != "test"]), progress=False)
     rows = []
     with tempfile.TemporaryDirectory() as plain_dir, tempfile.TemporaryDirectory() as flower_dir:
-        cfg_plain = {**cfg, "run_dir": plain_dir, "federated": task.federated_settings(cfg)}
+        cfg_plain = {**cfg, "run_dir": plain_dir, "federated": settings.federated_settings(cfg)}
         with PeakMemory() as memory:
             start = time.perf_counter()
             plain_rounds(cfg_plain, cases, clients)

@@ -145,7 +145,7 @@ def pseudo_memory(root: Path, mode: str, cases: int = 4) -> dict:
     teacher = build_network("UNet", channels=(4, 8), strides=(2,))
     start = time.perf_counter()
     folder = root / f"pseudo-{mode}" if mode == "disk" else None
-    volumes = methods.pseudo_labelled_volumes(cfg, teacher, records, torch.device("cpu"), folder=folder)
+    volumes = methods.pseudo.pseudo_labelled_volumes(cfg, teacher, records, torch.device("cpu"), folder=folder)
     for index in range(len(volumes)):
         volumes[index]["label"].sum()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

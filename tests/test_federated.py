@@ -24,8 +24,9 @@ from flwr.app import (
     RecordDict,
 )
 
+from fedseg import run_folder
 from fedseg.data.labels import TRAIN_DATASETS
-from fedseg.federated import client_app, sites, strategies, task
+from fedseg.federated import client_app, settings, sites, strategies, task
 from fedseg.federated.simulation import federation_run_config
 from fedseg.federated.strategies import FederationError, StudyFedAvg, fedavg_weights
 from fedseg.reporting import report
@@ -223,7 +224,7 @@ def test_rounds_between_validations_send_no_evaluation_and_the_best_is_chosen_am
     assert [r for r in range(1, 6) if task.validated_round(fl, r)] == [2, 4, 5]  # every 2nd and the last
     assert all(task.validated_round({"val_every": 1, "rounds": 5}, r) for r in range(1, 6))
     with pytest.raises(ValueError, match="val_every"):
-        task.federated_settings({"train": {"steps": 4}, "federated": {"val_every": 0}})
+        settings.federated_settings({"train": {"steps": 4}, "federated": {"val_every": 0}})
     strategy = StudyFedAvg(tmp_path, num_clients=2, settings={"federated": {"val_every": 2, "rounds": 3}})
     model = build_network(name="UNet", channels=[8, 16], strides=[2], num_res_units=1)
     first = task.state_dict_cpu(model)
@@ -413,7 +414,7 @@ def test_a_client_validates_on_validated_rounds_only_and_on_the_fixed_subset_of_
     cfg["train"]["val_cases"] = 1
     node = {"dataset": "liver"}
     context = client_context(cfg, run_dir, cases, node)
-    study = task.study_config(context.run_config, context.node_config)
+    study = settings.study_config(context.run_config, context.node_config)
     _, val = task.client_records(study, cases, "liver")
     assert [r["case_id"] for r in val] == ["liver_2"]  # the first of its two validation cases by id, every round
     for server_round, validated in ((1, False), (2, True)):
@@ -436,23 +437,23 @@ def test_a_failing_client_names_its_dataset(tiny):
 def test_study_config_from_run_config_and_node_config(tmp_path):
     run_config = {"profile": "smoke", "seed": -1, "data-root": str(tmp_path / "a"), "run-dir": str(tmp_path / "r"),
                   "rounds": 0, "local-steps": 7, "fraction-train": 0.0, "min-clients": 0, "keep-optimizer": ""}
-    cfg = task.study_config(run_config, {"data-root": str(tmp_path / "b")})
+    cfg = settings.study_config(run_config, {"data-root": str(tmp_path / "b")})
     assert cfg["data_root"] == str((tmp_path / "b").resolve()) and cfg["run_dir"] == str((tmp_path / "r").resolve())
     fl = cfg["federated"]
     assert fl["local_steps"] == 7 and fl["fraction_train"] == 1.0 and fl["keep_optimizer"] is False
     assert fl["rounds"] == cfg.get("federated", {}).get("rounds", 2)
-    assert task.study_config({**run_config, "clients": "liver,spleen"})["federated"]["min_clients"] == 2
+    assert settings.study_config({**run_config, "clients": "liver,spleen"})["federated"]["min_clients"] == 2
     assert sites.site_identity({"partition-id": 1}, {"clients": "liver,spleen"}) == ("spleen", 1)
     assert sites.site_identity({"dataset": "kits19"}, {}) == ("kits19", 2)
     with pytest.raises(ValueError, match="node-config"):
         sites.site_identity({}, {})
     with pytest.raises(ValueError, match="run-dir"):
-        task.study_config({**run_config, "run-dir": ""})
+        settings.study_config({**run_config, "run-dir": ""})
 
 
 def test_a_simulation_is_configured_by_the_keys_flwr_run_takes(tmp_path):
     """One configuration path: a notebook's simulation hands the App only the run_config keys of pyproject's
-    [tool.flwr.app.config], and `task.study_config` merges them with the profile as in deployment."""
+    [tool.flwr.app.config], and `settings.study_config` merges them with the profile as in deployment."""
     import tomllib
 
     deployment_keys = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
@@ -460,19 +461,19 @@ def test_a_simulation_is_configured_by_the_keys_flwr_run_takes(tmp_path):
                                        method="fedprox", mu=0.1, loss="masked_dice", local_steps=None)
     assert set(run_config) <= deployment_keys, set(run_config) - deployment_keys
     assert "local-steps" not in run_config  # None: the profile's
-    cfg = task.study_config(run_config)
+    cfg = settings.study_config(run_config)
     assert cfg["seed"] == 3 and cfg["train"]["loss"] == "masked_dice"
     assert (cfg["federated"]["rounds"], cfg["federated"]["method"], cfg["federated"]["mu"]) == (5, "fedprox", 0.1)
     assert cfg["federated"]["min_clients"] == 2
     with pytest.raises(ValueError, match=r"Not a federation setting: stepz; use .*local_steps"):
         federation_run_config("smoke", tmp_path / "run", stepz=5)
     with pytest.raises(ValueError, match="Unknown loss 'dice'"):
-        task.study_config({**run_config, "loss": "dice"})
+        settings.study_config({**run_config, "loss": "dice"})
     # a configuration built by hand (a test's, a benchmark's) travels as a profile file, as in deployment
     mine = tiny_config(tmp_path / "data")
     run_config = federation_run_config(mine, tmp_path / "mine", clients=("liver", "spleen"))
     assert Path(run_config["profile"]) == tmp_path / "mine" / "fl" / "profile.yaml"
-    cfg = task.study_config(run_config)
+    cfg = settings.study_config(run_config)
     assert cfg["train"] == mine["train"] and cfg["data_root"] == str(Path(mine["data_root"]).resolve())
 
 
@@ -484,7 +485,7 @@ def test_shards_split_a_dataset_into_disjoint_virtual_clients(tmp_path):
     assert sites.client_list({"clients": "liver,spleen", "shards": "liver=3"}) == (
         "liver-1of3", "liver-2of3", "liver-3of3", "spleen")
     assert len(sites.client_list({"shards": 4})) == 16
-    assert task.study_config(
+    assert settings.study_config(
         {"profile": "smoke", "run-dir": str(tmp_path), "shards": "4"})["federated"]["min_clients"] == 16
     trains = [task.client_records(cfg, cases, f"liver-{k}of2") for k in (1, 2)]
     ids = [[r["case_id"] for r in train] for train, _ in trains]
@@ -549,7 +550,7 @@ def test_a_two_client_federation_runs_in_simulation(tiny):
         assert torch.load(result["local_best"][dataset], weights_only=False)["step"] in (1, 2)
     assert (run_dir / "fl" / "config.json").exists()
     assert json.loads((run_dir / "fl" / "status.json").read_text())["status"] == "finished"
-    task.require_finished(run_dir)
+    run_folder.require_finished_federation(run_dir)
     # dilution, measured on real local training: with the masked loss a client leaves the output weights of
     # the channels it does not own exactly as it got them, so FedAvg moves an owned channel by exactly its
     # owner's share (2 of 4 cases) of the owner's update
@@ -599,7 +600,7 @@ def test_a_client_failure_stops_the_simulation(tiny):
     status = json.loads((run_dir / "fl" / "status.json").read_text())
     assert status["status"] == "failed" and "spleen" in status["reason"]
     with pytest.raises(RuntimeError, match="(?s)is failed.*rerun 03"):
-        task.require_finished(run_dir)
+        run_folder.require_finished_federation(run_dir)
 
 
 def test_integer_buffers_stay_integers(tmp_path):
@@ -626,7 +627,7 @@ def test_the_learning_rate_anneals_once_over_the_whole_federation(tiny, keep_opt
         return lr * 0.5 * (1 + math.cos(math.pi * (global_step - 1) / horizon))
 
     cfg["run_dir"] = str(run_dir)
-    cfg["federated"] = task.federated_settings(cfg)
+    cfg["federated"] = settings.federated_settings(cfg)
     train, val = task.client_records(cfg, cases, "liver")
     for server_round in range(1, rounds + 1):
         model = build_network(**cfg["model"])
@@ -638,15 +639,16 @@ def test_the_learning_rate_anneals_once_over_the_whole_federation(tiny, keep_opt
 
 def test_a_federation_that_did_not_finish_is_not_evaluated(tmp_path):
     """Issue: after a failure the folder held round 1's rows and valid bests and nothing said the run failed."""
-    task.require_finished(tmp_path)  # no status: a folder from before statuses were written
-    task.write_status(tmp_path, "running")
+    run_folder.require_finished_federation(tmp_path)  # no status: a folder from before statuses were written
+    run_folder.write_federation_status(tmp_path, "running")
     with pytest.raises(RuntimeError, match="is running"):
-        task.require_finished(tmp_path)
-    task.write_status(tmp_path, "failed", "FederationError: Round 2 (train): no reply from client 'spleen'")
+        run_folder.require_finished_federation(tmp_path)
+    run_folder.write_federation_status(tmp_path, "failed",
+                                       "FederationError: Round 2 (train): no reply from client 'spleen'")
     with pytest.raises(RuntimeError, match="is failed .*no reply from client 'spleen'"):
-        task.require_finished(tmp_path)
-    task.write_status(tmp_path, "finished")
-    task.require_finished(tmp_path)
+        run_folder.require_finished_federation(tmp_path)
+    run_folder.write_federation_status(tmp_path, "finished")
+    run_folder.require_finished_federation(tmp_path)
 
 
 def test_a_site_flower_lost_is_named_by_its_dataset(tmp_path):
@@ -742,7 +744,7 @@ def test_a_federation_cut_after_a_round_resumes_to_the_weights_of_an_uninterrupt
     with pytest.raises(FileExistsError, match="holds a finished federation"):
         run_federation(cfg, run_dir, cases, clients=("liver", "spleen"), progress=False)
     # other settings never continue an unfinished federation
-    task.write_status(run_dir, "failed", "pretend")
+    run_folder.write_federation_status(run_dir, "failed", "pretend")
     # nor other cases (issue 27.2): the state is stamped with each site's case fingerprints; simulate refuses them
     # before fl/cases.csv is replaced, and the server itself refuses them (deployment has no fl/cases.csv)
     stamp = torch.load(run_dir / "fl" / "state.pt", weights_only=False)["settings"]["cases"]

@@ -9,7 +9,7 @@ from test_federated import client_context, client_message, reply
 
 from fedseg.config import load_profile
 from fedseg.data.labels import CHANNELS, owned_mask
-from fedseg.federated import client_app, methods, task
+from fedseg.federated import aggregation, client_app, methods, settings
 from fedseg.federated.simulation import federation_run_config
 from fedseg.federated.strategies import StudyFedAvg, StudyOwnerFedAvg, StudySegViz
 from fedseg.train.models import (
@@ -37,7 +37,7 @@ def test_selective_average_keeps_task_blocks_and_averages_the_shared_block_by_n_
     states = [{k: rng.normal(size=v.shape).astype(np.float32) if v.is_floating_point() else v.numpy()
                for k, v in base.items()} for _ in datasets]
     sizes = [79, 25, 169]
-    out = methods.selective_average(states, sizes, datasets)
+    out = aggregation.selective_average(states, sizes, datasets)
     groups = split_state_dict(base)
     for key in groups["shared"]:
         if states[0][key].dtype == np.float32:
@@ -47,10 +47,10 @@ def test_selective_average_keeps_task_blocks_and_averages_the_shared_block_by_n_
         for key in groups[f"task:{dataset}"]:
             assert out[key].tobytes() == states[k][key].tobytes(), key  # byte for byte, the owner's block
     # a task block nobody sent this round keeps the previous global model's
-    out = methods.selective_average(states[:2], sizes[:2], datasets[:2], previous=states[2])
+    out = aggregation.selective_average(states[:2], sizes[:2], datasets[:2], previous=states[2])
     assert all(out[key].tobytes() == states[2][key].tobytes() for key in groups["task:pancreas"])
     with pytest.raises(ValueError, match="No client owns"):
-        methods.selective_average(states[:2], sizes[:2], datasets[:2])
+        aggregation.selective_average(states[:2], sizes[:2], datasets[:2])
 
 
 def test_the_segviz_strategy_returns_each_owners_task_block_unchanged(tmp_path):
@@ -75,7 +75,7 @@ def test_proximal_term_is_zero_at_the_global_weights_and_its_gradient_is_mu_time
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
     reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    term = methods.proximal_term(model.state_dict(), mu=0.5)
+    term = methods.fedprox.proximal_term(model.state_dict(), mu=0.5)
     logits = torch.zeros(1)
     assert float(term(model, logits, {}).detach()) == 0.0
     with torch.no_grad():
@@ -90,24 +90,24 @@ def test_proximal_term_is_zero_at_the_global_weights_and_its_gradient_is_mu_time
 def test_network_config_gives_segviz_one_task_block_per_dataset():
     cfg = {"model": {"name": "UNet", "channels": [8, 16], "strides": [2], "num_res_units": 1},
            "federated": {"method": "segviz"}}
-    config = methods.network_config(cfg, ["liver", "spleen", "liver"])
+    config = methods.get("segviz").network(cfg["model"], ["liver", "spleen", "liver"])
     assert config == {"name": "SharedTaskUNet", "tasks": ["liver", "spleen"], "channels": [8, 16], "strides": [2]}
     assert isinstance(build_network(**config), SharedTaskUNet)
-    assert methods.network_config({**cfg, "federated": {"method": "fedprox"}}, ["liver"]) == cfg["model"]
+    assert methods.get("fedprox").network(cfg["model"], ["liver"]) == cfg["model"]
     with pytest.raises(ValueError, match="federated.method"):
-        task.federated_settings({"train": {"steps": 4}, "federated": {"method": "fedsgd"}})
+        settings.federated_settings({"train": {"steps": 4}, "federated": {"method": "fedsgd"}})
 
 
 def test_segviz_is_shaped_like_the_profiles_network_dynunet_included():
     paper = load_profile("paper")
-    config = methods.network_config({**paper, "federated": {"method": "segviz"}}, ["liver", "spleen"])
+    config = methods.get("segviz").network(paper["model"], ["liver", "spleen"])
     assert config == {"name": "SharedTaskUNet", "tasks": ["liver", "spleen"],
                       "channels": [32, 64, 128, 256, 320], "strides": [2, 2, 2, 2]}  # DynUNet's filters and strides
     model = {"name": "DynUNet", "filters": [8, 16], "strides": [2, 2]}
     with pytest.raises(ValueError, match="strides starting with 1"):
-        methods.network_config({"model": model, "federated": {"method": "segviz"}}, ["liver"])
+        methods.get("segviz").network(model, ["liver"])
     with pytest.raises(ValueError, match="set model.name to UNet or DynUNet"):
-        methods.network_config({"model": {"name": "SegResNet"}, "federated": {"method": "segviz"}}, ["liver"])
+        methods.get("segviz").network({"name": "SegResNet"}, ["liver"])
 
 
 @pytest.mark.parametrize("method", methods.METHODS)
@@ -120,7 +120,7 @@ def test_every_method_builds_the_paper_profiles_network_and_takes_a_step(tiny, m
     cfg["preprocess"]["patch_size"] = [32, 32, 32]  # four downsamplings need 16 voxels; 32 keeps a 2^3 bottleneck
     cfg["federated"].update(method=method, local_steps=1, rounds=1, pseudo_after=0, distill_weight=1.0, mu=0.01)
     context = client_context(cfg, run_dir, cases, {"partition-id": 1})  # the spleen client
-    trained = task.study_config(context.run_config, context.node_config)["model"]
+    trained = settings.study_config(context.run_config, context.node_config)["model"]
     assert trained["name"] == ("SharedTaskUNet" if method == "segviz" else "DynUNet")
     message, model = client_message({**cfg, "model": trained}, "train")
     out = client_app.app(message, context)
@@ -135,7 +135,7 @@ def test_a_segviz_client_trains_the_shared_block_and_its_own_task_block_only(tin
     cfg, cases, run_dir = tiny
     cfg["federated"]["method"] = "segviz"
     context = client_context(cfg, run_dir, cases, {"partition-id": 1})  # spleen of liver,spleen
-    cfg_model = task.study_config(context.run_config, context.node_config)["model"]
+    cfg_model = settings.study_config(context.run_config, context.node_config)["model"]
     assert cfg_model["name"] == "SharedTaskUNet" and cfg_model["tasks"] == ["liver", "spleen"]
     torch.manual_seed(0)
     model = build_network(**cfg_model)
@@ -188,13 +188,13 @@ def test_the_distillation_term_is_zero_against_itself_and_pulls_unowned_channels
     label = torch.zeros(2, 8, 16, 16, 16)
     owned = torch.tensor([[0, 1, 1, 0, 0, 0, 0, 0]] * 2)  # a liver client
     batch = {"image": image, "label": label, "owned": owned}
-    same = methods.distillation_term(copy_of(student), weight=2.0)
+    same = methods.distill.distillation_term(copy_of(student), weight=2.0)
     assert float(same(student, student(image), batch).detach()) == pytest.approx(0.0, abs=1e-6)
     other = copy_of(student)
     with torch.no_grad():
         for p in other.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    value = methods.distillation_term(other, weight=2.0)(student, student(image), batch)
+    value = methods.distill.distillation_term(other, weight=2.0)(student, student(image), batch)
     assert float(value.detach()) > 0
     value.backward()
     assert all(p.grad is None for p in other.parameters())  # the teacher is frozen
@@ -222,12 +222,12 @@ def test_fedgin_switches_gin_on_in_local_training_only():
 
     cfg = {"preprocess": {"patch_size": [8, 8, 8], "patches_per_volume": 1, "patch_sampling": "random",
                           "intensity_shift": {"prob": 0.0, "offset": 0.1}}, "federated": {"method": "fedgin"}}
-    local = methods.local_training_config(cfg)
-    assert local["preprocess"]["gin"] == methods.GIN_DEFAULT and "gin" not in cfg["preprocess"]
+    local = methods.get("fedgin").local_config(cfg)
+    assert local["preprocess"]["gin"] == methods.fedgin.GIN_DEFAULT and "gin" not in cfg["preprocess"]
     assert any(isinstance(t, RandGINd) for t in augment(local).transforms)
     assert not any(isinstance(t, RandGINd) for t in augment(cfg).transforms)
     fedavg = {**cfg, "federated": {"method": "fedavg"}}
-    assert methods.local_training_config(fedavg) is fedavg  # other methods train as the profile says
+    assert methods.get("fedavg").local_config(fedavg) is fedavg  # other methods train as the profile says
     image = torch.rand(1, 8, 8, 8)
     label = (torch.rand(8, 8, 8, 8) > 0.5).to(torch.uint8)
     sample = {"image": image, "label": label, "foreground": label[1:2]}
@@ -250,15 +250,15 @@ def test_a_pseudo_client_trains_on_targets_completed_by_the_global_model(tiny):
             return logits
 
     run_config = federation_run_config(cfg, run_dir, clients=("liver", "spleen"))
-    volumes = methods.pseudo_labelled_volumes(task.study_config(run_config), Teacher(), records, torch.device("cpu"))
+    study = settings.study_config(run_config)
+    volumes = methods.pseudo.pseudo_labelled_volumes(study, Teacher(), records, torch.device("cpu"))
     for volume in volumes:
         owned = np.asarray(volume["owned"]).astype(bool)
         assert owned[3] and owned[1] and owned[2]  # spleen completed; the liver client's own channels kept
         assert volume["label"][3].any() and not (volume["label"][3].bool() & volume["label"][1].bool()).any()
     folder = run_dir / "pseudo"  # as a client keeps them: on disk, a byte per voxel, read back one at a time
-    on_disk = methods.pseudo_labelled_volumes(task.study_config(run_config), Teacher(), records, torch.device("cpu"),
-                                              folder=folder)
-    assert isinstance(on_disk, methods.CompletedVolumes) and len(on_disk) == len(volumes)
+    on_disk = methods.pseudo.pseudo_labelled_volumes(study, Teacher(), records, torch.device("cpu"), folder=folder)
+    assert isinstance(on_disk, methods.pseudo.CompletedVolumes) and len(on_disk) == len(volumes)
     for kept, read in zip(volumes, on_disk):
         assert torch.equal(kept["label"], read["label"]) and torch.equal(kept["foreground"], read["foreground"])
         assert np.array_equal(kept["owned"], read["owned"]) and torch.equal(kept["image"], read["image"])
@@ -279,12 +279,12 @@ def test_a_segviz_client_scores_the_meta_model_with_its_own_task_block_alone():
     with torch.no_grad():
         meta = model(x)
         for dataset in ("liver", "pancreas", "kits19", "spleen"):
-            block = methods.evaluation_block(model, dataset)
+            block = methods.segviz.evaluation_block(model, dataset)
             assert block == dataset
             owned = torch.as_tensor(owned_mask(dataset))
             assert torch.equal(model(x, task=block)[:, owned], meta[:, owned])
-    assert methods.evaluation_block(model, "liver-2of3") == "liver"  # a shard scores with its dataset's block
-    assert methods.evaluation_block(build_network("UNet", channels=(4, 8), strides=(2,)), "liver") is None
+    assert methods.segviz.evaluation_block(model, "liver-2of3") == "liver"  # a shard scores with its dataset's block
+    assert methods.segviz.evaluation_block(build_network("UNet", channels=(4, 8), strides=(2,)), "liver") is None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -308,7 +308,7 @@ def test_owner_output_average_averages_each_channel_over_its_owners_only():
     previous = {k: v.numpy() for k, v in head(-7.0).items()}
     states = [{k: v.numpy() for k, v in head(value).items()} for value in (1.0, 5.0, 11.0)]
     names = ["liver-1of2", "liver-2of2", "pancreas"]
-    out = methods.owner_output_average(states, [3, 1, 2], names, OUTPUT_AXES, previous)
+    out = aggregation.owner_output_average(states, [3, 1, 2], names, OUTPUT_AXES, previous)
     assert set(out) == set(OUTPUT_AXES)
     for key, axis in OUTPUT_AXES.items():
         assert out[key].dtype == np.float32 and out[key].shape == previous[key].shape
@@ -342,7 +342,7 @@ def test_output_moves_gives_the_owner_share_under_fedavg_and_sees_others_pulling
     liver, pancreas = head(1.0), head(0.0)  # masked loss: pancreas leaves the liver head as it got it
     states = [{k: v.numpy() for k, v in s.items()} for s in (liver, pancreas)]
     averaged = {k: 0.25 * states[0][k] + 0.75 * states[1][k] for k in OUTPUT_AXES}
-    rows = {r["channel"]: r for r in methods.output_moves(previous, states, [1, 3], ["liver", "pancreas"], averaged,
+    rows = {r["channel"]: r for r in aggregation.output_moves(previous, states, [1, 3], ["liver", "pancreas"], averaged,
                                                           OUTPUT_AXES)}
     assert len(rows) == 7 and rows["liver"]["owners"] == "liver"
     assert rows["liver"]["owner_share"] == 0.25 and rows["liver"]["others_move"] == 0.0
@@ -352,7 +352,7 @@ def test_output_moves_gives_the_owner_share_under_fedavg_and_sees_others_pulling
     # a literal loss: the pancreas client teaches "no liver" and pulls the liver head the other way, harder
     states[1] = {k: v.numpy() for k, v in head(-1.0).items()}
     averaged = {k: 0.25 * states[0][k] + 0.75 * states[1][k] for k in OUTPUT_AXES}
-    rows = {r["channel"]: r for r in methods.output_moves(previous, states, [1, 3], ["liver", "pancreas"], averaged,
+    rows = {r["channel"]: r for r in aggregation.output_moves(previous, states, [1, 3], ["liver", "pancreas"], averaged,
                                                           OUTPUT_AXES)}
     assert rows["liver"]["others_move"] == pytest.approx(np.sqrt(3.0))
     assert rows["liver"]["cosine"] == pytest.approx(-1.0) and rows["liver"]["ratio"] == pytest.approx(0.5)
@@ -436,7 +436,7 @@ def test_ownerfedavg_keeps_a_non_owners_update_off_the_channels_logit_on_the_rea
     except NoOutputLayer as error:
         assert num_res_units == 1 and "UNet with num_res_units=1" in str(error)
         with pytest.raises(ValueError, match="ownerfedavg is refused on this network: UNet with num_res_units=1"):
-            methods.dilution_layer("ownerfedavg", model)
+            methods.get("ownerfedavg").output_layer(model)
         return
 
     def liver_logit(method, liver_state, spleen_state):
@@ -465,11 +465,11 @@ def test_a_residual_unet_measures_no_dilution_and_says_why(tmp_path):
     from fedseg.reporting import report
 
     residual = build_network("UNet", channels=[8, 16], strides=[2], num_res_units=1)
-    axes, reason = methods.dilution_layer("fedavg", residual)
+    axes, reason = methods.get("fedavg").output_layer(residual)
     assert axes is None and reason.startswith("UNet with num_res_units=1 has no output layer of its own")
-    assert methods.dilution_layer("segviz", residual) == (None, None)
+    assert methods.get("segviz").output_layer(residual) == (None, None)
     plain = build_network("UNet", channels=[8, 16], strides=[2], num_res_units=0)
-    assert methods.dilution_layer("ownerfedavg", plain) == (output_layer(plain), None)
+    assert methods.get("ownerfedavg").output_layer(plain) == (output_layer(plain), None)
     with pytest.raises(ValueError, match="ownerfedavg is refused on this network: UNet with num_res_units=1"):
         methods.check_network({"federated": {"method": "ownerfedavg"}, "preprocess": {"patch_size": [16] * 3},
                                "model": {"name": "UNet", "channels": [8, 16], "strides": [2], "num_res_units": 1}})

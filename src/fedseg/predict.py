@@ -47,7 +47,6 @@ from fedseg.data.labels import (
     TRAIN_DATASETS,
 )
 from fedseg.evaluate import external
-from fedseg.federated.task import require_finished
 from fedseg.reporting.report import best_axial_slice, canonical, overlay
 from fedseg.train import inference
 from fedseg.train.training import select_device
@@ -334,7 +333,7 @@ def resolve_model(name: str, run_dir: str | Path) -> str:
 
 def available_models(run_dir: str | Path) -> list[str]:
     """The `MODELS` names whose checkpoints the run holds (all four clients' for an ensemble)."""
-    methods = set(external._methods(external.run_checkpoints(run_dir)))
+    methods = set(external.group_methods(external.run_checkpoints(run_dir)))
     return [name for name, method in MODELS.items() if method in methods]
 
 
@@ -443,8 +442,9 @@ def predict(run_dir: str | Path, images: str | Path, model: str = DEFAULT_MODEL,
 
     `model` is one of `MODELS` (or 04's name for it); `out` defaults to `<run_dir>/predictions/own/<model>/`.
     The settings are the run's (`run_config`; `profile` or `cfg` replace them). Refuses a federation that did
-    not finish (`task.require_finished`), a model whose checkpoints the run lacks (naming them and the notebook
-    that makes them), and an image folder without 3D NIfTI images. Returns the output folder and the volumes.
+    not finish (`run_folder.require_finished_federation`), a model whose checkpoints the run lacks (naming them and
+    the notebook that makes them), and an image folder without 3D NIfTI images. Returns the output folder and the
+    volumes.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -461,7 +461,7 @@ def predict(run_dir: str | Path, images: str | Path, model: str = DEFAULT_MODEL,
                                 f"{GROUP_NOTEBOOK[group][:2]} --run-name {run_dir.name}). "
                                 + (f"Models this run has: {', '.join(has)}." if has
                                    else "This run has no trained models."))
-    require_finished(run_dir)  # as 04: never use the bests of a federation that failed half-way
+    run_folder.require_finished_federation(run_dir)  # as 04: never use the bests of a federation that failed half-way
     cases = nifti_images(images)
     out = Path(out) if out is not None else run_folder.predictions_dir(run_dir, "own", name)
     if out.resolve() == Path(images).resolve():

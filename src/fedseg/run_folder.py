@@ -22,7 +22,10 @@ This module imports nothing of fedseg, so every layer can use it.
 
 from __future__ import annotations
 
+import datetime
 import json
+import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -74,6 +77,22 @@ def run_dir_of(checkpoint_path: str | Path) -> Path | None:
     """The run folder a `checkpoints/<model>/<file>.pt` lies in, None for a checkpoint outside one."""
     folder = Path(checkpoint_path).parent
     return folder.parent.parent if folder.parent.name == "checkpoints" else None
+
+
+def model_groups(run_dir: str | Path, datasets: Sequence[str]) -> dict[str, dict[str, Path]]:
+    """Where a run keeps each group of best checkpoints, whether or not they exist: "sl" and "fl-local" (dataset ->
+    path, one per training dataset in `datasets`), "fl-global" and "central" (one path under key "model")."""
+    groups = {group: {d: checkpoint(run_dir, f"{prefix}{d}") for d in datasets}
+              for group, prefix in (("sl", "sl-"), ("fl-local", "fl-local-"))}
+    groups.update({model: {"model": checkpoint(run_dir, model)} for model in ("fl-global", "central")})
+    return groups
+
+
+def trained_groups(run_dir: str | Path, datasets: Sequence[str]) -> dict[str, dict[str, Path]]:
+    """The groups of `model_groups` a run holds: a group counts only when every checkpoint of it is on disk (a client
+    group, one for each of `datasets`)."""
+    return {group: paths for group, paths in model_groups(run_dir, datasets).items()
+            if paths and all(p.exists() for p in paths.values())}
 
 
 def metrics_dir(run_dir: str | Path) -> Path:
@@ -147,6 +166,72 @@ def fl_state(run_dir: str | Path) -> Path:
 def fl_summary(run_dir: str | Path) -> Path:
     """`fl/summary.json`: best round and metric, seconds; written when the federation finished."""
     return fl_file(run_dir, "summary.json")
+
+
+def federation_config(run_dir: str | Path) -> dict | None:
+    """The federation's resolved configuration (`fl/config.json`, written by the ServerApp), None when it has none."""
+    path = fl_config(run_dir)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def federation_id(run_dir: str | Path) -> str | None:
+    """The id of the run's finished federation (`fl/summary.json`), None before one finished (or from before ids)."""
+    path = fl_summary(run_dir)
+    return json.loads(path.read_text()).get("federation_id") if path.exists() else None
+
+
+def localiser_record_file(run_dir: str | Path) -> Path:
+    """`checkpoints/localiser/localiser.json`: the settings the coarse-to-fine localiser was trained under (02)."""
+    return model_dir(run_dir, "localiser") / "localiser.json"
+
+
+def localiser_record(run_dir: str | Path) -> dict | None:
+    """The run's localiser record (`localiser_record_file`) when the run has a trained localiser, else None; a
+    localiser checkpoint without its record is refused, naming 02."""
+    if not checkpoint(run_dir, "localiser").exists():
+        return None
+    return json.loads(require(localiser_record_file(run_dir), BASELINES, run_dir).read_text())
+
+
+# A federation's status (fl/status.json): written by the ServerApp, read by every stage after it
+
+def write_federation_status(run_dir: str | Path, status: str, reason: str = "") -> None:
+    """`<run_dir>/fl/status.json`: running, finished or failed (with the reason), written atomically."""
+    path = fl_status(run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"status": status, "reason": reason[:4000],
+              "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, path)
+
+
+def federation_status(run_dir: str | Path) -> str | None:
+    """The federation's status in `run_dir` (running, finished, failed), None when it has none."""
+    path = fl_status(run_dir)
+    return json.loads(path.read_text()).get("status") if path.exists() else None
+
+
+def refuse_finished_federation(run_dir: str | Path, overwrite: bool) -> None:
+    """A finished federation is never replaced silently (by `flwr run` or a notebook): refuse it unless asked."""
+    if federation_status(run_dir) == "finished" and not overwrite:
+        raise FileExistsError(f"{Path(run_dir)} holds a finished federation ({fl_status(run_dir)}): choose another "
+                              "run folder, or replace it with --run-config 'overwrite=true' (flwr run), "
+                              "overwrite=True (notebook 03, run_federation) or --overwrite (fedseg run).")
+
+
+def require_finished_federation(run_dir: str | Path) -> None:
+    """Refuse to evaluate a federation that did not finish: its folder holds the rounds and bests it reached,
+    which look like a finished run's. A folder without a status (made before it was written) passes."""
+    path = fl_status(run_dir)
+    if not path.exists():
+        return
+    record = json.loads(path.read_text())
+    if record.get("status") != "finished":
+        why = f": {record['reason']}" if record.get("reason") else ""
+        raise RuntimeError(f"The federation in {Path(run_dir)} is {record.get('status')} ({path}){why}. Its "
+                           "checkpoints are those of an unfinished run: rerun 03 into this folder (--only 03) "
+                           "before evaluating it.")
 
 
 def client_dir(run_dir: str | Path, client: str) -> Path:

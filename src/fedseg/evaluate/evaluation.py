@@ -7,7 +7,6 @@ original grid, ensembles and post-processing for BTCV are in `fedseg.evaluate.ex
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +33,8 @@ def trained_network(cfg: dict[str, Any], checkpoint: str | Path, saved: dict[str
         return dict(recorded_settings["model"])
     run_dir = run_folder.run_dir_of(checkpoint)
     federated = run_dir is not None and Path(checkpoint).parent.name.startswith("fl-")
-    if federated and run_folder.fl_config(run_dir).exists():
-        return json.loads(run_folder.fl_config(run_dir).read_text())["model"]
-    return cfg["model"]
+    federation = run_folder.federation_config(run_dir) if federated else None
+    return federation["model"] if federation else cfg["model"]
 
 
 def check_federation(checkpoint: str | Path, saved: dict[str, Any]) -> None:
@@ -46,13 +44,12 @@ def check_federation(checkpoint: str | Path, saved: dict[str, Any]) -> None:
     run_dir = run_folder.run_dir_of(checkpoint)
     if run_dir is None or not Path(checkpoint).parent.name.startswith("fl-"):
         return
-    summary = run_folder.fl_summary(run_dir)
-    expected = json.loads(summary.read_text()).get("federation_id") if summary.exists() else None
+    expected = run_folder.federation_id(run_dir)
     if expected and saved.get("federation_id") != expected:
         raise StaleCheckpointError(
             f"{checkpoint} was written by federation {saved.get('federation_id')!r}, not by this run's "
-            f"{expected!r} ({summary}): it is an earlier federation's model. Rerun 03 into this folder "
-            "(--only 03 --overwrite) or delete that checkpoint folder.")
+            f"{expected!r} ({run_folder.fl_summary(run_dir)}): it is an earlier federation's model. Rerun 03 into "
+            "this folder (--only 03 --overwrite) or delete that checkpoint folder.")
 
 
 def load_best(cfg: dict[str, Any], checkpoint: str | Path, device: torch.device | None = None, *,

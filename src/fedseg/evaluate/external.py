@@ -46,7 +46,6 @@ from fedseg.data.labels import TRAIN_DATASETS
 from fedseg.data.layouts import case_files
 from fedseg.evaluate import metrics
 from fedseg.evaluate.evaluation import load_best
-from fedseg.federated.task import require_finished
 from fedseg.train import inference
 from fedseg.train.training import LOCALISER_NAME, select_device
 
@@ -84,22 +83,15 @@ def run_datasets(run_dir: str | Path) -> tuple[str, ...]:
 
 
 def group_checkpoints(run_dir: str | Path, datasets: tuple[str, ...] | None = None) -> dict[str, dict[str, Path]]:
-    """Where a run keeps each group's best checkpoints, whether or not they exist: "sl" and "fl-local"
-    (dataset -> path, for each of `datasets`, default the run's training datasets `run_datasets`: all four
-    unless 01 used part of the data), "fl-global" and "central" (one path under key "model")."""
-    datasets = run_datasets(run_dir) if datasets is None else tuple(datasets)
-    groups = {group: {d: run_folder.checkpoint(run_dir, f"{prefix}{d}") for d in datasets}
-              for group, prefix in (("sl", "sl-"), ("fl-local", "fl-local-"))}
-    groups.update({model: {"model": run_folder.checkpoint(run_dir, model)} for model in ("fl-global", "central")})
-    return groups
+    """Where a run keeps each group's best checkpoints, whether or not they exist (`run_folder.model_groups`), for
+    `datasets`, default the run's training datasets (`run_datasets`: all four unless 01 used part of the data)."""
+    return run_folder.model_groups(run_dir, run_datasets(run_dir) if datasets is None else tuple(datasets))
 
 
 def run_checkpoints(run_dir: str | Path, datasets: tuple[str, ...] | None = None) -> dict[str, dict[str, Path]]:
-    """The best checkpoints a run holds, grouped as `group_checkpoints`. Groups with no checkpoint on disk are
-    left out; a client group counts only when every client (each of `datasets`, default the run's training
-    datasets: all four unless 01 used part of the data) has one."""
-    return {group: paths for group, paths in group_checkpoints(run_dir, datasets).items()
-            if paths and all(p.exists() for p in paths.values())}
+    """The best checkpoints a run holds, grouped as `group_checkpoints` (`run_folder.trained_groups`: a client
+    group counts only when every client, each of `datasets`, default the run's training datasets, has one)."""
+    return run_folder.trained_groups(run_dir, run_datasets(run_dir) if datasets is None else tuple(datasets))
 
 
 def load_group(cfg: dict[str, Any], paths: Mapping[str, Path], device: torch.device) -> dict[str, torch.nn.Module]:
@@ -113,9 +105,9 @@ def load_localiser(run_dir: str | Path, cfg: dict[str, Any],
     """The run's coarse-to-fine localiser (`training.fit_localiser`) and its voxel size over the profile's, or
     None when the run has none. Refuses a localiser trained for another voxel size or network than `cfg`'s."""
     folder = run_folder.model_dir(run_dir, LOCALISER_NAME)
-    if not (folder / run_folder.BEST).exists():
+    record = run_folder.localiser_record(run_dir)
+    if record is None:
         return None
-    record = json.loads((folder / "localiser.json").read_text())
     if [float(s) for s in record["fine_spacing"]] != [float(s) for s in cfg["preprocess"]["spacing"]] \
             or record["model"] != cfg["model"]:
         raise ValueError(f"{folder} was trained for {record['fine_spacing']} mm voxels and network {record['model']}, "
@@ -126,7 +118,8 @@ def load_localiser(run_dir: str | Path, cfg: dict[str, Any],
     return {LOCALISER_NAME: load_best(coarse, folder / run_folder.BEST, device)}, float(record["factor"])
 
 
-def _methods(groups: Mapping[str, Any]) -> list[str]:
+def group_methods(groups: Mapping[str, Any]) -> list[str]:
+    """The methods of `METHODS` that the checkpoint groups `groups` (`run_checkpoints`) can run, in table order."""
     return [m for m in METHODS if METHOD_GROUP[m] in groups]
 
 
@@ -260,9 +253,9 @@ def evaluate_btcv(cfg: dict[str, Any], cases: pd.DataFrame, run_dir: str | Path,
                 "timing": pd.DataFrame(columns=list(TIMING_COLUMNS)),
                 "localiser": pd.DataFrame(columns=list(LOCALISER_COLUMNS))}
     require_btcv_files(cfg, cases, run_dir)  # before any model: name every missing file at once
-    require_finished(run_dir)  # never score the bests of a federation that failed half-way
+    run_folder.require_finished_federation(run_dir)  # never score the bests of a federation that failed half-way
     groups = run_checkpoints(run_dir, present_datasets(cases, TRAIN_DATASETS) or None)
-    methods = _methods(groups)
+    methods = group_methods(groups)
     if not methods:
         raise FileNotFoundError(f"No trained models under {run_folder.checkpoints_dir(run_dir)}: "
                                 "run 02 and 03 with this run_dir.")

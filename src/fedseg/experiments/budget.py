@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from fedseg.config import PROFILE_FILE
-from fedseg.federated.task import FL_DEFAULTS
+from fedseg.federated.settings import FL_DEFAULTS
 
 #: The federations of every budget point besides the chain's own (FedAvg with the profile's loss, 03 in the
 #: point's folder): (method, loss) run by the sweep into `<point>/<method>-<loss>/`.
@@ -85,7 +85,7 @@ def find_points(study: str | Path) -> list[dict[str, Any]]:
 
 
 def rounds_and_local_steps(profile: Mapping[str, Any]) -> tuple[int, int]:
-    """A profile's FL rounds and local steps per round, as the federation resolves them (`federated.task`)."""
+    """A profile's FL rounds and local steps per round, as the federation resolves them (`federated.settings`)."""
     fl = profile.get("federated") or {}
     rounds = int(fl.get("rounds") or FL_DEFAULTS["rounds"])
     local = fl.get("local_steps")

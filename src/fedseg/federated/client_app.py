@@ -15,10 +15,9 @@ import contextlib
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedseg import run_folder
 from fedseg.data.labels import TRAIN_DATASETS
 from fedseg.data.transforms import evaluation_dataset
-from fedseg.federated import methods, sites, task
+from fedseg.federated import methods, settings, sites, task
 from fedseg.train.models import build_network, load_weights
 from fedseg.train.training import (
     channel_means,
@@ -33,7 +32,7 @@ app = ClientApp()
 def _site(context: Context) -> tuple[dict, str, int, list, list]:
     """(cfg, dataset, partition id, train records, val records) of this site."""
     dataset, partition_id = sites.site_identity(context.node_config, context.run_config)
-    cfg = task.study_config(context.run_config, context.node_config)
+    cfg = settings.study_config(context.run_config, context.node_config)
     train, val = task.client_records(cfg, task.load_cases(cfg, context.run_config), dataset)
     return cfg, dataset, partition_id, train, val
 
@@ -124,20 +123,12 @@ def train(msg: Message, context: Context) -> Message:
         federation = _federation(msg)
         cfg, dataset, partition_id, train_records, val_records = _site(context)
         model = _global_model(cfg, msg)
-        method = cfg["federated"]["method"]
-        block = sites.parse_client(dataset)[0] if method == "segviz" else None  # SegViz: own task block
-        extra = None
-        if method == "fedprox":
-            extra = methods.proximal_term(model.state_dict(), cfg["federated"]["mu"])
-        elif method == "distill":
-            extra = methods.distillation_term(_global_model(cfg, msg), cfg["federated"]["distill_weight"])
-        volumes = None
-        if method == "pseudo" and server_round > cfg["federated"]["pseudo_after"]:
-            # completed targets on disk (a byte per voxel), read back one case at a time while training
-            volumes = methods.pseudo_labelled_volumes(cfg, _global_model(cfg, msg), train_records, select_device(),
-                                                      folder=run_folder.pseudo_dir(cfg["run_dir"], dataset))
-        result = task.train_locally(methods.local_training_config(cfg), model, dataset, server_round, train_records,
-                                    val_records, task=block, extra_loss=extra, volumes=volumes)
+        method = methods.get(cfg["federated"]["method"])
+        local_cfg = method.local_config(cfg)
+        hooks = method.hooks(methods.LocalRound(cfg=local_cfg, client=dataset, server_round=server_round, model=model,
+                                                global_model=lambda: _global_model(cfg, msg),
+                                                train_records=train_records))
+        result = task.train_locally(local_cfg, model, dataset, server_round, train_records, val_records, hooks=hooks)
         final = result["final"]
         metric = float(final["val_mean_dice"])
         updated = _keep_local_best(context, cfg, dataset, federation, server_round, model, metric)
@@ -157,7 +148,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         cfg, dataset, partition_id, _, val_records = _site(context)
         device = select_device()
         model = _global_model(cfg, msg).to(device)
-        block = methods.evaluation_block(model, dataset)  # SegViz: the owner's block = the meta-model here
+        # SegViz: the owner's block = the meta-model here
+        block = methods.get(cfg["federated"]["method"]).evaluation_block(model, dataset)
         means = channel_means(validate(model, evaluation_dataset(cfg, val_records), val_records, cfg, device,
                                        task=block))
         metrics = {"num-examples": len(val_records), "partition-id": partition_id,

@@ -20,21 +20,14 @@ from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedseg import run_folder
-from fedseg.federated import sites, task
-from fedseg.federated.methods import dilution_layer
+from fedseg.federated import methods, settings, sites, task
 from fedseg.federated.strategies import (
-    StudyFedAvg,
-    StudyOwnerFedAvg,
-    StudySegViz,
     record_dilution,
     site_cases,
     wait_for_sites,
 )
 from fedseg.train.models import build_network
 from fedseg.train.training import check_resumable, save_checkpoint, seed_everything
-
-#: The strategy of each method; the others train differently on the clients and aggregate with FedAvg.
-STRATEGIES = {"segviz": StudySegViz, "ownerfedavg": StudyOwnerFedAvg}
 
 app = ServerApp()
 
@@ -47,10 +40,10 @@ def main(grid: Grid, context: Context) -> None:
     crash, a lost site) with the same settings and sites continues after its last finished round
     (`fl/state.pt`) and ends with the weights an uninterrupted run would have."""
     began = time.perf_counter()
-    cfg = task.study_config(context.run_config)
+    cfg = settings.study_config(context.run_config)
     fl, run_dir = cfg["federated"], Path(cfg["run_dir"])
-    overwrite = task.as_bool(context.run_config.get("overwrite", False), "overwrite")
-    task.refuse_finished(run_dir, overwrite)
+    overwrite = settings.as_bool(context.run_config.get("overwrite", False), "overwrite")
+    run_folder.refuse_finished_federation(run_dir, overwrite)
     state_path = run_folder.fl_state(run_dir)
     if overwrite:
         state_path.unlink(missing_ok=True)
@@ -58,32 +51,32 @@ def main(grid: Grid, context: Context) -> None:
     run_folder.fl_config(run_dir).write_text(json.dumps(cfg, indent=1, default=str))
     summary_file = run_folder.fl_summary(run_dir)
     summary_file.unlink(missing_ok=True)
-    task.write_status(run_dir, "running")
+    run_folder.write_federation_status(run_dir, "running")
     print(f"Federation ({fl['method']}, {fl['rounds']} rounds) writes into {run_dir}", flush=True)
 
     random.seed(cfg["seed"])  # Flower samples clients with the global `random`
     seed_everything(cfg["seed"])
     model = build_network(**cfg["model"])
-    settings = task.federation_settings(cfg)  # what every checkpoint of this federation carries
-    strategy_class = STRATEGIES.get(fl["method"], StudyFedAvg)
+    carried = task.federation_settings(cfg)  # what every checkpoint of this federation carries
+    method = methods.get(fl["method"])
     # the output layer ownerfedavg averages over owners and the dilution is measured on: none for SegViz (each task
     # block's head is kept as its owner sent it) nor for a network whose logits no one layer gives alone (UNet with
-    # residual units: not measured, and why; ownerfedavg refused before any round, `methods.dilution_layer`)
+    # residual units: not measured, and why; ownerfedavg refused before any round, `Method.output_layer`)
     try:
-        axes, unmeasured = dilution_layer(fl["method"], model, cfg["preprocess"].get("patch_size"))
+        axes, unmeasured = method.output_layer(model, cfg["preprocess"].get("patch_size"))
     except ValueError as error:
-        task.write_status(run_dir, "failed", f"{type(error).__name__}: {error}")
+        run_folder.write_federation_status(run_dir, "failed", f"{type(error).__name__}: {error}")
         raise
     record_dilution(run_dir, measured=axes is not None, reason=unmeasured)
-    strategy = strategy_class(run_dir, num_clients=fl["min_clients"], fraction_train=float(fl["fraction_train"]),
+    strategy = method.strategy(run_dir, num_clients=fl["min_clients"], fraction_train=float(fl["fraction_train"]),
                               progress=bool(context.run_config.get("progress", False)), output_axes=axes,
-                              settings=settings)
+                              settings=carried)
     try:
         expected = sites.client_list(context.run_config) if context.run_config.get("clients") else None
         connected = wait_for_sites(grid, fl["min_clients"], expected, float(fl["wait_timeout"]))
         strategy.node_names.update(connected)
         # a resume must find the same sites on the same cases (each site's case fingerprints)
-        strategy.state_settings = {**settings, "sites": sorted(connected.values()),
+        strategy.state_settings = {**carried, "sites": sorted(connected.values()),
                                    "cases": site_cases(grid, connected)}
         arrays, done = ArrayRecord(task.state_dict_cpu(model)), 0
         if state_path.exists():
@@ -96,11 +89,11 @@ def main(grid: Grid, context: Context) -> None:
             arrays = strategy.start(grid=grid, initial_arrays=arrays, num_rounds=fl["rounds"] - done,
                                     timeout=float(fl["round_timeout"]), evaluate_fn=None).arrays
     except BaseException as error:  # the folder keeps the finished rounds' rows and bests: say that it did not finish
-        task.write_status(run_dir, "failed", f"{type(error).__name__}: {error}")
+        run_folder.write_federation_status(run_dir, "failed", f"{type(error).__name__}: {error}")
         raise
 
     final = save_checkpoint(arrays.to_torch_state_dict(), run_folder.checkpoint(run_dir, "fl-global", "final"),
-                                 step=fl["rounds"], val_mean_dice=strategy.last_metric, settings=settings,
+                                 step=fl["rounds"], val_mean_dice=strategy.last_metric, settings=carried,
                                  federation_id=strategy.federation_id)
     summary = {"federation_id": strategy.federation_id, "num_rounds": fl["rounds"], "local_steps": fl["local_steps"],
                "clients": fl["min_clients"],
@@ -110,4 +103,4 @@ def main(grid: Grid, context: Context) -> None:
                "global_final": str(final), "rounds_csv": str(strategy.rounds_csv),
                "seconds": round(time.perf_counter() - began, 2)}
     summary_file.write_text(json.dumps(summary, indent=1))
-    task.write_status(run_dir, "finished")
+    run_folder.write_federation_status(run_dir, "finished")

@@ -3,7 +3,7 @@
 `run_simulation` takes no run_config, so `simulation_apps` wraps the very same handlers of
 `client_app` / `server_app` and hands them a Context whose run_config holds the keys `flwr run --run-config`
 would (`federation_run_config`: profile, seed, data-root, run-dir, cases, clients and the knobs), merged with the
-profile by the same `task.study_config` as in deployment (docs/flower.md). The wrappers are closures, which Ray
+profile by the same `settings.study_config` as in deployment (docs/flower.md). The wrappers are closures, which Ray
 pickles by value, so the configuration reaches every client actor.
 """
 
@@ -23,7 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedseg import run_folder
 from fedseg.data.labels import TRAIN_DATASETS
-from fedseg.federated import client_app, methods, server_app, sites, task
+from fedseg.federated import client_app, methods, server_app, settings, sites, task
 
 
 def _with_run_config(context: Context, run_config: dict[str, Any]) -> Context:
@@ -66,7 +66,7 @@ def federation_run_config(profile: str | Path | Mapping[str, Any], run_dir: str 
     `profile` is a profile's name or YAML path, or a resolved configuration (a dict, e.g. a test's), which is
     written to `<run_dir>/fl/profile.yaml` and named by its path, as a deployment would. `seed` and `data_root`
     default to the dict's. `knobs` by their profile names (rounds, local_steps, method, mu, loss, ...; None: the
-    profile's). `task.study_config(run_config)` is the configuration the federation runs with.
+    profile's). `settings.study_config(run_config)` is the configuration the federation runs with.
     """
     run_dir = Path(run_dir).resolve()
     if isinstance(profile, Mapping):
@@ -79,7 +79,7 @@ def federation_run_config(profile: str | Path | Mapping[str, Any], run_dir: str 
     return {"profile": str(profile), "seed": -1 if seed is None else int(seed),
             "data-root": str(data_root or ""), "run-dir": str(run_dir), "cases": str(run_folder.fl_cases(run_dir)),
             "clients": ",".join(clients), "shards": str(shards), "progress": bool(progress),
-            "overwrite": bool(overwrite), **task.run_config_keys(knobs)}
+            "overwrite": bool(overwrite), **settings.run_config_keys(knobs)}
 
 
 def run_federation(profile: str | Path | Mapping[str, Any], run_dir: str | Path, cases: pd.DataFrame | None = None,
@@ -99,7 +99,8 @@ def run_federation(profile: str | Path | Mapping[str, Any], run_dir: str | Path,
     (`metrics/fl_rounds.csv`) and the summary (best round and metric, seconds).
     """
     run_dir = Path(run_dir).resolve()
-    task.refuse_finished(run_dir, overwrite)  # before anything is written into a finished federation's folder
+    # before anything is written into a finished federation's folder
+    run_folder.refuse_finished_federation(run_dir, overwrite)
     return simulate(federation_run_config(profile, run_dir, seed=seed, data_root=data_root, clients=clients,
                                           shards=shards, progress=progress, overwrite=overwrite, **knobs), cases)
 
@@ -146,9 +147,9 @@ def simulate(run_config: Mapping[str, Any], cases: pd.DataFrame | None = None) -
     from flwr.simulation import run_simulation  # deferred: starts Ray's machinery, only a simulation needs it
 
     run_dir = Path(run_config["run-dir"])
-    task.refuse_finished(run_dir, bool(run_config.get("overwrite")))
+    run_folder.refuse_finished_federation(run_dir, bool(run_config.get("overwrite")))
     run_folder.fl_dir(run_dir).mkdir(parents=True, exist_ok=True)
-    cfg = task.study_config(run_config)
+    cfg = settings.study_config(run_config)
     methods.check_network(cfg)  # ownerfedavg on a network without an output layer: refused before Ray starts
     names = sites.client_list(run_config)
     cases = cases if cases is not None else task.load_cases(cfg, {})

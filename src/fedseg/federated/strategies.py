@@ -14,7 +14,7 @@
   validation cases (each channel is owned by one client); it is not the mean of the client means;
 - dilution: given the network's output layer (`models.output_layer`), every round writes to
   `<run_dir>/metrics/fl_dilution.csv` how far each channel's output weights moved in the global model
-  against how far its owner(s) moved them (`methods.output_moves`). A network without an output layer of
+  against how far its owner(s) moved them (`aggregation.output_moves`). A network without an output layer of
   its own (UNet with residual units) measures none: `record_dilution` writes why instead
   (`run_folder.dilution_not_measured`).
 """
@@ -41,7 +41,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedseg import run_folder
 from fedseg.data.labels import CHANNELS, TRAIN_DATASETS
-from fedseg.federated.methods import (
+from fedseg.federated.aggregation import (
     output_moves,
     owner_output_average,
     selective_average,
@@ -460,7 +460,7 @@ def _like_first_reply(arrays: ArrayRecord | None, replies: list[Message]) -> Arr
 
 class StudySegViz(StudyFedAvg):
     """SegViz's selective aggregation (Kanhere et al. 2024) on the study's fail-loud, sorted FedAvg: the shared block
-    is averaged with n_k / n, each task block is kept as its owner sent it (`methods.selective_average`)."""
+    is averaged with n_k / n, each task block is kept as its owner sent it (`aggregation.selective_average`)."""
     def _average(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
 
         metrics = self.train_metrics_aggr_fn([m.content for m in replies], self.weighted_by_key)
@@ -473,7 +473,7 @@ class StudySegViz(StudyFedAvg):
 
 class StudyOwnerFedAvg(StudyFedAvg):
     """`ownerfedavg`: the study's FedAvg, then each output channel's weights and bias replaced by their mean
-    over that channel's owners (`methods.owner_output_average`); needs the network's `output_axes`."""
+    over that channel's owners (`aggregation.owner_output_average`); needs the network's `output_axes`."""
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         if not self.output_axes:

@@ -190,7 +190,7 @@ def output_layer(model: nn.Module, patch_size: Sequence[int] | None = None) -> d
     convolution: the one called once whose output equals the logits exactly. Its weight row (Conv: axis 0;
     ConvTranspose: axis 1, its weight is (in, out, ...)) and bias entry c are then the only weights that write
     channel c's logit alone (all else feeds every channel), under the names `unique_state_dict` gives them (the
-    form the federation's messages carry). Dilution is measured on these (`methods.output_moves`) and
+    form the federation's messages carry). Dilution is measured on these (`aggregation.output_moves`) and
     `ownerfedavg` averages them over each channel's owners only.
 
     Raises `NoOutputLayer`, naming the network, when no convolution gives the logits: MONAI's UNet with

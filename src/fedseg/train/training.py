@@ -9,6 +9,7 @@ thresholds sigmoid outputs at 0.5 and scores Dice per channel the validation cas
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -49,6 +50,22 @@ from fedseg.train.models import build_network, load_weights, unique_state_dict
 
 #: A term added to the training loss: (model, logits, batch with the image on the device) -> scalar tensor.
 ExtraLoss = Callable[[torch.nn.Module, torch.Tensor, dict[str, Any]], torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalHooks:
+    """What a federated method changes in one local training (`train_model`), and nothing else does; a method
+    builds them each round (`fedseg.federated.methods`). The defaults train as SL does.
+
+    - `extra_loss(model, logits, batch)`: added to the supervised loss every step (FedProx's proximal term,
+      distillation from the global model); the logged loss includes it.
+    - `volumes`: replace the cached training volumes (label completion trains on pseudo-labelled ones).
+    - `block`: the block of a multi-block network the client trains and scores (SegViz's task block, the
+      network's `task=` argument); checkpoints record it as their `task` setting.
+    """
+    extra_loss: ExtraLoss | None = None
+    volumes: Sequence[dict[str, Any]] | None = None
+    block: str | None = None
 
 
 def select_device(preferred: str | None = None) -> torch.device:
@@ -414,17 +431,15 @@ def check_resumable(path: Path, saved: Mapping[str, Any] | None, settings: Mappi
 
 def train_model(cfg: dict[str, Any], model: torch.nn.Module, train_records: list[dict[str, Any]],
                 val_records: list[dict[str, Any]], out_dir: str | Path, *, steps: int | None = None,
-                loss: str | None = None, task: str | None = None, seed: int | None = None, resume: bool = True,
+                loss: str | None = None, seed: int | None = None, resume: bool = True,
                 stop_after: int | None = None, progress: bool = True, desc: str = "train",
-                device: torch.device | None = None, extra_loss: ExtraLoss | None = None,
-                volumes: Sequence[dict[str, Any]] | None = None, schedule_start: int | None = None,
+                device: torch.device | None = None, hooks: LocalHooks | None = None, schedule_start: int | None = None,
                 schedule_steps: int | None = None, val_every: int | None = None,
                 validate_at_end: bool = True) -> dict[str, Any]:
     """Train `model` for `steps` local steps with validation, best-checkpoint tracking and resume.
 
-    `extra_loss(model, logits, batch)` is added to the supervised loss every step (the federated methods'
-    terms: FedProx's proximal term, distillation from the global model); the logged loss includes it.
-    `volumes` replaces the cached training volumes (label completion trains on pseudo-labelled ones).
+    `hooks` (`LocalHooks`) are what a federated method changes: an extra loss term, other training volumes, the
+    block of the network trained; None trains as SL does.
     The learning rate follows `learning_rate` over `schedule_steps` updates (default `steps`); the first
     update of this call is update `schedule_start + 1` of that schedule (default: the resumed step + 1),
     which is how an FL client anneals once over the whole federation instead of once per round.
@@ -442,6 +457,8 @@ def train_model(cfg: dict[str, Any], model: torch.nn.Module, train_records: list
     of each step of this call and their mean loss.
     """
     train = cfg["train"]
+    hooks = hooks or LocalHooks()
+    task, extra_loss = hooks.block, hooks.extra_loss
     steps = int(steps if steps is not None else train["steps"])
     seed = int(cfg["seed"] if seed is None else seed)
     val_records = validation_subset(val_records, train.get("val_cases"))
@@ -466,7 +483,7 @@ def train_model(cfg: dict[str, Any], model: torch.nn.Module, train_records: list
     else:
         seed_everything(seed)
     configure_cudnn(train)
-    batches = PatchBatches(cfg, train_records, seed, train["cases_per_step"], volumes)
+    batches = PatchBatches(cfg, train_records, seed, train["cases_per_step"], hooks.volumes)
     val_volumes = evaluation_dataset(cfg, val_records)
     start, end = state["step"], steps if stop_after is None else min(steps, state["step"] + stop_after)
     schedule_steps = int(schedule_steps or steps)
@@ -582,7 +599,7 @@ def fit_localiser(cfg: dict[str, Any], train_records: list[dict[str, Any]], val_
                  loss=loss, progress=progress)
     record = {**coarse["localiser"], "model": coarse["model"], "loss": loss or coarse["train"]["loss"],
               "fine_spacing": cfg["preprocess"]["spacing"], "patch_size": coarse["preprocess"]["patch_size"]}
-    (run_folder.model_dir(run_dir, LOCALISER_NAME) / "localiser.json").write_text(json.dumps(record, indent=1))
+    run_folder.localiser_record_file(run_dir).write_text(json.dumps(record, indent=1))
     return result
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from pathlib import Path
 
 import matplotlib.image
 import nibabel as nib
@@ -26,13 +27,14 @@ from fedseg.predict import (
     estimate_phase,
     predict,
     resolve_model,
+    run_config,
     training_domain,
     volume_table,
 )
 from fedseg.run import main
 from fedseg.train import inference
 from fedseg.train.models import build_network
-from fedseg.train.training import weight_settings
+from fedseg.train.training import StaleCheckpointError, weight_settings
 
 MODEL = {"name": "UNet", "channels": [4, 8], "strides": [2], "num_res_units": 0}
 CPU = torch.device("cpu")
@@ -274,3 +276,21 @@ def test_predict_writes_the_remark_into_volumes_csv_the_png_and_the_printout(tin
     assert f"Unlike the training data:\n- long_ct: {text}" in printed
     assert volume_table(volumes.assign(remark="")).count("\n") == len(volumes) + 1  # no remark, no section
     check_png(out / "long_ct.png")
+
+
+def test_a_run_recorded_portably_answers_with_its_own_data_root(tiny_run, monkeypatch):
+    """run.json names its data root portably (`<repo>/data/...`, as `fedseg run` writes it): `predict` finds it on
+    this machine, so the checkpoints (which name their data) answer; before, the placeholder path matched no folder
+    and every checkpoint of a real run was refused as trained on other data."""
+    run, images, cfg = tiny_run
+    project = Path(cfg["data_root"]).parent
+    monkeypatch.setenv("FEDSEG_HOME", str(project))
+    recorded = {**cfg, "data_root": f"<repo>/{Path(cfg['data_root']).name}"}
+    (run / "run.json").write_text(json.dumps({"profile_config": recorded, "data_root": recorded["data_root"]}))
+    assert run_config(run)["data_root"] == cfg["data_root"]
+    out = predict(run, images, progress=False)
+    assert len(out.volumes) == 2
+    other = {**recorded, "data_root": "<repo>/nowhere"}  # a data root not on this machine: refused, not guessed
+    (run / "run.json").write_text(json.dumps({"profile_config": other, "data_root": other["data_root"]}))
+    with pytest.raises(StaleCheckpointError, match="trained on other data"):
+        predict(run, images, progress=False)

@@ -110,6 +110,15 @@ def project_env() -> Iterator[Path]:
             os.environ[HOME_ENV] = before
 
 
+def local_path(text: str, run_dir: str | Path | None = None) -> str:
+    """A path a run recorded portably (`run.json`: `<run_dir>`, `<repo>`, `<home>` for this machine's folders) as a
+    path on this machine: `<repo>` is the project a run works in (`repo_root`)."""
+    for name, path in (("<run_dir>", run_dir), ("<repo>", repo_root()), ("<home>", Path.home())):
+        if path is not None:
+            text = text.replace(name, str(path))
+    return text
+
+
 def load_profile(name_or_path: str | Path) -> dict[str, Any]:
     """A profile by name (smoke, laptop, paper) or from a YAML file path."""
     path = Path(name_or_path)

@@ -35,7 +35,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from fedseg import run_folder
-from fedseg.config import PROFILE_FILE, load_profile
+from fedseg.config import PROFILE_FILE, load_profile, local_path, synthetic_data_root
 from fedseg.data import phantom
 from fedseg.data.catalogue import BY_NAME
 from fedseg.data.labels import (
@@ -340,18 +340,35 @@ def available_models(run_dir: str | Path) -> list[str]:
 def run_config(run_dir: str | Path, profile: str | Path | None = None) -> dict[str, Any]:
     """The settings the run was trained with: `profile` when given (a name or YAML path), else the run's own
     record (`run.json`'s profile_config, written by `python -m fedseg run`), else its `profile.yaml`."""
-    if profile is not None:
-        return load_profile(profile)
     run_dir = Path(run_dir)
     record = run_folder.run_record(run_dir)
-    if record.exists():
-        config = json.loads(record.read_text()).get("profile_config")
-        if config:
-            return config
-    if (run_dir / PROFILE_FILE).exists():
-        return load_profile(run_dir / PROFILE_FILE)
+    run = json.loads(record.read_text()) if record.exists() else {}
+    if profile is not None:
+        config = load_profile(profile)
+    elif run.get("profile_config"):
+        config = run["profile_config"]
+    elif (run_dir / PROFILE_FILE).exists():
+        config = load_profile(run_dir / PROFILE_FILE)
+    else:
+        config = None
+    if config is not None:
+        return {**config, **_data_root(config, run, run_dir)}
     raise FileNotFoundError(f"{run_dir} has no run.json with the profile it was trained with (nor a {PROFILE_FILE}): "
                             "pass it, e.g. --profile laptop (a run made in JupyterLab, results/lab-<profile>).")
+
+
+def _data_root(config: dict[str, Any], run: dict[str, Any], run_dir: Path) -> dict[str, str]:
+    """The data root the run trained on, which its checkpoints name (`training.data_identity`): the configuration's
+    own, else run.json's (their placeholders made local, `config.local_path`), else for synthetic data the
+    profile's folder (`config.synthetic_data_root`); {} when none of them is on this machine."""
+    for recorded in (config.get("data_root"), run.get("data_root")):
+        if recorded and Path(local_path(str(recorded), run_dir)).is_dir():
+            return {"data_root": local_path(str(recorded), run_dir)}
+    if (config.get("data") or {}).get("source") == "synthetic":
+        folder = synthetic_data_root(config, int(run.get("seed", config.get("seed", 0)) or 0))
+        if folder.is_dir():
+            return {"data_root": str(folder)}
+    return {}
 
 
 def nifti_images(folder: str | Path) -> dict[str, Path]:

@@ -21,6 +21,8 @@ from fedseg.experiments import budget
 from fedseg.experiments import nodes as node_sets
 from fedseg.reporting import budget as budget_report
 from fedseg.reporting import claims
+from fedseg.run import budget as budget_runner
+from fedseg.run import cli, studies
 from fedseg.train.training import central_budget
 
 # ---- the derived profiles ----
@@ -351,10 +353,11 @@ def mocked(monkeypatch, tmp_path):
         scores.parent.mkdir(parents=True, exist_ok=True)
         scores.write_text("model,dataset,case_id,channel,dice,contrast\n")
 
-    monkeypatch.setattr(run, "run_chain", chain)
-    monkeypatch.setattr(run, "run_sweep", sweep)
-    monkeypatch.setattr(run, "run_nodes", nodes)
-    monkeypatch.setattr(run, "run_contrast", contrast)
+    # where run_budget looks them up
+    monkeypatch.setattr(budget_runner, "run_chain", chain)
+    monkeypatch.setattr(budget_runner, "run_sweep", sweep)
+    monkeypatch.setattr(budget_runner, "run_nodes", nodes)
+    monkeypatch.setattr(budget_runner, "run_contrast", contrast)
     return calls
 
 
@@ -387,18 +390,18 @@ def test_a_study_runs_each_piece_once_and_a_rerun_skips_every_finished_one(tmp_p
 
 def test_an_interrupted_study_resumes_at_the_first_unfinished_piece(tmp_path, mocked, monkeypatch):
     kwargs = {"fine_scale": None, "nodes_scales": (), "contrast_scales": (), "run_name": "s", "results": tmp_path}
-    sweep = run.run_sweep
+    sweep = budget_runner.run_sweep  # the mocked one
 
     def broken(*args, run_name, **rest):
         if run_name == "scale-2":
             raise run.ChainError("03 failed")
         return sweep(*args, run_name=run_name, **rest)
 
-    monkeypatch.setattr(run, "run_sweep", broken)
+    monkeypatch.setattr(budget_runner, "run_sweep", broken)
     with pytest.raises(run.ChainError):
         run.run_budget("smoke", (1, 2), **kwargs)
     assert pd.read_csv(tmp_path / "s" / run.BUDGET_RUNS)["status"].tolist() == ["failed"]
-    monkeypatch.setattr(run, "run_sweep", sweep)
+    monkeypatch.setattr(budget_runner, "run_sweep", sweep)
     mocked.clear()
     run.run_budget("smoke", (1, 2), **kwargs)
     assert mocked == [("sweep", "scale-2", budget.SWEEP)]  # scale-1 and scale-2's chain were finished
@@ -423,12 +426,12 @@ def test_a_folder_run_with_another_profile_is_refused_before_anything_runs(tmp_p
 
 def test_the_sweep_runs_exactly_the_federations_named(tmp_path, monkeypatch):
     ran = []
-    monkeypatch.setattr(run, "_run_baselines", lambda *a, **k: None)
-    monkeypatch.setattr(run, "_run_federation_notebook",
+    monkeypatch.setattr(studies, "_run_baselines", lambda *a, **k: None)  # where run_sweep looks them up
+    monkeypatch.setattr(studies, "_run_federation_notebook",
                         lambda profile, run_dir, folder, params, log: ran.append((folder.name, params)))
-    monkeypatch.setattr(run, "sweep_table", lambda run_dir, folders: pd.DataFrame({"x": [1]}, index=list(folders)))
-    monkeypatch.setattr(run, "save_table", lambda *a, **k: None)
-    monkeypatch.setattr(run, "_write_readme", lambda run_dir: None)
+    monkeypatch.setattr(studies, "sweep_table", lambda run_dir, folders: pd.DataFrame({"x": [1]}, index=list(folders)))
+    monkeypatch.setattr(studies, "save_table", lambda *a, **k: None)
+    monkeypatch.setattr(studies, "_write_readme", lambda run_dir: None)
     run.run_sweep("smoke", federations=budget.SWEEP, run_name="s", results=tmp_path)
     assert ran == [("fedavg-literal_dice_ce", {"method": "fedavg", "loss": "literal_dice_ce"}),
                    ("ownerfedavg-dice_ce", {"method": "ownerfedavg", "loss": "dice_ce"})]
@@ -443,7 +446,7 @@ def test_the_command_line_passes_the_studys_options(tmp_path, monkeypatch):
         path.write_text("# x\n- **Shen et al. 2022**: a claim: held at 1x. Trend: stable.\n")
         return path
 
-    monkeypatch.setattr(run, "run_budget", fake)
+    monkeypatch.setattr(cli, "run_budget", fake)  # where main looks it up
     argv = ["budget", "--profile", "smoke", "--scales", "1,2", "--fine-scale", "", "--nodes-scales", "1",
             "--contrast-scales", "", "--run-name", "b", "--report-only"]
     assert run.main(argv) == 0

@@ -7,6 +7,8 @@ import nbformat
 import pytest
 
 from fedseg import config, run
+from fedseg.run import chain as chain_module
+from fedseg.run import notebook as notebook_module
 
 
 @pytest.mark.parametrize("name", config.PROFILE_NAMES)
@@ -83,7 +85,9 @@ def test_a_failing_notebook_stops_the_chain_naming_notebook_and_cell(tmp_path, m
     _notebook(notebooks / "02_bad.ipynb", ["profile = None\nrun_dir = None\ndata_root = None\nseed = None",
                                            "x = 1", "raise RuntimeError('deliberate failure')"])
     _notebook(notebooks / "03_never.ipynb", ["profile = None\nrun_dir = None\ndata_root = None\nseed = None"])
-    monkeypatch.setattr(run, "notebooks_dir", lambda: notebooks)
+    # looked up where it is used: the parameter check (notebook) and the chain
+    monkeypatch.setattr(notebook_module, "notebooks_dir", lambda: notebooks)
+    monkeypatch.setattr(chain_module, "notebooks_dir", lambda: notebooks)
     with pytest.raises(run.ChainError) as failure:
         run.run_chain("smoke", run_name="r", results=tmp_path / "results", params={"seed": 7},
                       notebooks=("01_good", "02_bad", "03_never"))

@@ -1,4 +1,4 @@
-"""`python -m fedseg`: the study's command line (see fedseg.run)."""
+"""`python -m fedseg`: the study's command line (see fedseg.run.cli)."""
 
 import sys
 

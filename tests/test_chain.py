@@ -11,7 +11,9 @@ import pandas as pd
 import pytest
 
 from fedseg import run_folder
+from fedseg.data.manifest import TABLE1
 from fedseg.data.phantom import PHANTOM_VERSION
+from fedseg.published import SHEN_TABLE2
 from fedseg.run import CHAIN
 
 pytestmark = pytest.mark.slow
@@ -48,7 +50,7 @@ def test_data_prep_outputs(smoke_run):
     run_dir, _ = smoke_run
     cases = pd.read_csv(run_dir / "data" / "cases.csv")
     table1 = pd.read_csv(run_dir / "tables" / "table1.csv", index_col=0)
-    assert table1.loc["MSD liver", "train (paper)"] == 79
+    assert table1.loc["MSD liver", "train (paper)"] == TABLE1["liver"][0]
     # Table 1 of this run counts exactly the cases the later notebooks will use
     assert table1["total (this run)"].sum() == len(cases)
     assert set(cases.dataset) == {"liver", "pancreas", "kits19", "spleen", "btcv"}
@@ -111,7 +113,8 @@ def test_a_sweep_runs_the_methods_side_by_side_and_the_segviz_node_sets_add_to_i
                                           for k in ("global model (server)", "local model (client)")] + [
         "SL (Shen et al. 2022)", "fedavg: FL global model (server) (Shen et al. 2022)",
         "fedavg: FL local model (client) (Shen et al. 2022)"]
-    assert table.loc["fedavg: FL local model (client) (Shen et al. 2022)", "liver"] == 84.4
+    published = SHEN_TABLE2["FL local model (client)"][0]  # liver
+    assert table.loc["fedavg: FL local model (client) (Shen et al. 2022)", "liver"] == published
     assert (table["03 wall time (s)"].dropna() > 0).all() and len(table["03 wall time (s)"].dropna()) == 6
     for method in ("fedavg", "fedprox", "segviz"):
         config = json.loads((run_dir / method / "fl" / "config.json").read_text())

@@ -9,6 +9,7 @@ import torch
 
 from fedseg.data.labels import CHANNELS, TRAIN_DATASETS
 from fedseg.evaluate import external, metrics
+from fedseg.published import SHEN_TABLE3
 from fedseg.reporting import readme, report, viewing
 
 
@@ -30,8 +31,8 @@ def test_table3_averages_the_four_organs_and_appends_the_papers_rows():
     table = report.table3(dice)
     assert list(table.columns) == ["Liver", "Pancreas", "Kidney", "Spleen", "Avg."]
     assert table.loc["FL global model (this run)"].tolist() == [90.0, 50.0, 70.0, 10.0, 55.0]
-    assert table.loc["FL local model (processed) (paper)"].tolist() == [91.6, 75.4, 80.2, 73.1, 80.1]
-    assert len(table) == 1 + len(report.PAPER_TABLE3)
+    assert table.loc["FL local model (processed) (paper)"].tolist() == list(SHEN_TABLE3["FL local model (processed)"])
+    assert len(table) == 1 + len(SHEN_TABLE3)
 
 
 def test_table3_detail_shows_mean_std_ci_and_counts_missed_organs():
@@ -60,7 +61,7 @@ def test_run_checkpoints_counts_a_client_group_only_when_every_client_has_one(tm
         torch.save({}, tmp_path / "checkpoints" / name / "best.pt")
     groups = external.run_checkpoints(tmp_path)
     assert set(groups) == {"fl-global", "fl-local"}  # sl-spleen and central are missing
-    assert external._methods(groups) == [external.GLOBAL, external.LOCAL, external.LOCAL_PP]
+    assert external.group_methods(groups) == [external.GLOBAL, external.LOCAL, external.LOCAL_PP]
     assert external.slug(external.COARSE) == "fl-local-model-processed-coarse-to-fine"
 
 

@@ -1,9 +1,9 @@
 """The published numbers the study compares with, checked against a second, independent transcription.
 
-`fedseg.reporting.report` (and `fedseg.data.manifest.TABLE1`, which report uses) hold Shen et al. 2022's Tables 1-3,
-and the other tests compare the study's tables with those same constants, so a typo there could never fail them. The
-numbers below were typed again from the paper (Shen et al. 2022, Tables 1, 2 and 3), not copied from the
-package. Every constant is compared by row and column name, so a wrong value, a missing or extra row, or a
+`fedseg.published` (and `fedseg.data.manifest.TABLE1`, the split the data layer enforces) hold Shen et al. 2022's
+Tables 1-3, and the other tests compare the study's tables with those same constants, so a typo there could never
+fail them. The numbers below were typed again from the paper (Shen et al. 2022, Tables 1, 2 and 3), not copied from
+the package. Every constant is compared by row and column name, so a wrong value, a missing or extra row, or a
 column order that no longer matches the values fails; so do the tables the package writes (its functions'
 output, the committed reference run and the README) where they show the paper's rows.
 """
@@ -15,6 +15,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from fedseg.data.manifest import SPLITS, TABLE1
+from fedseg.published import (
+    SHEN_DATASET_NAMES,
+    SHEN_TABLE2,
+    SHEN_TABLE2_CHANNELS,
+    SHEN_TABLE3,
+    SHEN_TABLE3_ORGANS,
+    mean_as_printed,
+)
 from fedseg.reporting import report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,24 +80,43 @@ def relabelled(published: dict, labels: dict) -> dict:
 # --- the package's constants ----------------------------------------------------------------------------------
 
 def test_table1_constants_are_the_published_case_counts():
-    assert sorted(report.TABLE1) == sorted(PUBLISHED_TABLE1)
-    for dataset, published in PUBLISHED_TABLE1.items():
-        counts = by_name(report.SPLITS, report.TABLE1[dataset])
-        assert counts == {split: published[split] for split in ("train", "val", "test")}, dataset
-        assert sum(counts.values()) == published["total"], dataset
-        assert report.PAPER_NAMES[dataset] == published["label"], dataset
+    assert sorted(TABLE1) == sorted(PUBLISHED_TABLE1)
+    for dataset, row in PUBLISHED_TABLE1.items():
+        counts = by_name(SPLITS, TABLE1[dataset])
+        assert counts == {split: row[split] for split in ("train", "val", "test")}, dataset
+        assert sum(counts.values()) == row["total"], dataset
+        assert SHEN_DATASET_NAMES[dataset] == row["label"], dataset
 
 
 def test_table2_constants_are_the_published_dice_scores():
-    assert list(report.PAPER_TABLE2) == list(PUBLISHED_TABLE2)  # the paper's rows, in its order
-    for row, published in PUBLISHED_TABLE2.items():
-        assert by_name([*report.TABLE2_CHANNELS, "Avg."], report.PAPER_TABLE2[row]) == published, row
+    assert list(SHEN_TABLE2) == list(PUBLISHED_TABLE2)  # the paper's rows, in its order
+    for row, values in PUBLISHED_TABLE2.items():
+        assert by_name([*SHEN_TABLE2_CHANNELS, "Avg."], SHEN_TABLE2[row]) == values, row
 
 
 def test_table3_constants_are_the_published_dice_scores():
-    assert list(report.PAPER_TABLE3) == list(PUBLISHED_TABLE3)
-    for row, published in PUBLISHED_TABLE3.items():
-        assert by_name([*report.TABLE3_ORGANS, "Avg."], report.PAPER_TABLE3[row]) == published, row
+    assert list(SHEN_TABLE3) == list(PUBLISHED_TABLE3)
+    for row, values in PUBLISHED_TABLE3.items():
+        assert by_name([*SHEN_TABLE3_ORGANS, "Avg."], SHEN_TABLE3[row]) == values, row
+
+
+def test_table2s_printed_average_is_not_the_mean_of_its_channels():
+    """The caveat the notes under Table 2 state: the paper's Avg. (63.5, 44.6, 86.7) is not the mean of its seven
+    channels (48.1, 32.5, 66.1), so it is printed as published, never recomputed."""
+    for row, values in PUBLISHED_TABLE2.items():
+        channels = [value for name, value in values.items() if name != "Avg."]
+        assert mean_as_printed(channels) != values["Avg."], row
+    assert [mean_as_printed(row[:-1]) for row in SHEN_TABLE2.values()] == [48.1, 32.5, 66.1]
+    assert "(63.5, 44.6, 86.7)" in report.AVERAGE_NOTE and "(48.1, 32.5, 66.1)" in report.AVERAGE_NOTE
+
+
+def test_table3s_printed_average_is_the_mean_of_its_organs_except_for_sl():
+    """Table 3's Avg. is the mean of its four organs as the paper rounds (half up), except the SL row: 60.0 printed,
+    59.7 the mean (59.65, which binary floating point would round to 59.6)."""
+    means = {row: mean_as_printed([value for name, value in values.items() if name != "Avg."])
+             for row, values in PUBLISHED_TABLE3.items()}
+    assert {row: mean for row, mean in means.items() if mean != PUBLISHED_TABLE3[row]["Avg."]} == {"SL": 59.7}
+    assert "(60.0; the mean of its organs is 59.7)" in report.TABLE3_NOTE
 
 
 # --- the tables the package writes ------------------------------------------------------------------------------

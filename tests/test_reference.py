@@ -12,8 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from fedseg.data.manifest import TABLE1
 from fedseg.experiments import nodes
-from fedseg.reporting import report
+from fedseg.published import KANHERE_NODES, SHEN_DATASET_NAMES, SHEN_TABLE2, SHEN_TABLE2_CHANNELS, SHEN_TABLE3
 from fedseg.run import CHAIN
 
 REFERENCE = Path(__file__).resolve().parents[1] / "results" / "reference"
@@ -39,15 +40,15 @@ def test_the_reference_run_is_complete_and_recorded():
 
 def test_table1_has_the_papers_rows_and_counts():
     table = read("table1")
-    assert list(table.index) == [report.PAPER_NAMES[d] for d in ("liver", "pancreas", "kits19", "spleen", "btcv")]
-    assert list(table.loc["MSD liver", ["train (paper)", "val (paper)", "test (paper)"]]) == [79, 26, 26]
-    assert table.loc["BTCV (external)", "test (paper)"] == 30
+    assert list(table.index) == [SHEN_DATASET_NAMES[d] for d in ("liver", "pancreas", "kits19", "spleen", "btcv")]
+    assert tuple(table.loc["MSD liver", ["train (paper)", "val (paper)", "test (paper)"]]) == TABLE1["liver"]
+    assert table.loc["BTCV (external)", "test (paper)"] == TABLE1["btcv"][2]
 
 
 def test_table2_has_the_papers_rows_and_columns():
     table = read("table2")
-    assert list(table.columns) == [c.replace("_", " ") for c in report.TABLE2_CHANNELS] + ["Avg."]
-    for name, values in report.PAPER_TABLE2.items():
+    assert list(table.columns) == [c.replace("_", " ") for c in SHEN_TABLE2_CHANNELS] + ["Avg."]
+    for name, values in SHEN_TABLE2.items():
         assert np.allclose(table.loc[f"{name} (paper)"], values)
         run = table.loc[f"{name} (this run)"]
         assert run.iloc[:-1].between(0, 100).all()
@@ -57,7 +58,7 @@ def test_table2_has_the_papers_rows_and_columns():
 def test_table3_has_the_papers_rows_and_columns():
     table = read("table3")
     assert list(table.columns) == ["Liver", "Pancreas", "Kidney", "Spleen", "Avg."]
-    for name, values in report.PAPER_TABLE3.items():
+    for name, values in SHEN_TABLE3.items():
         assert np.allclose(table.loc[f"{name} (paper)"], values)
     for name in ("SL (ensemble)", "FL global model", "FL local model (ensemble)", "FL local model (processed)"):
         run = table.loc[f"{name} (this run)"]
@@ -90,7 +91,7 @@ def test_the_readme_shows_the_reference_tables_numbers():
 
 def test_the_reference_segviz_table_has_every_node_set_with_the_papers_rows():
     table = pd.read_csv(REFERENCE / "sweep" / "segviz_nodes.csv", index_col=0)
-    for (setup, model), organs in nodes.PAPER_SEGVIZ.items():
+    for (setup, model), organs in KANHERE_NODES.items():
         name = model if setup == "single" else f"{setup} {model}"
         paper, run = table.loc[f"{name} (paper)"], table.loc[f"{name} (this run)"]
         for organ in nodes.ORGANS:
@@ -103,11 +104,11 @@ def test_the_reference_segviz_table_has_every_node_set_with_the_papers_rows():
     means = scores.groupby(["setup", "model", "organ"])["dice"].mean()
     assert table.loc["4-node SegViz (this run)", "spleen"].startswith(f"{means[('4-node', 'SegViz', 'spleen')]:.2f}")
     timing = pd.read_csv(REFERENCE / "sweep" / "segviz_nodes_time.csv")
-    assert {(s, m) for s, m in nodes.PAPER_SEGVIZ if s != "single"} <= set(zip(timing.setup, timing.model)) | {
+    assert {(s, m) for s, m in KANHERE_NODES if s != "single"} <= set(zip(timing.setup, timing.model)) | {
         ("4-node", nodes.CENTRAL)}  # 4 nodes: 02's central model, timed in the chain
     sweep = pd.read_csv(REFERENCE / "sweep" / "sweep_methods.csv", index_col=0)
     assert np.allclose(sweep.loc["fedavg: FL local model (client) (Shen et al. 2022)"].iloc[:8],
-                       report.PAPER_TABLE2["FL local model (client)"])
+                       SHEN_TABLE2["FL local model (client)"])
 
 
 def test_the_reference_cross_contrast_run_tests_every_model_in_both_contrasts():

@@ -33,6 +33,7 @@ from fedseg.data.transforms import case_records
 from fedseg.evaluate import metrics
 from fedseg.evaluate.evaluation import load_best
 from fedseg.evaluate.external import btcv_test_cases, load_btcv_case, require_btcv_files
+from fedseg.published import KANHERE_2024, KANHERE_BTCV_CASES, KANHERE_MODELS, KANHERE_NODES
 from fedseg.train import inference
 from fedseg.train.training import central_budget, fit, select_device
 
@@ -45,29 +46,15 @@ NODE_SETS: dict[int, tuple[str, ...]] = {
 #: The BTCV organ each node's dataset annotates (`inference.BTCV_ORGANS`), and the table's column order.
 ORGAN_OF = {"liver": "liver", "spleen": "spleen", "pancreas": "pancreas", "kits19": "kidney"}
 ORGANS = ("liver", "spleen", "pancreas", "kidney")
-SINGLE, CENTRAL, CONVENTIONAL, SEGVIZ = "Single-dataset models", "Central aggregation", "Conventional FL", "SegViz"
+#: The table's rows (models), in the paper's order.
+SINGLE, CENTRAL, CONVENTIONAL, SEGVIZ = KANHERE_MODELS
 #: The federated method each FL row trains with (`federated.methods.METHODS`).
 FL_ROWS = {CONVENTIONAL: "fedavg", SEGVIZ: "segviz"}
 
-#: Kanhere et al. 2024's table: Dice mean and std on BTCV per (set-up, model) and organ.
-PAPER_SEGVIZ: dict[tuple[str, str], dict[str, tuple[float, float]]] = {
-    ("single", SINGLE): {"liver": (0.88, 0.15), "spleen": (0.79, 0.17), "pancreas": (0.46, 0.20),
-                         "kidney": (0.64, 0.21)},
-    ("2-node", CENTRAL): {"liver": (0.00, 0.00), "spleen": (0.65, 0.14)},
-    ("2-node", CONVENTIONAL): {"liver": (0.89, 0.06), "spleen": (0.84, 0.09)},
-    ("2-node", SEGVIZ): {"liver": (0.90, 0.04), "spleen": (0.84, 0.12)},
-    ("3-node", CENTRAL): {"liver": (0.00, 0.00), "spleen": (0.61, 0.18), "pancreas": (0.00, 0.00)},
-    ("3-node", CONVENTIONAL): {"liver": (0.75, 0.29), "spleen": (0.71, 0.17), "pancreas": (0.45, 0.17)},
-    ("3-node", SEGVIZ): {"liver": (0.91, 0.06), "spleen": (0.81, 0.17), "pancreas": (0.55, 0.19)},
-    ("4-node", CENTRAL): {"liver": (0.65, 0.14), "spleen": (0.00, 0.00), "pancreas": (0.55, 0.18),
-                          "kidney": (0.68, 0.21)},
-    ("4-node", CONVENTIONAL): {"liver": (0.91, 0.03), "spleen": (0.46, 0.15), "pancreas": (0.53, 0.18),
-                               "kidney": (0.68, 0.12)},
-    ("4-node", SEGVIZ): {"liver": (0.93, 0.02), "spleen": (0.78, 0.14), "pancreas": (0.40, 0.20),
-                         "kidney": (0.78, 0.12)},
-}
+#: Kanhere et al. 2024's table (`fedseg.published.KANHERE_NODES`), by the old name docs/references.md cites.
+PAPER_SEGVIZ = KANHERE_NODES
 NOTE = ("Dice on the BTCV test cases (original grid, sigmoid > 0.5, each organ with its tumour), mean ± std over "
-        "the cases (ddof 1); each model scored on its node set's organs only. Paper: Kanhere et al. 2024, same layout.")
+        f"the cases (ddof 1); each model scored on its node set's organs only. Paper: {KANHERE_2024}, same layout.")
 
 
 def setup_name(nodes: int) -> str:
@@ -175,8 +162,8 @@ def score_btcv(cfg: dict[str, Any], cases: pd.DataFrame, models: Mapping[tuple[s
     return pd.DataFrame(rows)
 
 
-def segviz_table(scores: pd.DataFrame, paper: Mapping[tuple[str, str], Mapping[str, tuple[float, float]]] = PAPER_SEGVIZ
-                 ) -> pd.DataFrame:
+def segviz_table(scores: pd.DataFrame,
+                 paper: Mapping[tuple[str, str], Mapping[str, tuple[float, float]]] = KANHERE_NODES) -> pd.DataFrame:
     """Kanhere et al. 2024's layout: per (set-up, model) row, "mean ± std" Dice per organ for this run, the paper's row
     below it (rows named "<set-up> <model> (this run)" / "(paper)"), and the number of cases. Organs a row
     does not segment are "-"; a row the paper lacks gets no paper line."""
@@ -190,7 +177,7 @@ def segviz_table(scores: pd.DataFrame, paper: Mapping[tuple[str, str], Mapping[s
         if (setup, model) in paper:
             out[(setup, model, "paper")] = {organ: "{:.2f} ± {:.2f}".format(*paper[(setup, model)][organ])
                                             if organ in paper[(setup, model)] else "-" for organ in ORGANS}
-            out[(setup, model, "paper")]["cases"] = 30  # BTCV's 30 labelled CTs (Kanhere et al. 2024's data table)
+            out[(setup, model, "paper")]["cases"] = KANHERE_BTCV_CASES
     table = pd.DataFrame.from_dict(out, orient="index")
     table.index = [f"{model} ({source})" if setup == "single" else f"{setup} {model} ({source})"
                    for setup, model, source in table.index]
@@ -198,7 +185,7 @@ def segviz_table(scores: pd.DataFrame, paper: Mapping[tuple[str, str], Mapping[s
 
 
 def segviz_figure(scores: pd.DataFrame,
-                  paper: Mapping[tuple[str, str], Mapping[str, tuple[float, float]]] = PAPER_SEGVIZ):
+                  paper: Mapping[tuple[str, str], Mapping[str, tuple[float, float]]] = KANHERE_NODES):
     """One panel per set-up: mean Dice per organ and model with std error bars; the paper's means as black ticks."""
     import matplotlib.pyplot as plt
 
@@ -218,7 +205,7 @@ def segviz_figure(scores: pd.DataFrame,
             published = paper.get((setup, model), {})
             ticks = [published.get(o, (np.nan,))[0] for o in organs]
             ax.scatter(x, ticks, marker="_", s=120, color="black", zorder=3,
-                       label="paper (Kanhere et al. 2024)" if k == 0 and setup == setups[0] else None)
+                       label=f"paper ({KANHERE_2024})" if k == 0 and setup == setups[0] else None)
         ax.set_xticks(np.arange(len(organs)), organs)
         ax.set_title(setup if setup != "single" else "single-dataset models")
         ax.set_ylim(0, 1.05)

@@ -44,7 +44,8 @@ from fedseg import run_folder
 from fedseg.data.labels import TRAIN_DATASETS, owned_channels
 from fedseg.data.transforms import CT, MRI
 from fedseg.evaluate.external import GLOBAL, LOCAL, LOCAL_PP, SL
-from fedseg.reporting.report import save_table
+from fedseg.published import SHEN_2022, SHEN_TABLE2, SHEN_TABLE2_CHANNELS
+from fedseg.reporting.tables import save_table
 
 HELD, NOT_HELD, NOT_TESTED = "held", "not held", "not tested"
 VERDICTS = (HELD, NOT_HELD, NOT_TESTED)
@@ -60,9 +61,11 @@ N_FLIPS = 4095
 CORRELATION = 0.32
 #: A channel "fails" below this Dice (%), the threshold the claims of Shen et al. 2022 are read with.
 FAIL_BELOW = 10.0
-#: The channels on which Shen et al. 2022's FedAvg global model scored 0.0 (its Table 2).
-PAPER_FAILED = ("liver", "liver_tumor", "spleen")
-SHEN, SEGVIZ, FEDGIN = "Shen et al. 2022", "Kanhere et al. (SegViz)", "FedGIN"
+#: The channels on which Shen et al. 2022's FedAvg global model failed (its Table 2: 0.0 on liver, liver tumor and
+#: spleen).
+PAPER_FAILED = tuple(channel for channel, dice in zip(SHEN_TABLE2_CHANNELS, SHEN_TABLE2["FL global model (server)"])
+                     if dice < FAIL_BELOW)
+SHEN, SEGVIZ, FEDGIN = SHEN_2022, "Kanhere et al. (SegViz)", "FedGIN"
 COLUMNS = ["paper", "claim", "tested on", "evidence", "estimate", "ci_low", "ci_high", "verdict", "rule"]
 NOTE = (f"Verdicts are computed from this run's per-case scores. 'A > B': held when the 95% CI of the mean paired "
         f"difference lies above 0 (channels or organs pooled by an unweighted mean; the CI inverts a sign-flip test "
@@ -292,9 +295,8 @@ def _paired(a: pd.DataFrame, b: pd.DataFrame, group: str, value: str = "dice") -
 def federation_label(folder: Path) -> str:
     """"fedavg, loss dice_ce": method and loss of the federation whose files are in `folder`, from its resolved
     configuration (`fl/config.json`), else from its `run.json` (the profile, then 03's parameters over it)."""
-    config, record = run_folder.fl_config(folder), run_folder.run_record(folder)
-    if config.exists():
-        cfg = json.loads(config.read_text())
+    cfg, record = run_folder.federation_config(folder), run_folder.run_record(folder)
+    if cfg is not None:
         method, loss = cfg.get("federated", {}).get("method"), cfg.get("train", {}).get("loss")
     elif record.exists():
         run = json.loads(record.read_text())

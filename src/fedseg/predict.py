@@ -167,7 +167,7 @@ def estimate_phase(hu: np.ndarray, fused: np.ndarray, spacing: tuple[float, ...]
        it delayed. Without a liver (or aorta) found: "enhanced", the phase not determined.
 
     On the phantoms' reference organs at coarse voxels, rule 1 was right in every case and scanner tried, rule 2 in
-    most (the README's predict section gives the counts): bolus timing varies within a phase and the aorta finder
+    most (docs/predict.md gives the counts): bolus timing varies within a phase and the aorta finder
     can take the spine. It is an estimate for a remark, not a measurement."""
     voxel_ml = float(np.prod(spacing[:3])) / 1000.0
     kidney = fused == CHANNEL_INDEX["kidney"]

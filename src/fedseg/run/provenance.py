@@ -47,7 +47,7 @@ def host_record() -> dict[str, Any]:
     """What a run's numbers depend on beyond the code and settings: the CPU, the thread counts the
     notebooks' kernels inherit (OMP/MKL variables; torch's own default is the number of cores) and
     torch's deterministic settings. Float sums in convolutions differ with the thread count, so two
-    machines agree to rounding, not bit for bit (see the README's reproducibility section)."""
+    machines agree to rounding, not bit for bit (see docs/reproducibility.md)."""
     return {"platform": platform.platform(), "cpus": os.cpu_count(), "cpu_model": cpu_model(),
             "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
             "thread_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ},

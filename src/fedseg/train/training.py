@@ -634,7 +634,7 @@ def fit_models(cfg: dict[str, Any], jobs: dict[str, tuple[list[dict[str, Any]], 
     there are several) the models train in that many processes at once, longest job first. On CPUs each
     worker has cores / workers torch threads and loads in-process: small 3D networks on a few CPU cores gain
     less from a second intra-op thread than from a second model (on 2 cores one thread per model trains ~1.5x
-    more steps per second in all than two threads per model; see the README's measurements). On GPUs each
+    more steps per second in all than two threads per model; see docs/convergence.md). On GPUs each
     worker keeps one GPU and its data-loading workers. Each model's training is the same as alone.
     """
     workers, devices = model_workers(cfg, len(jobs), workers)

@@ -5,24 +5,14 @@ import itertools
 import json
 import math
 import os
-import time
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from flwr.app import (
-    ArrayRecord,
-    ConfigRecord,
-    Context,
-    Error,
-    Message,
-    Metadata,
-    MetricRecord,
-    RecordDict,
-)
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message
+from helpers import client_context, client_message, error_reply, federation_config, make_data, metadata, reply
 
 from fedseg import run_folder
 from fedseg.data.labels import TRAIN_DATASETS
@@ -34,82 +24,11 @@ from fedseg.train.models import build_network
 from fedseg.train.training import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-VOXEL = 2.0
-SIZE = 24
-LAYOUT = {"liver": "Task03_Liver", "spleen": "Task09_Spleen"}
 
 
 # --------------------------------------------------------------------------------------------------
-# Tiny data: liver and spleen cases of 24^3 voxels in their MSD layouts
+# Weights for the fake replies (helpers.reply builds the replies as Flower builds them)
 # --------------------------------------------------------------------------------------------------
-
-def make_data(root, counts=None, seed=0):
-    """Cases of each dataset (train, val): a bright sphere (organ), for liver with a dark core (tumour)."""
-    counts = counts or {"liver": (2, 1), "spleen": (2, 1)}
-    rng = np.random.default_rng(seed)
-    grid = np.stack(np.meshgrid(*[np.arange(SIZE)] * 3, indexing="ij"))
-    rows = []
-    for dataset, (n_train, n_val) in counts.items():
-        folder = root / LAYOUT[dataset]
-        (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
-        (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
-        for i in range(n_train + n_val):
-            centre = rng.uniform(9, 15, size=3)
-            distance = np.sqrt(((grid - centre[:, None, None, None]) ** 2).sum(0))
-            label = (distance < 6).astype(np.uint8)
-            if dataset == "liver":
-                label += (distance < 2.5).astype(np.uint8)
-            image = np.where(label == 1, 150, np.where(label == 2, 40, -100)) + rng.normal(0, 10, label.shape)
-            case = f"{dataset}_{i}"
-            affine = np.diag([VOXEL] * 3 + [1.0])
-            nib.save(nib.Nifti1Image(image.astype(np.int16), affine), str(folder / "imagesTr" / f"{case}.nii.gz"))
-            nib.save(nib.Nifti1Image(label, affine), str(folder / "labelsTr" / f"{case}.nii.gz"))
-            rows.append({"dataset": dataset, "case_id": case, "image": f"imagesTr/{case}.nii.gz",
-                         "label": f"labelsTr/{case}.nii.gz", "split": "train" if i < n_train else "val"})
-    return pd.DataFrame(rows)
-
-
-def tiny_config(data_root, rounds=2, local_steps=2):
-    return {
-        "name": "tiny", "seed": 0, "data_root": str(data_root),
-        "preprocess": {"spacing": [VOXEL] * 3, "hu_window": [-500, 500], "patch_size": [16, 16, 16],
-                       "patch_sampling": "posneg", "patches_per_volume": 2, "num_workers": 0,
-                       "intensity_shift": {"prob": 0.8, "offset": 0.1}},
-        # num_res_units 0: the last layer gives the logits, so ownerfedavg runs and the dilution is measured
-        "model": {"name": "UNet", "channels": [8, 16], "strides": [2], "num_res_units": 0},
-        "train": {"loss": "masked_dice", "optimizer": "adam", "lr": 1e-2, "weight_decay": 0.0,
-                  "schedule": "constant", "cases_per_step": 1, "steps": 4, "val_every": 2,
-                  "checkpoint_every": 2, "sw_batch_size": 2, "sw_overlap": 0.25, "amp": True},
-        "federated": {"rounds": rounds, "local_steps": local_steps, "client_cpus": 1, "client_gpus": 0.0},
-    }
-
-
-# --------------------------------------------------------------------------------------------------
-# Fake replies, built as Flower builds them (a reply's src_node_id is the client's node)
-# --------------------------------------------------------------------------------------------------
-
-def metadata(node_id, kind):
-    return Metadata(run_id=1, message_id=f"m{node_id}", src_node_id=node_id, dst_node_id=0, reply_to_message_id="x",
-                    group_id="1", created_at=time.time(), ttl=3600.0, message_type=kind)
-
-
-def reply(node_id, dataset, arrays=None, num_examples=1, kind="train", **values):
-    """A client's reply: its dataset's identity, num-examples, scalar metrics (per-channel NaN unless given)."""
-    metrics = {"num-examples": num_examples, "partition-id": TRAIN_DATASETS.index(dataset),
-               "dataset-index": TRAIN_DATASETS.index(dataset), "mean-dice": 0.5,
-               **task.channel_dice({}), **values}
-    if kind == "train":
-        metrics.setdefault("train-loss", 1.0)
-        metrics.setdefault("local-best-updated", 1)
-    content = {"metrics": MetricRecord(metrics)}
-    if arrays is not None:
-        content["arrays"] = ArrayRecord({k: v for k, v in arrays.items()})
-    return Message(content=RecordDict(content), metadata=metadata(node_id, kind))
-
-
-def error_reply(node_id, reason, kind="train"):
-    return Message(error=Error(code=2, reason=reason), metadata=metadata(node_id, kind))
-
 
 def arrays_of(value, shape=(3, 4)):
     return {"w": torch.full(shape, float(value)), "b": torch.arange(4, dtype=torch.float32) * value}
@@ -253,24 +172,6 @@ def test_rounds_between_validations_send_no_evaluation_and_the_best_is_chosen_am
 # --------------------------------------------------------------------------------------------------
 # The client: what it sends, its local best, its failures
 # --------------------------------------------------------------------------------------------------
-
-def client_message(cfg, kind, server_round=1, federation="fed-A"):
-    """A train or evaluate message of the server's round `server_round` of federation `federation`."""
-    torch.manual_seed(0)
-    model = build_network(**cfg["model"])
-    content = RecordDict({"arrays": ArrayRecord(model.state_dict()),
-                          "config": ConfigRecord({"server-round": server_round, task.FEDERATION_KEY: federation})})
-    meta = Metadata(run_id=1, message_id="in", src_node_id=0, dst_node_id=5, reply_to_message_id="", group_id="1",
-                    created_at=time.time(), ttl=3600.0, message_type=kind)
-    return Message(content=content, metadata=meta), model
-
-
-def client_context(cfg, run_dir, cases, node_config):
-    """A client's Context with the run_config a simulated federation of liver and spleen gives it."""
-    run_config = federation_run_config(cfg, run_dir, clients=("liver", "spleen"))
-    cases.to_csv(run_config["cases"], index=False)
-    return Context(run_id=1, node_id=5, node_config=node_config, state=RecordDict(), run_config=run_config)
-
 
 def test_a_client_sends_only_model_weights_and_scalar_metrics(tiny):
     cfg, cases, run_dir = tiny
@@ -470,7 +371,7 @@ def test_a_simulation_is_configured_by_the_keys_flwr_run_takes(tmp_path):
     with pytest.raises(ValueError, match="Unknown loss 'dice'"):
         settings.study_config({**run_config, "loss": "dice"})
     # a configuration built by hand (a test's, a benchmark's) travels as a profile file, as in deployment
-    mine = tiny_config(tmp_path / "data")
+    mine = federation_config(tmp_path / "data")
     run_config = federation_run_config(mine, tmp_path / "mine", clients=("liver", "spleen"))
     assert Path(run_config["profile"]) == tmp_path / "mine" / "fl" / "profile.yaml"
     cfg = settings.study_config(run_config)
@@ -479,7 +380,7 @@ def test_a_simulation_is_configured_by_the_keys_flwr_run_takes(tmp_path):
 
 def test_shards_split_a_dataset_into_disjoint_virtual_clients(tmp_path):
     cases = make_data(tmp_path / "data", {"liver": (5, 1), "spleen": (2, 1)})
-    cfg = tiny_config(tmp_path / "data")
+    cfg = federation_config(tmp_path / "data")
     assert sites.client_list({"clients": "liver,spleen", "shards": "2"}) == (
         "liver-1of2", "liver-2of2", "spleen-1of2", "spleen-2of2")
     assert sites.client_list({"clients": "liver,spleen", "shards": "liver=3"}) == (

@@ -1,12 +1,12 @@
 """Deployment: a SuperLink and two SuperNodes (one site each) on 127.0.0.1 run the App with `flwr run`, with the
-commands of the README's "Across sites" section as written there.
+commands of the "Across sites" section of docs/deployment.md (linked from the README) as written there.
 
-The commands are read from the README (`readme_command`) and only these are replaced, each checked to be there so
-a changed README fails this test instead of drifting from it: the server's host name (server.example.org ->
+The commands are read from that page (`readme_command`) and only these are replaced, each checked to be there so
+a changed page fails this test instead of drifting from it: the server's host name (server.example.org ->
 127.0.0.1, with a certificate for IP:127.0.0.1), its port, the sites' key names, their node-config (dataset and
 data root of the test's data) and an extra `--port` per SuperNode (several on one machine), the app folder, and
 the run config. The environment is the venv's, as `source .venv/bin/activate` gives; nothing disables Flower's
-dependency installation behind the README's back. TLS and SuperNode authentication: a SuperNode with an
+dependency installation behind the page's back. TLS and SuperNode authentication: a SuperNode with an
 unregistered key is refused. The run's real outcome is read with `flwr ls` (`flwr run` exits 0 even when the
 ServerApp fails).
 """
@@ -26,12 +26,13 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from test_federated import make_data, tiny_config
+from helpers import federation_config, make_data
 
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
+DEPLOYMENT = REPO / "docs" / "deployment.md"  # the README's deployment section, moved to its own page
 
 
 def free_ports(count):
@@ -65,18 +66,18 @@ def flwr_json(env, cwd, *arguments, timeout=60):
 
 
 def readme_command(program, replacements=()):
-    """The one command of the README's deployment block that starts with `program` (continuation lines joined),
-    with each (old, new) of `replacements` applied; an `old` the command does not hold fails the test."""
-    text = (REPO / "README.md").read_text()
-    section = text[text.index("### Across sites"):]
+    """The one command of docs/deployment.md's deployment block that starts with `program` (continuation lines
+    joined), with each (old, new) of `replacements` applied; an `old` the command does not hold fails the test."""
+    text = DEPLOYMENT.read_text()
+    section = text[text.index("## Across sites"):]
     block = section[section.index("```bash") + len("```bash"):]
     block = block[:block.index("```")].replace("\\\n", " ")
     found = [line.strip() for line in block.splitlines()
              if line.strip() and not line.strip().startswith("#") and line.strip().startswith(program + " ")]
-    assert len(found) == 1, f"the README's deployment block has {len(found)} commands starting with {program}"
+    assert len(found) == 1, f"docs/deployment.md's deployment block has {len(found)} commands starting with {program}"
     command = re.sub(r" {2,}", " ", re.sub(r"\s+#\s.*$", "", found[0]))  # an inline comment ends it
     for old, new in replacements:
-        assert old in command, f"{old!r} is not in the README's command {command!r}"
+        assert old in command, f"{old!r} is not in docs/deployment.md's command {command!r}"
         command = command.replace(old, new)
     return command
 
@@ -91,7 +92,7 @@ def federation(tmp_path):
         pytest.skip(f"{' and '.join(missing)} not found: needed for the TLS certificates and SuperNode keys")
     cases = make_data(tmp_path / "data")
     cases.to_csv(tmp_path / "cases.csv", index=False)
-    cfg = tiny_config(tmp_path / "data")
+    cfg = federation_config(tmp_path / "data")
     cfg.pop("data_root")
     cfg["data"] = {"source": "real"}
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg))
@@ -113,7 +114,7 @@ def federation(tmp_path):
         return done
 
     # the server's certificates, for 127.0.0.1 instead of server.example.org
-    certificate_commands = [line for line in (REPO / "README.md").read_text().split("### Across sites")[1]
+    certificate_commands = [line for line in DEPLOYMENT.read_text().split("## Across sites")[1]
                             .split("```")[1].splitlines() if line.startswith(("openssl", "echo"))]
     assert len(certificate_commands) == 4, certificate_commands
     for command in certificate_commands:

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import torch
 from flwr.app import ArrayRecord
-from test_federated import client_context, client_message, reply
+from helpers import client_context, client_message, reply
 
 from fedseg.config import load_profile
 from fedseg.data.labels import CHANNELS, owned_mask

@@ -7,6 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers import AFFINES, inference_config, write_case
 from monai.data import MetaTensor
 
 from fedseg.data.labels import CHANNEL_INDEX, NUM_CHANNELS, to_multihot
@@ -28,37 +29,10 @@ from fedseg.train.models import ABSENT_LOGIT, build_network
 
 CPU = torch.device("cpu")
 
-#: Non-RAS, anisotropic storage grids: LAS (x flipped) and a permuted one (storage axes P, R, I).
-AFFINES = {
-    "LAS": np.array([[-0.8, 0, 0, 30.0], [0, 0.8, 0, -20.0], [0, 0, 2.5, 5.0], [0, 0, 0, 1]]),
-    "PRI": np.array([[0, 0.9, 0, -15.0], [-2.5, 0, 0, 40.0], [0, 0, -0.7, 12.0], [0, 0, 0, 1]]),
-}
-
-
-def config(spacing=1.5, patch=16):
-    return {
-        "preprocess": {"spacing": [spacing] * 3, "hu_window": [-500, 500], "patch_size": [patch] * 3},
-        "train": {"sw_batch_size": 2, "sw_overlap": 0.25, "amp": True},
-    }
-
 
 def dice(a, b):
     a, b = np.asarray(a, bool), np.asarray(b, bool)
     return 2 * (a & b).sum() / (a.sum() + b.sum())
-
-
-def write_case(root, affine, shape=(44, 40, 16)):
-    """A liver-dataset case: an off-centre ellipsoid (liver, HU 150) with a tumour (2, HU 40) at one end."""
-    world = nib.affines.apply_affine(affine, np.stack(np.indices(shape), -1))
-    centre = nib.affines.apply_affine(affine, np.array(shape) * [0.35, 0.4, 0.45])
-    offset = (world - centre) / [11.0, 8.0, 9.0]
-    label = (np.sqrt((offset**2).sum(-1)) < 1).astype(np.uint8)
-    label[(np.sqrt(((world - centre - [5.0, 0, 0]) ** 2).sum(-1)) < 4.5) & (label == 1)] = 2
-    image = np.where(label == 1, 150, np.where(label == 2, 40, -100)).astype(np.int16)
-    paths = {"image": root / "img.nii.gz", "label": root / "lab.nii.gz"}
-    nib.save(nib.Nifti1Image(image, affine), str(paths["image"]))
-    nib.save(nib.Nifti1Image(label, affine), str(paths["label"]))
-    return paths, label
 
 
 def pointwise(image):
@@ -69,7 +43,7 @@ def pointwise(image):
 
 def test_inference_transform_gives_the_training_grid_with_meta(tmp_path):
     paths, _ = write_case(tmp_path, AFFINES["LAS"])
-    cfg = config()
+    cfg = inference_config()
     image = inference_transform(cfg)({"image": str(paths["image"])})["image"]
     trained = preprocess(cfg)({**{k: str(v) for k, v in paths.items()}, "dataset": "liver"})["image"]
     assert isinstance(image, MetaTensor) and image.dtype == torch.float32
@@ -83,7 +57,7 @@ def test_inference_transform_gives_the_training_grid_with_meta(tmp_path):
 def test_to_original_grid_returns_the_preprocessed_label_to_the_file_grid(tmp_path, orientation):
     affine = AFFINES[orientation]
     paths, label = write_case(tmp_path, affine)
-    cfg = config()
+    cfg = inference_config()
     image = inference_transform(cfg)({"image": str(paths["image"])})["image"]
     target = preprocess(cfg)({**{k: str(v) for k, v in paths.items()}, "dataset": "liver"})["label"]
     assert tuple(target.shape[1:]) == tuple(image.shape[1:]) != label.shape
@@ -106,7 +80,7 @@ def test_to_original_grid_returns_the_preprocessed_label_to_the_file_grid(tmp_pa
 
 def test_to_original_grid_refuses_what_it_cannot_invert(tmp_path):
     paths, _ = write_case(tmp_path, AFFINES["LAS"])
-    cfg = config()
+    cfg = inference_config()
     image = inference_transform(cfg)({"image": str(paths["image"])})["image"]
     prediction = torch.zeros(NUM_CHANNELS, *image.shape[1:])
     with pytest.raises(ValueError, match="applied operations"):
@@ -119,7 +93,7 @@ def test_to_original_grid_refuses_what_it_cannot_invert(tmp_path):
 
 
 def test_predict_logits_runs_each_model_over_the_whole_volume():
-    cfg = config(patch=16)
+    cfg = inference_config(patch=16)
     image = torch.full((1, 30, 20, 24), 0.1)
     image[:, 3:9, 4:10, 15:20] = 0.9
     torch.manual_seed(0)
@@ -152,7 +126,7 @@ def test_ensemble_takes_each_channel_from_the_client_that_owns_it():
 
 
 def test_the_streamed_ensemble_is_the_ensemble_of_the_models_logits_bit_for_bit():
-    cfg = config(patch=16)
+    cfg = inference_config(patch=16)
     image = torch.rand(1, 24, 20, 18)
     models = {}
     for seed, name in enumerate(("liver", "pancreas", "spleen")):  # kits19 absent: its channels stay absent
@@ -264,7 +238,7 @@ def test_write_prediction_keeps_the_reference_grid(tmp_path):
 
 
 def test_coarse_to_fine_matches_the_full_pass_inside_a_smaller_box():
-    cfg = config(spacing=2.0, patch=16)
+    cfg = inference_config(spacing=2.0, patch=16)
     image = torch.full((1, 48, 48, 40), 0.1)
     image[:, 6:14, 8:16, 26:36] = 0.9
     full = predict_logits({"liver": pointwise, "spleen": pointwise}, image, cfg, CPU)
@@ -290,7 +264,7 @@ def test_coarse_to_fine_matches_the_full_pass_inside_a_smaller_box():
 
 def test_coarse_to_fine_margin_follows_each_axis_spacing():
     """Anisotropic voxels (1 x 2 x 4 mm): 8 mm of margin is 8, 4 and 2 voxels, not one count on every axis."""
-    cfg = config(patch=8)
+    cfg = inference_config(patch=8)
     cfg["preprocess"]["spacing"] = [1.0, 2.0, 4.0]
     image = torch.full((1, 40, 40, 24), 0.1)
     image[:, 16:24, 16:24, 10:14] = 0.9  # coarse voxels [8, 12) x [8, 12) x [5, 7) at factor 2
@@ -304,7 +278,7 @@ def test_coarse_to_fine_margin_follows_each_axis_spacing():
 def test_coarse_to_fine_segments_an_organ_the_localiser_missed_over_the_full_window():
     """CT unlike the training data: the spleen lies far from liver and kidneys and the localiser does not see it.
     The fine pass must still look for it everywhere, and the result must say the localiser missed it."""
-    cfg = config(spacing=2.0, patch=16)
+    cfg = inference_config(spacing=2.0, patch=16)
     image = torch.full((1, 48, 48, 40), 0.1)
     image[:, 6:14, 8:16, 26:36] = 0.9    # liver and kidneys: the localiser finds them
     image[:, 36:44, 36:44, 2:8] = 0.7    # the spleen, far away: bright for the fine models only
@@ -332,7 +306,7 @@ def test_coarse_to_fine_segments_an_organ_the_localiser_missed_over_the_full_win
 
 
 def test_coarse_to_fine_falls_back_to_the_full_pass_when_nothing_is_found():
-    cfg = config(spacing=2.0, patch=16)
+    cfg = inference_config(spacing=2.0, patch=16)
     image = torch.full((1, 40, 36, 20), 0.1)
     image[:, 30:33, 2:5, 2:5] = 0.9  # fine detail only; the coarse model below sees nothing
 
@@ -351,7 +325,7 @@ def test_coarse_to_fine_falls_back_to_the_full_pass_when_nothing_is_found():
 
 def test_the_pieces_compose_from_file_to_written_label_map(tmp_path):
     paths, label = write_case(tmp_path, AFFINES["LAS"])
-    cfg = config()
+    cfg = inference_config()
     image = inference_transform(cfg)({"image": str(paths["image"])})["image"]
     logits = ensemble_logits(predict_logits({"liver": pointwise, "spleen": lambda x: pointwise(x) - 40},
                                             image, cfg, CPU))

@@ -48,11 +48,11 @@ class Damped(Method):
 methods.register(Damped())  # inside the package: one line in methods._BUILT_IN
 
 from fedseg.federated import client_app, settings
-from test_federated import client_context, client_message, make_data, tiny_config
+from helpers import client_context, client_message, federation_config, make_data
 
 root = Path(tempfile.mkdtemp())
 cases = make_data(root / "data")
-cfg = tiny_config(root / "data")
+cfg = federation_config(root / "data")
 cfg["federated"]["method"] = "damped"
 context = client_context(cfg, root / "run", cases, {{"partition-id": 0, "num-partitions": 2}})
 context.run_config["damping"] = 0.5  # a method's own knob, spelled as flwr run --run-config spells it

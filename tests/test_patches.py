@@ -4,7 +4,7 @@ volume cache, and training from it."""
 import numpy as np
 import pytest
 import torch
-from test_training import make_records, new_model, tiny_config
+from helpers import make_records, new_model, training_config
 
 from fedseg.data import patches, transforms
 from fedseg.data.labels import NUM_CHANNELS
@@ -63,7 +63,7 @@ def test_patch_corners_fit_the_volume_and_posneg_centres_half_of_them_on_foregro
 def test_the_patch_cache_gives_the_volume_caches_volumes_and_trains(tmp_path, monkeypatch):
     monkeypatch.setenv("FEDSEG_CACHE", str(tmp_path / "cache"))
     records = make_records(tmp_path)
-    cfg = tiny_config(tmp_path / "root", steps=4)
+    cfg = training_config(tmp_path / "root", steps=4)
     built = transforms.build_cache({**cfg, "preprocess": {**cfg["preprocess"], "cache": "patches",
                                                           "cache_workers": 2}}, records, progress=False)
     assert built["cases"] == built["cached_cases"] == 3 and "patches-float32" in built["cache_dir"]

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from test_inference import AFFINES, config, write_case
+from helpers import AFFINES, inference_config, write_case
 
 from fedseg.data import phantom
 from fedseg.data.labels import CHANNEL_INDEX, FOREGROUND, NUM_CHANNELS, TRAIN_DATASETS
@@ -46,7 +46,7 @@ def tiny_run(tmp_path):
     of two CTs on non-RAS grids, one .nii.gz, one .nii."""
     run = tmp_path / "run"
     # its data root: a phantom.json saying the training CTs were portal venous, 148-260 mm along the body
-    cfg = {**config(), "model": MODEL, "data_root": str(phantom_record(tmp_path / "data"))}
+    cfg = {**inference_config(), "model": MODEL, "data_root": str(phantom_record(tmp_path / "data"))}
     torch.manual_seed(0)
     for folder in ["fl-global", *(f"fl-local-{d}" for d in TRAIN_DATASETS)]:
         (run / "checkpoints" / folder).mkdir(parents=True)

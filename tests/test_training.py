@@ -9,60 +9,19 @@ import textwrap
 import time
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import pytest
 import torch
+from helpers import VOXEL, make_records, new_model, training_config
 
-from fedseg.data.labels import owned_mask
 from fedseg.train.models import build_network
 from fedseg.train.training import train_model
-
-VOXEL = 2.0
-
-
-def make_records(root, count=3, seed=0):
-    """Liver-dataset cases of 24^3 voxels: a bright sphere (liver) with a darker core (tumour)."""
-    rng = np.random.default_rng(seed)
-    grid = np.stack(np.meshgrid(*[np.arange(24)] * 3, indexing="ij"))
-    records = []
-    for i in range(count):
-        centre = rng.uniform(9, 15, size=3)
-        distance = np.sqrt(((grid - centre[:, None, None, None]) ** 2).sum(0))
-        label = (distance < 6).astype(np.uint8) + (distance < 2.5).astype(np.uint8)
-        image = np.where(label == 1, 150, np.where(label == 2, 40, -100)) + rng.normal(0, 10, label.shape)
-        affine = np.diag([VOXEL] * 3 + [1.0])
-        paths = [root / f"img{i}.nii.gz", root / f"lab{i}.nii.gz"]
-        nib.save(nib.Nifti1Image(image.astype(np.int16), affine), str(paths[0]))
-        nib.save(nib.Nifti1Image(label, affine), str(paths[1]))
-        records.append({"image": str(paths[0]), "label": str(paths[1]), "dataset": "liver",
-                        "case_id": f"liver_{i}", "split": "train", "owned": owned_mask("liver").astype(np.uint8)})
-    return records
-
-
-def tiny_config(root, steps=12):
-    return {
-        "seed": 0, "data_root": str(root),
-        "preprocess": {"spacing": [VOXEL] * 3, "hu_window": [-500, 500], "patch_size": [16, 16, 16],
-                       "patch_sampling": "posneg", "patches_per_volume": 2, "num_workers": 0,
-                       "intensity_shift": {"prob": 0.8, "offset": 0.1}},
-        "model": {"name": "UNet", "channels": [8, 16], "strides": [2], "num_res_units": 1},
-        "train": {"loss": "masked_dice", "optimizer": "adam", "lr": 1e-2, "weight_decay": 0.0,
-                  "schedule": "cosine", "cases_per_step": 2, "steps": steps, "val_every": 4,
-                  "checkpoint_every": 2, "sw_batch_size": 2, "sw_overlap": 0.25, "amp": True},
-    }
-
-
-def new_model(cfg):
-    torch.manual_seed(cfg["seed"])
-    return build_network(**cfg["model"])
 
 
 @pytest.fixture
 def setup(tmp_path, monkeypatch):
     monkeypatch.setenv("FEDSEG_CACHE", str(tmp_path / "cache"))
     records = make_records(tmp_path)
-    return tmp_path, tiny_config(tmp_path / "root"), records
+    return tmp_path, training_config(tmp_path / "root"), records
 
 
 def test_training_learns_validates_and_keeps_the_best(setup):
@@ -105,7 +64,7 @@ KILLED_RUN = textwrap.dedent("""
     import sys, time, torch
     sys.path.insert(0, {tests!r})
     import fedseg.train.training as training
-    from test_training import make_records, tiny_config, new_model
+    from helpers import make_records, training_config, new_model
     from pathlib import Path
     slow = training.build_loss
     def slowed(name):
@@ -116,7 +75,7 @@ KILLED_RUN = textwrap.dedent("""
         return wrapped
     training.build_loss = slowed
     root = Path({root!r})
-    cfg = tiny_config(root / "root", steps=40)
+    cfg = training_config(root / "root", steps=40)
     records = make_records(root)
     training.train_model(cfg, new_model(cfg), records[:2], records[2:], root / "killed", progress=False)
 """)
@@ -124,7 +83,7 @@ KILLED_RUN = textwrap.dedent("""
 
 def test_a_killed_process_resumes_to_the_same_weights(setup):
     root, _, _ = setup
-    cfg = tiny_config(root / "root", steps=40)
+    cfg = training_config(root / "root", steps=40)
     records = make_records(root)
     script = KILLED_RUN.format(tests=os.path.dirname(__file__), root=str(root))
     env = {**os.environ, "FEDSEG_CACHE": os.environ["FEDSEG_CACHE"]}

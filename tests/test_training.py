@@ -64,16 +64,17 @@ KILLED_RUN = textwrap.dedent("""
     import sys, time, torch
     sys.path.insert(0, {tests!r})
     import fedseg.train.training as training
+    import fedseg.train.training.loop as loop
     from helpers import make_records, training_config, new_model
     from pathlib import Path
-    slow = training.build_loss
+    slow = loop.build_loss
     def slowed(name):
         loss = slow(name)
         def wrapped(*args):
             time.sleep(0.3)
             return loss(*args)
         return wrapped
-    training.build_loss = slowed
+    loop.build_loss = slowed  # where train_model looks it up
     root = Path({root!r})
     cfg = training_config(root / "root", steps=40)
     records = make_records(root)

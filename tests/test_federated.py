@@ -337,7 +337,7 @@ def test_a_failing_client_names_its_dataset(tiny):
 
 def test_study_config_from_run_config_and_node_config(tmp_path):
     run_config = {"profile": "smoke", "seed": -1, "data-root": str(tmp_path / "a"), "run-dir": str(tmp_path / "r"),
-                  "rounds": 0, "local-steps": 7, "fraction-train": 0.0, "min-clients": 0, "keep-optimizer": ""}
+                  "rounds": "", "local-steps": 7, "fraction-train": "", "min-clients": "", "keep-optimizer": ""}
     cfg = settings.study_config(run_config, {"data-root": str(tmp_path / "b")})
     assert cfg["data_root"] == str((tmp_path / "b").resolve()) and cfg["run_dir"] == str((tmp_path / "r").resolve())
     fl = cfg["federated"]
@@ -376,6 +376,24 @@ def test_a_simulation_is_configured_by_the_keys_flwr_run_takes(tmp_path):
     assert Path(run_config["profile"]) == tmp_path / "mine" / "fl" / "profile.yaml"
     cfg = settings.study_config(run_config)
     assert cfg["train"] == mine["train"] and cfg["data_root"] == str(Path(mine["data_root"]).resolve())
+
+
+def test_unset_is_absent_and_zero_is_a_value_in_the_run_config(tmp_path):
+    """A knob of pyproject's run config is unset when absent or "" (its declared default): the profile's value
+    stands. Any other value is set, 0 included: `pseudo-after=0` pseudo-labels from round 1, where it used to be
+    read as unset and became rounds // 2."""
+    import tomllib
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    knobs = settings.run_config_knobs()
+    assert all(declared[key] == "" for key in knobs if key in declared), {k: declared[k] for k in knobs}
+    base = federation_run_config("smoke", tmp_path / "run", clients=("liver", "spleen"), rounds=4, method="pseudo")
+    unset = settings.study_config({**base, **{key: "" for key in knobs if key not in base}})["federated"]
+    assert unset["pseudo_after"] == 2 and unset["mu"] == 0.01 and unset["val_every"] == 1
+    zero = settings.study_config({**base, "pseudo-after": 0, "mu": 0.0})["federated"]
+    assert zero["pseudo_after"] == 0 and zero["mu"] == 0.0
+    with pytest.raises(ValueError, match="rounds and local_steps must be >= 1"):
+        settings.study_config({**base, "rounds": 0})  # a zero that makes no sense is refused, not ignored
 
 
 def test_shards_split_a_dataset_into_disjoint_virtual_clients(tmp_path):

@@ -25,8 +25,9 @@ FL_DEFAULTS: dict[str, Any] = {"rounds": 2, "local_steps": None, "fraction_train
                                "client_workers": 0,
                                "round_timeout": 86400, "wait_timeout": 1800, "compare_loss": None,
                                "val_every": 1, "method": "fedavg"}
-#: run_config keys (kebab-case) that override a setting of the profile: (section, name). Their "unset" value
-#: (0, 0.0, "") keeps the profile's. Each method's own knobs are added by `run_config_knobs`.
+#: run_config keys (kebab-case) that override a setting of the profile: (section, name). Unset (absent, or "" as
+#: pyproject's `[tool.flwr.app.config]` declares them) keeps the profile's; any other value is set, 0 included.
+#: Each method's own knobs are added by `run_config_knobs`.
 RUN_CONFIG_KNOBS: dict[str, tuple[str, str]] = {
     "rounds": ("federated", "rounds"), "local-steps": ("federated", "local_steps"),
     "fraction-train": ("federated", "fraction_train"), "min-clients": ("federated", "min_clients"),
@@ -89,7 +90,7 @@ def study_config(run_config: Mapping[str, Any], node_config: Mapping[str, Any] |
     if (run_config.get("clients") or run_config.get("shards")) and not run_config.get("min-clients"):
         cfg["federated"]["min_clients"] = len(client_list(run_config))
     for key, (section, name) in run_config_knobs().items():
-        if run_config.get(key) not in (None, "", 0, 0.0):
+        if run_config.get(key) not in (None, ""):  # unset: the profile's value
             cfg[section] = {**cfg[section], name: run_config[key]}
     check_loss(cfg["train"]["loss"])
     cfg["federated"] = federated_settings(cfg)

@@ -35,8 +35,10 @@ DATA_PREP, BASELINES, FEDERATED, EXTERNAL, FIGURES = (
     "01_data_prep", "02_standalone_baselines", "03_federated_training", "04_external_evaluation", "05_figures")
 #: A model folder's best checkpoint and (a federation's) last round's.
 BEST, FINAL = "best.pt", "final.pt"
+#: The model folder of the coarse-to-fine localiser (02).
+LOCALISER = "localiser"
 #: The notebook that trains each model folder under checkpoints/ (by prefix).
-MODEL_NOTEBOOK = {"sl-": BASELINES, "central": BASELINES, "localiser": BASELINES, "fl-": FEDERATED}
+MODEL_NOTEBOOK = {"sl-": BASELINES, "central": BASELINES, LOCALISER: BASELINES, "fl-": FEDERATED}
 
 
 def cases_file(run_dir: str | Path) -> Path:
@@ -182,13 +184,13 @@ def federation_id(run_dir: str | Path) -> str | None:
 
 def localiser_record_file(run_dir: str | Path) -> Path:
     """`checkpoints/localiser/localiser.json`: the settings the coarse-to-fine localiser was trained under (02)."""
-    return model_dir(run_dir, "localiser") / "localiser.json"
+    return model_dir(run_dir, LOCALISER) / "localiser.json"
 
 
 def localiser_record(run_dir: str | Path) -> dict | None:
     """The run's localiser record (`localiser_record_file`) when the run has a trained localiser, else None; a
     localiser checkpoint without its record is refused, naming 02."""
-    if not checkpoint(run_dir, "localiser").exists():
+    if not checkpoint(run_dir, LOCALISER).exists():
         return None
     return json.loads(require(localiser_record_file(run_dir), BASELINES, run_dir).read_text())
 
@@ -206,10 +208,16 @@ def write_federation_status(run_dir: str | Path, status: str, reason: str = "") 
     os.replace(tmp, path)
 
 
+def _status_record(run_dir: str | Path) -> dict | None:
+    """`fl/status.json` as written by `write_federation_status`, None when the folder has none."""
+    path = fl_status(run_dir)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def federation_status(run_dir: str | Path) -> str | None:
     """The federation's status in `run_dir` (running, finished, failed), None when it has none."""
-    path = fl_status(run_dir)
-    return json.loads(path.read_text()).get("status") if path.exists() else None
+    record = _status_record(run_dir)
+    return record.get("status") if record else None
 
 
 def refuse_finished_federation(run_dir: str | Path, overwrite: bool) -> None:
@@ -223,14 +231,13 @@ def refuse_finished_federation(run_dir: str | Path, overwrite: bool) -> None:
 def require_finished_federation(run_dir: str | Path) -> None:
     """Refuse to evaluate a federation that did not finish: its folder holds the rounds and bests it reached,
     which look like a finished run's. A folder without a status (made before it was written) passes."""
-    path = fl_status(run_dir)
-    if not path.exists():
+    record = _status_record(run_dir)
+    if record is None:
         return
-    record = json.loads(path.read_text())
     if record.get("status") != "finished":
         why = f": {record['reason']}" if record.get("reason") else ""
-        raise RuntimeError(f"The federation in {Path(run_dir)} is {record.get('status')} ({path}){why}. Its "
-                           "checkpoints are those of an unfinished run: rerun 03 into this folder (--only 03) "
+        raise RuntimeError(f"The federation in {Path(run_dir)} is {record.get('status')} ({fl_status(run_dir)}){why}. "
+                           "Its checkpoints are those of an unfinished run: rerun 03 into this folder (--only 03) "
                            "before evaluating it.")
 
 

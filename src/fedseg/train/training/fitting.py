@@ -43,7 +43,7 @@ def fit(cfg: dict[str, Any], name: str, train_records: list[dict[str, Any]], val
 LOCALISER: dict[str, Any] = {"factor": 2.0, "steps": 300}
 
 
-LOCALISER_NAME = "localiser"
+LOCALISER_NAME = run_folder.LOCALISER
 
 
 def localiser_config(cfg: dict[str, Any]) -> dict[str, Any]:

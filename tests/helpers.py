@@ -50,6 +50,7 @@ from flwr.app import (
     RecordDict,
 )
 
+from fedseg.config import merge_profile
 from fedseg.data.labels import TRAIN_DATASETS, owned_mask
 from fedseg.federated import task
 from fedseg.federated.simulation import federation_run_config
@@ -133,42 +134,47 @@ def write_case(root, affine, shape=(44, 40, 16)):
 # Configurations
 # --------------------------------------------------------------------------------------------------
 
+#: Where the tiny profiles differ from the base's training settings besides their budgets: per-sample Dice, a
+#: validation interval instead of a count, one model at a time.
+SMALL_TRAIN = {"loss_options": {}, "validations": None, "parallel_models": None}
+
+
 def federation_config(data_root, rounds=2, local_steps=2):
-    """A two-client federation's profile on `make_data`'s cases."""
-    return {
+    """A two-client federation's profile on `make_data`'s cases (its differences from the base profile)."""
+    return merge_profile({
         "name": "tiny", "seed": 0, "data_root": str(data_root),
         "preprocess": {"spacing": [VOXEL] * 3, "hu_window": [-500, 500], "patch_size": [16, 16, 16],
                        "patch_sampling": "posneg", "patches_per_volume": 2, "num_workers": 0,
-                       "intensity_shift": {"prob": 0.8, "offset": 0.1}},
+                       "intensity_shift": {"prob": 0.8, "offset": 0.1}, "in_memory": False},
         # num_res_units 0: the last layer gives the logits, so ownerfedavg runs and the dilution is measured
         "model": {"name": "UNet", "channels": [8, 16], "strides": [2], "num_res_units": 0},
         "train": {"loss": "masked_dice", "optimizer": "adam", "lr": 1e-2, "weight_decay": 0.0,
                   "schedule": "constant", "cases_per_step": 1, "steps": 4, "val_every": 2,
-                  "checkpoint_every": 2, "sw_batch_size": 2, "sw_overlap": 0.25, "amp": True},
+                  "checkpoint_every": 2, "sw_batch_size": 2, "sw_overlap": 0.25, "amp": True, **SMALL_TRAIN},
         "federated": {"rounds": rounds, "local_steps": local_steps, "client_cpus": 1, "client_gpus": 0.0},
-    }
+    }, "tests.helpers.federation_config")
 
 
 def training_config(root, steps=12):
-    """One model's training profile on `make_records`' cases."""
-    return {
+    """One model's training profile on `make_records`' cases (its differences from the base profile)."""
+    return merge_profile({
         "seed": 0, "data_root": str(root),
         "preprocess": {"spacing": [VOXEL] * 3, "hu_window": [-500, 500], "patch_size": [16, 16, 16],
                        "patch_sampling": "posneg", "patches_per_volume": 2, "num_workers": 0,
-                       "intensity_shift": {"prob": 0.8, "offset": 0.1}},
+                       "intensity_shift": {"prob": 0.8, "offset": 0.1}, "in_memory": False},
         "model": {"name": "UNet", "channels": [8, 16], "strides": [2], "num_res_units": 1},
         "train": {"loss": "masked_dice", "optimizer": "adam", "lr": 1e-2, "weight_decay": 0.0,
                   "schedule": "cosine", "cases_per_step": 2, "steps": steps, "val_every": 4,
-                  "checkpoint_every": 2, "sw_batch_size": 2, "sw_overlap": 0.25, "amp": True},
-    }
+                  "checkpoint_every": 2, "sw_batch_size": 2, "sw_overlap": 0.25, "amp": True, **SMALL_TRAIN},
+    }, "tests.helpers.training_config")
 
 
 def inference_config(spacing=1.5, patch=16):
     """The preprocessing and sliding-window settings whole-volume inference reads."""
-    return {
+    return merge_profile({
         "preprocess": {"spacing": [spacing] * 3, "hu_window": [-500, 500], "patch_size": [patch] * 3},
         "train": {"sw_batch_size": 2, "sw_overlap": 0.25, "amp": True},
-    }
+    }, "tests.helpers.inference_config")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from fedseg.config import merge_profile
 from fedseg.data.labels import CHANNEL_INDEX, NUM_CHANNELS, owned_mask
 from fedseg.train.completion import distillation_loss, pseudo_label, pseudo_label_volume
 
@@ -198,7 +199,7 @@ def test_pseudo_label_volume_runs_sliding_window_inference():
         assert patch.shape[-3:] == (12, 12, 12)
         return logit[None].expand(patch.shape[0], -1, -1, -1, -1)
 
-    cfg = {"train": {"sw_batch_size": 1, "sw_overlap": 0.25}, "preprocess": {"patch_size": [12, 12, 12]}}
+    cfg = merge_profile({"train": {"sw_batch_size": 1, "sw_overlap": 0.25}, "preprocess": {"patch_size": [12, 12, 12]}})
     completed, _ = pseudo_label_volume(model, image, target, owned, cfg, torch.device("cpu"))
     expected, _ = pseudo_label(teacher, target, owned)
     assert np.array_equal(completed, expected)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fedseg import config, run, run_folder
+from fedseg.config import merge_profile
 from fedseg.data import datasets as ds
 from fedseg.data.datasets import (
     DataError,
@@ -220,9 +221,9 @@ def _pointwise(image):
 
 
 def _btcv_config(data_root) -> dict:
-    return {"data_root": str(data_root), "data": {"source": "real"},
-            "preprocess": {"spacing": [2.0, 2.0, 2.0], "hu_window": [-500, 500], "patch_size": [8, 8, 8]},
-            "train": {"sw_batch_size": 1, "sw_overlap": 0.25, "amp": False}}
+    return merge_profile({"data_root": str(data_root), "data": {"source": "real"},
+                          "preprocess": {"spacing": [2.0, 2.0, 2.0], "hu_window": [-500, 500], "patch_size": [8, 8, 8]},
+                          "train": {"sw_batch_size": 1, "sw_overlap": 0.25, "amp": False}})
 
 
 def test_external_evaluation_refuses_up_front_when_btcv_files_are_missing(partial_root, tmp_path, monkeypatch):

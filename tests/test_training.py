@@ -285,6 +285,7 @@ def test_02s_models_spread_over_the_gpus_present_and_share_the_cpu_otherwise():
 
 
 def test_cudnn_benchmarks_its_kernels_only_where_determinism_is_not_asked(setup):
+    from fedseg.config import base_profile
     from fedseg.train.training import configure_cudnn, seed_everything
 
     before = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
@@ -293,7 +294,8 @@ def test_cudnn_benchmarks_its_kernels_only_where_determinism_is_not_asked(setup)
         assert not torch.backends.cudnn.benchmark
         assert configure_cudnn({"deterministic": False}) and torch.backends.cudnn.benchmark
         assert not torch.backends.cudnn.deterministic
-        assert not configure_cudnn({}) and torch.backends.cudnn.deterministic  # the default: deterministic
+        # the default (the base profile's): deterministic
+        assert not configure_cudnn(base_profile()["train"]) and torch.backends.cudnn.deterministic
         root, cfg, records = setup
         cfg["train"].update(steps=2, val_every=2, deterministic=False)
         train_model(cfg, build_network(**cfg["model"]), records[:2], records[2:], root / "fast", steps=2,

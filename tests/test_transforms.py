@@ -8,14 +8,16 @@ import pandas as pd
 import pytest
 import torch
 
+from fedseg.config import merge_profile
 from fedseg.data.labels import CHANNEL_INDEX, CHANNELS, owned_mask, pack_channels, to_multihot, unpack_channels
 from fedseg.data.transforms import IMAGE, LABEL, augment, case_records, preprocess
 
 
 def config(spacing=(2.0, 2.0, 2.0), sampling="random"):
-    return {"preprocess": {"spacing": list(spacing), "hu_window": [-500, 500], "patch_size": [8, 8, 8],
-                           "patch_sampling": sampling, "patches_per_volume": 2,
-                           "intensity_shift": {"prob": 0.8, "offset": 0.1}}}
+    """The preprocessing of tiny test volumes, as differences from the base profile (volumes read from the cache)."""
+    return merge_profile({"preprocess": {"spacing": list(spacing), "hu_window": [-500, 500], "patch_size": [8, 8, 8],
+                                         "patch_sampling": sampling, "patches_per_volume": 2, "in_memory": False,
+                                         "intensity_shift": {"prob": 0.8, "offset": 0.1}}}, "test_transforms.config")
 
 
 def write(path, array, affine):

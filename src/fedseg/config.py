@@ -12,7 +12,7 @@ import json
 import os
 import subprocess
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
@@ -120,17 +120,74 @@ def local_path(text: str, run_dir: str | Path | None = None) -> str:
 
 
 def load_profile(name_or_path: str | Path) -> dict[str, Any]:
-    """A profile by name (smoke, laptop, paper) or from a YAML file path."""
+    """A profile by name (smoke, laptop, paper) or from a YAML file path, merged onto `base.yaml` (`merge_profile`):
+    every setting present, each with the profile's value or else the default."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml"):
         if not path.exists():
             raise FileNotFoundError(f"Profile file {path} does not exist: pass one of {PROFILE_NAMES} or a YAML path.")
-        text = path.read_text()
+        text, source = path.read_text(), str(path)
     elif str(name_or_path) in PROFILE_NAMES:
-        text = resources.files("fedseg.profiles").joinpath(f"{name_or_path}.yaml").read_text()
+        text, source = _packaged(str(name_or_path)), f"profile {name_or_path} (fedseg/profiles/{name_or_path}.yaml)"
     else:
         raise ValueError(f"Unknown profile {name_or_path!r}: use one of {', '.join(PROFILE_NAMES)} or a YAML path.")
-    return yaml.safe_load(text)
+    given = yaml.safe_load(text)
+    if not isinstance(given, dict):
+        raise ValueError(f"{source}: a profile is a YAML mapping of settings (see fedseg/profiles/base.yaml).")
+    return merge_profile(given, source)
+
+
+#: The profile every other is a difference from: each setting, what it means, and its default (the laptop's).
+BASE_PROFILE = "base"
+#: The parts of a profile merged key by key onto the base; any other entry (`model`, `train.loss_options`,
+#: `preprocess.intensity_shift`, ...) is a value, replaced whole.
+SECTIONS = ("data", "data.phantom", "preprocess", "train", "federated", "localiser")
+#: Top-level entries a profile may hold beyond the base's: a budget point's derivation, and a resolved configuration's
+#: paths (a federation's `fl/profile.yaml`). A federated method's own knobs (`federated.<knob>`) are checked by the
+#: federated layer, which knows the methods (`fedseg.federated.settings.federated_settings`).
+EXTRA_KEYS = {"": ("budget", "data_root", "run_dir"), "federated.": None}
+
+
+def _packaged(name: str) -> str:
+    return resources.files("fedseg.profiles").joinpath(f"{name}.yaml").read_text()
+
+
+@functools.cache
+def _base() -> dict[str, Any]:
+    return yaml.safe_load(_packaged(BASE_PROFILE))
+
+
+def base_profile() -> dict[str, Any]:
+    """`base.yaml`: every setting with its default (a copy)."""
+    return copy.deepcopy(_base())
+
+
+def merge_profile(given: Mapping[str, Any], source: str = "profile") -> dict[str, Any]:
+    """`given` merged onto the base profile: its `SECTIONS` key by key, every other entry replaced whole. A key the
+    base does not have is refused, naming `source`, the key and the settings of its section (except `EXTRA_KEYS`)."""
+    return _merge(_base(), given, source, "")
+
+
+def _merge(base: Mapping[str, Any], given: Mapping[str, Any], source: str, prefix: str) -> dict[str, Any]:
+    out = copy.deepcopy(dict(base))
+    for key, value in given.items():
+        dotted = f"{prefix}{key}"
+        if key not in base:
+            extra = EXTRA_KEYS.get(prefix, ())
+            if extra is None or key in extra:
+                out[key] = copy.deepcopy(value)
+                continue
+            section = f"{prefix[:-1]}:" if prefix else "the top level:"
+            raise ValueError(f"{source}: {dotted!r} is not a setting. Settings of {section} "
+                             f"{', '.join(map(str, base))} (fedseg/profiles/base.yaml says what each means).")
+        if dotted in SECTIONS:
+            if not isinstance(value, Mapping):
+                raise ValueError(f"{source}: {dotted} is a section of settings, not {value!r} (see "
+                                 "fedseg/profiles/base.yaml).")
+            out[key] = _merge(base[key], value, source, dotted + ".")
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
 
 
 def synthetic_data_root(profile: dict[str, Any], seed: int, base: str | Path | None = None) -> Path:
@@ -156,3 +213,40 @@ def resolve(profile: str, seed: int | None = None, data_root: str | Path | None 
             "(e.g. `-p data_root=/data/fedseg`), or use the laptop profile for the synthetic data."
         )
     return cfg
+
+
+#: The settings a run can be given one by one, without a profile file: each knob's one name and where it lives in the
+#: profile. The name is the notebook parameter (`-p local_steps=50` on the command line); the Flower run-config key is
+#: the name with "-" for "_" (`run_config_key`: `flwr run --run-config 'local-steps=50'`). A federated method's own
+#: knobs (e.g. `mu`) are added by the federated layer (`fedseg.federated.settings.knobs`), spelled the same way.
+KNOBS: dict[str, str] = {
+    "loss": "train.loss", "steps": "train.steps", "central_steps": "train.central_steps",
+    "val_cases": "train.val_cases", "method": "federated.method", "rounds": "federated.rounds",
+    "local_steps": "federated.local_steps", "fraction_train": "federated.fraction_train",
+    "min_clients": "federated.min_clients", "keep_optimizer": "federated.keep_optimizer",
+    "val_every": "federated.val_every", "wait_timeout": "federated.wait_timeout",
+}
+
+
+def run_config_key(name: str) -> str:
+    """A knob's Flower run-config key: its name with "-" for "_" (local_steps -> local-steps)."""
+    return name.replace("_", "-")
+
+
+def override(cfg: Mapping[str, Any], values: Mapping[str, Any], knobs: Mapping[str, str] = KNOBS,
+             unset: tuple[Any, ...] = (None,), source: str = "settings") -> dict[str, Any]:
+    """`cfg` (left unchanged) with each set knob of `values` written where the profile keeps it: the one function
+    that applies a knob given by a notebook parameter, the command line or a Flower run config. A value in `unset`
+    (None; a run config also declares "" in pyproject) keeps the profile's; any other value is set, 0 and False
+    included. A name that is not a knob is refused, naming `source` and the knobs."""
+    unknown = sorted(set(values) - set(knobs))
+    if unknown:
+        raise ValueError(f"{source}: {', '.join(unknown)} is not a knob; the knobs are {', '.join(sorted(knobs))} "
+                         "(any other setting is given in a profile YAML: fedseg/profiles/base.yaml).")
+    out = copy.deepcopy(dict(cfg))
+    for name, value in values.items():
+        if any(value is u or (type(value) is type(u) and value == u) for u in unset):
+            continue
+        section, key = knobs[name].split(".")
+        out[section] = {**(out.get(section) or {}), key: value}
+    return out

@@ -278,7 +278,7 @@ def evaluation_dataset(cfg: dict[str, Any], records: list[dict[str, Any]]) -> Pe
 def patch_cache(cfg: dict[str, Any]) -> bool:
     """Whether the profile caches cases as memory-mapped arrays training reads patches from (`fedseg.data.patches`;
     `preprocess.cache: patches`, image dtype `preprocess.cache_dtype`) instead of whole pickled volumes."""
-    mode = cfg["preprocess"].get("cache", "volumes")
+    mode = cfg["preprocess"]["cache"]
     if mode not in ("volumes", "patches"):
         raise ValueError(f"preprocess.cache={mode!r}: use 'volumes' (whole volumes, MONAI's PersistentDataset) "
                          "or 'patches' (memory-mapped arrays training slices patches from).")
@@ -287,7 +287,7 @@ def patch_cache(cfg: dict[str, Any]) -> bool:
 
 def cache_dtype(cfg: dict[str, Any]) -> str:
     """The image dtype of the patch cache: the profile's `preprocess.cache_dtype`, float32 by default."""
-    return cfg["preprocess"].get("cache_dtype", "float32")
+    return cfg["preprocess"]["cache_dtype"]
 
 
 def store_root(cfg: dict[str, Any]) -> Path:

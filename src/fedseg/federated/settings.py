@@ -9,43 +9,43 @@ method (`methods.get`).
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
 from pathlib import Path
 from typing import Any, Mapping
 
-from fedseg.config import resolve
+from fedseg.config import KNOBS, base_profile, override, resolve, run_config_key
 from fedseg.federated import methods
 from fedseg.federated.sites import client_list, parse_client
 from fedseg.train.losses import check_loss
 
-#: FL knobs of a profile's `federated:` section and their values when the profile has none.
-#: `local_steps` None: `train.steps // rounds`, i.e. the SL model's budget spread over the rounds. Each method's
-#: own knobs follow them (`methods.knob_defaults`).
-FL_DEFAULTS: dict[str, Any] = {"rounds": 2, "local_steps": None, "fraction_train": 1.0, "min_clients": 4,
-                               "client_cpus": 1, "client_gpus": 0.0, "cpu_clients": False, "keep_optimizer": False,
-                               "client_workers": 0,
-                               "round_timeout": 86400, "wait_timeout": 1800, "compare_loss": None,
-                               "val_every": 1, "method": "fedavg"}
-#: run_config keys (kebab-case) that override a setting of the profile: (section, name). Unset (absent, or "" as
-#: pyproject's `[tool.flwr.app.config]` declares them) keeps the profile's; any other value is set, 0 included.
-#: Each method's own knobs are added by `run_config_knobs`.
-RUN_CONFIG_KNOBS: dict[str, tuple[str, str]] = {
-    "rounds": ("federated", "rounds"), "local-steps": ("federated", "local_steps"),
-    "fraction-train": ("federated", "fraction_train"), "min-clients": ("federated", "min_clients"),
-    "keep-optimizer": ("federated", "keep_optimizer"), "method": ("federated", "method"),
-    "wait-timeout": ("federated", "wait_timeout"), "loss": ("train", "loss"),
-    "val-every": ("federated", "val_every"), "val-cases": ("train", "val_cases"),
-}
+#: FL knobs of a profile's `federated:` section and their defaults: the base profile's (`fedseg/profiles/base.yaml`,
+#: the one place they are written). `local_steps` None: `train.steps // rounds`, i.e. the SL model's budget spread
+#: over the rounds. Each method's own knobs follow them (`methods.knob_defaults`).
+FL_DEFAULTS: dict[str, Any] = base_profile()["federated"]
+def knobs() -> dict[str, str]:
+    """Every knob a run can be given one by one (`fedseg.config.KNOBS`) and every method's own (`federated.<name>`,
+    `methods.knob_defaults`): name -> where the profile keeps it. A knob's notebook parameter is its name, its
+    run_config key the name with "-" for "_" (`config.run_config_key`)."""
+    return {**KNOBS, **{name: f"federated.{name}" for name in methods.knob_defaults()}}
 
 
 def run_config_knobs() -> dict[str, tuple[str, str]]:
-    """RUN_CONFIG_KNOBS and every method's own knobs (`methods.knob_defaults`: mu as `mu`, distill_weight as
-    `distill-weight`, ...): the run_config spelling of a knob is its profile name with `-` for `_`."""
-    return {**RUN_CONFIG_KNOBS, **{name.replace("_", "-"): ("federated", name) for name in methods.knob_defaults()}}
+    """The run_config key of every knob (local-steps, mu, distill-weight, ...) -> (section, name) in the profile:
+    spelled mechanically from `knobs()`."""
+    return {run_config_key(name): tuple(path.split(".")) for name, path in knobs().items()}
 
 
 def federated_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The FL knobs of `cfg["federated"]` with defaults filled in (see FL_DEFAULTS, and each method's knobs)."""
-    fl = {**FL_DEFAULTS, **methods.knob_defaults(), **(cfg.get("federated") or {})}
+    given = dict(cfg.get("federated") or {})
+    known = {**FL_DEFAULTS, **methods.knob_defaults()}
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise ValueError(f"federated.{unknown[0]} is not a setting: the federated settings are {', '.join(known)} "
+                         "(fedseg/profiles/base.yaml, and each method's own knobs: docs/methods.md).")
+    fl = {**known, **given}
     fl["rounds"] = int(fl["rounds"])
     if fl["local_steps"] is None:
         fl["local_steps"] = max(1, int(cfg["train"]["steps"]) // fl["rounds"])
@@ -76,9 +76,36 @@ def study_config(run_config: Mapping[str, Any], node_config: Mapping[str, Any] |
 
     `profile` (a name, or a profile YAML), `seed` (-1: the profile's) and `data-root` are resolved with
     `fedseg.config.resolve`; a node_config `data-root` / `run-dir` replaces the run's (each site's own paths).
-    Set knobs of `run_config_knobs()` override the profile's; `clients` / `shards` set min_clients unless given.
+    Set knobs (`run_config_knobs()`) override the profile's through `fedseg.config.override`, the function the
+    notebooks' parameters go through too; `clients` / `shards` set min_clients unless given.
+
+    Resolved once per federation: a process keeps each resolution, keyed by the run_config, the node_config and the
+    profile file's content, and answers the next message with a copy of it. A profile file edited during a run is
+    read again (its content is part of the key), so no message gets a resolution of settings that no longer hold.
     """
-    node_config = node_config or {}
+    node_config = dict(node_config or {})
+    key = json.dumps([dict(run_config), node_config, _profile_fingerprint(run_config)], sort_keys=True, default=str)
+    if key not in _RESOLVED:
+        if len(_RESOLVED) >= 64:  # a long-lived process that ran many federations: keep the memory bounded
+            _RESOLVED.clear()
+        _RESOLVED[key] = _study_config(run_config, node_config)
+    return copy.deepcopy(_RESOLVED[key])
+
+
+#: This process's resolutions (`study_config`), by run_config, node_config and profile content.
+_RESOLVED: dict[str, dict[str, Any]] = {}
+
+
+def _profile_fingerprint(run_config: Mapping[str, Any]) -> str:
+    """The content of the profile file a run_config names (hashed), or its packaged name."""
+    name = str(run_config.get("profile") or "smoke")
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    return name
+
+
+def _study_config(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> dict[str, Any]:
     seed = int(run_config.get("seed", -1))
     data_root = node_config.get("data-root") or run_config.get("data-root") or None
     cfg = resolve(str(run_config.get("profile") or "smoke"), None if seed < 0 else seed, data_root)
@@ -86,12 +113,10 @@ def study_config(run_config: Mapping[str, Any], node_config: Mapping[str, Any] |
     if not run_dir:
         raise ValueError("No run folder: set run-dir (e.g. flwr run --run-config 'run-dir=\"/abs/results/fl\"').")
     cfg["run_dir"] = str(Path(run_dir).resolve())
-    cfg["federated"] = dict(cfg.get("federated") or {})
-    if (run_config.get("clients") or run_config.get("shards")) and not run_config.get("min-clients"):
-        cfg["federated"]["min_clients"] = len(client_list(run_config))
-    for key, (section, name) in run_config_knobs().items():
-        if run_config.get(key) not in (None, ""):  # unset: the profile's value
-            cfg[section] = {**cfg[section], name: run_config[key]}
+    given = {name: run_config[run_config_key(name)] for name in knobs() if run_config_key(name) in run_config}
+    if (run_config.get("clients") or run_config.get("shards")) and given.get("min_clients") in (None, ""):
+        given["min_clients"] = len(client_list(run_config))
+    cfg = override(cfg, given, knobs(), unset=(None, ""), source="run_config")
     check_loss(cfg["train"]["loss"])
     cfg["federated"] = federated_settings(cfg)
     cfg["model"] = methods.get(cfg["federated"]["method"]).network(
@@ -99,11 +124,11 @@ def study_config(run_config: Mapping[str, Any], node_config: Mapping[str, Any] |
     return cfg
 
 
-def run_config_keys(knobs: Mapping[str, Any]) -> dict[str, Any]:
-    """Knobs by their profile names (local_steps, loss, ...) as run_config keys (local-steps, loss, ...); None
-    (unset) is left out. Refuses a name that is not a knob, naming the knobs."""
-    names = {name: key for key, (_, name) in run_config_knobs().items()}
-    unknown = sorted(set(knobs) - set(names))
+def run_config_keys(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Knobs by their names (local_steps, loss, ...) as run_config keys (local-steps, loss, ...): the mechanical
+    spelling (`config.run_config_key`); None (unset) is left out. Refuses a name that is not a knob, naming them."""
+    names = knobs()
+    unknown = sorted(set(values) - set(names))
     if unknown:
         raise ValueError(f"Not a federation setting: {', '.join(unknown)}; use {', '.join(sorted(names))}.")
-    return {names[name]: value for name, value in knobs.items() if value is not None}
+    return {run_config_key(name): value for name, value in values.items() if value is not None}

@@ -11,19 +11,21 @@ from pathlib import Path
 from typing import Any
 
 from fedseg import run_folder
-from fedseg.config import notebooks_dir, repo_root, resolve
+from fedseg.config import notebooks_dir, override, repo_root, resolve
 
 
 def notebook_setup(profile: str, run_dir: str | Path | None, data_root: str | Path | None,
-                   seed: int | None) -> dict[str, Any]:
-    """What each notebook's second cell calls: resolves its parameters and makes its run folder.
+                   seed: int | None, **knobs: Any) -> dict[str, Any]:
+    """What each notebook's second cell calls: resolves its parameters and makes its run folder. `knobs` are the
+    notebook's knob parameters by their names (`fedseg.config.KNOBS`: steps, loss, ...), applied with
+    `fedseg.config.override` (None: the profile's), as a federation applies its run_config's.
 
     Run alone in JupyterLab (run_dir None), a notebook works in `results/lab-<profile>`, which later
     notebooks opened the same way find again. Run by papermill, a parameter the notebook does not declare is
     refused (`refuse_injected_unknown`).
     """
     refuse_injected_unknown()
-    cfg = resolve(profile, seed, data_root)
+    cfg = override(resolve(profile, seed, data_root), knobs, source="notebook parameters")
     run_dir = Path(run_dir) if run_dir else repo_root() / "results" / f"lab-{cfg['name']}"
     run_dir.mkdir(parents=True, exist_ok=True)
     run_folder.figures_dir(run_dir).mkdir(exist_ok=True)

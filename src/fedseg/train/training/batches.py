@@ -46,7 +46,7 @@ class PatchBatches(torch.utils.data.Dataset):
         self.augment = augment(cfg)
         # `preprocess.in_memory`: each volume is read from the cache once and kept, with the positions of
         # its foreground and background voxels that the patch sampler would otherwise search every step
-        self.in_memory = bool(cfg["preprocess"].get("in_memory", False))
+        self.in_memory = bool(cfg["preprocess"]["in_memory"])
         self.indexer = sampling_indices(cfg)
         self.memory: dict[int, dict[str, Any]] = {}
 

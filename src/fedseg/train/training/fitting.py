@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fedseg import run_folder
+from fedseg.config import base_profile
 from fedseg.train.models import build_network
 from fedseg.train.training.loop import train_model
 from fedseg.train.training.runtime import (
@@ -39,8 +40,9 @@ def fit(cfg: dict[str, Any], name: str, train_records: list[dict[str, Any]], val
 
 
 #: Wang & Ma's first stage (coarse-to-fine): a network of the profile's design trained on the pooled data at
-#: `factor` times the profile's voxel size, for `steps` steps; a profile's `localiser:` section overrides these.
-LOCALISER: dict[str, Any] = {"factor": 2.0, "steps": 300}
+#: `factor` times the profile's voxel size, for `steps` steps: the base profile's `localiser:` section (the defaults a
+#: profile's own `localiser:` overrides; written once, in `fedseg/profiles/base.yaml`).
+LOCALISER: dict[str, Any] = base_profile()["localiser"]
 
 
 LOCALISER_NAME = run_folder.LOCALISER

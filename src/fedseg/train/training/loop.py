@@ -103,12 +103,12 @@ def train_model(cfg: dict[str, Any], model: torch.nn.Module, train_records: list
     device = device or select_device()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    loss_fn = build_loss(loss or train["loss"], **train.get("loss_options", {}))
+    loss_fn = build_loss(loss or train["loss"], **train["loss_options"])
     settings = training_settings(cfg, loss=loss or train["loss"], budget=int(schedule_steps or steps), seed=seed,
                                  task=task, train_records=train_records, val_records=val_records)
     model.to(device).train()
     optimizer = make_optimizer(model, train)
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and train.get("amp", True))
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and train["amp"])
     state = {"step": 0, "best_metric": -1.0, "best_step": 0, "history": [], "train_s": 0.0, "val_s": 0.0}
     last = out_dir / "last.pt"
     if resume and last.exists():
@@ -129,7 +129,7 @@ def train_model(cfg: dict[str, Any], model: torch.nn.Module, train_records: list
     schedule_offset = (start if schedule_start is None else int(schedule_start)) - start
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(batches, range(start, end)), batch_size=None,
-        num_workers=cfg["preprocess"].get("num_workers", 0), persistent_workers=False,
+        num_workers=cfg["preprocess"]["num_workers"], persistent_workers=False,
         pin_memory=device.type == "cuda",  # page-locked batches copy to the GPU without a staging copy
     )
     began = tick = time.perf_counter()

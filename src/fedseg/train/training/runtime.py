@@ -25,14 +25,14 @@ def seed_everything(seed: int) -> None:
 
 
 def configure_cudnn(train: Mapping[str, Any]) -> bool:
-    """cuDNN's kernel choice for the profile's `train.deterministic` (default true); returns whether cuDNN
+    """cuDNN's kernel choice for the profile's `train.deterministic` (base profile: true); returns whether cuDNN
     benchmarks its convolution kernels.
 
     MONAI's `set_determinism` (called by `seed_everything`) turns benchmarking off for the whole process.
     `deterministic: false` (the paper profile) turns it back on: cuDNN times its kernels for each shape once and
     keeps the fastest, and a GPU run's numbers then vary in their last bits from run to run. No effect on a CPU.
     """
-    fast = not bool(train.get("deterministic", True))
+    fast = not bool(train["deterministic"])
     torch.backends.cudnn.benchmark = fast
     torch.backends.cudnn.deterministic = not fast
     return fast
@@ -41,9 +41,9 @@ def configure_cudnn(train: Mapping[str, Any]) -> bool:
 def autocast(device: torch.device, train: dict[str, Any]):
     """Mixed precision on GPU when the profile allows it (`amp`); on CPU bfloat16 autocast only when the
     profile asks (`cpu_bf16`) and the CPU has native bfloat16 (AVX512-BF16 / AMX), else full precision."""
-    if device.type == "cuda" and train.get("amp", True):
+    if device.type == "cuda" and train["amp"]:
         return torch.autocast("cuda", dtype=torch.float16)
-    if device.type == "cpu" and train.get("cpu_bf16", False) and cpu_has_bf16():
+    if device.type == "cpu" and train["cpu_bf16"] and cpu_has_bf16():
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

@@ -15,7 +15,7 @@ def make_optimizer(model: torch.nn.Module, train: dict[str, Any]) -> torch.optim
     kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
     if train["optimizer"] not in kinds:
         raise ValueError(f"train.optimizer={train['optimizer']!r}: use one of {', '.join(kinds)}.")
-    return kinds[train["optimizer"]](model.parameters(), lr=train["lr"], weight_decay=train.get("weight_decay", 0.0))
+    return kinds[train["optimizer"]](model.parameters(), lr=train["lr"], weight_decay=train["weight_decay"])
 
 
 def learning_rate(train: dict[str, Any], step: int, horizon: int) -> float:
@@ -26,10 +26,10 @@ def learning_rate(train: dict[str, Any], step: int, horizon: int) -> float:
     federation (step = (round - 1) * local_steps + local step, horizon = rounds * local_steps) and a
     resumed or restarted optimizer gets the same rate as an uninterrupted one.
     """
-    base, warmup = float(train["lr"]), int(train.get("warmup_steps", 0) or 0)
+    base, warmup = float(train["lr"]), int(train["warmup_steps"] or 0)
     if warmup and step <= warmup:
         return base * step / warmup
-    if train.get("schedule", "constant") != "cosine":
+    if train["schedule"] != "cosine":
         return base
     span = max(1, horizon - warmup)
     progress = min(max(step - 1 - warmup, 0), span) / span
@@ -79,4 +79,4 @@ def budget_note(cfg: dict[str, Any], n_sl_models: int, fl: dict[str, Any] | None
         total = int(fl["rounds"]) * int(fl["local_steps"])
         text += (f"; each FL client {fl['rounds']} rounds x {fl['local_steps']} local steps = {total}"
                  f"{' (its SL model)' if total == steps else ''}")
-    return text + ". Learning rate: one " + str(train.get("schedule", "constant")) + " schedule over each budget."
+    return text + ". Learning rate: one " + str(train["schedule"]) + " schedule over each budget."

@@ -11,7 +11,7 @@ from fedseg.data import catalogue, download, labels, layouts, manifest, phantom
 def test_every_table_about_datasets_comes_from_the_catalogue():
     names = [d.name for d in catalogue.CATALOGUE]
     assert list(labels.LABEL_MAPS) == list(layouts.DATASET_DIRS) == list(layouts.LAYOUTS) == names
-    assert list(manifest.TABLE1) == list(phantom.PROFILES) == names
+    assert list(manifest.TABLE1) == list(phantom.SCANNERS) == names
     assert labels.DATASETS == tuple(names) and labels.TRAIN_DATASETS == ("liver", "pancreas", "kits19", "spleen")
     assert set(download.SOURCES) == {d.name for d in catalogue.CATALOGUE if d.source is not None} == {
         "liver", "pancreas", "kits19", "spleen"}
@@ -34,7 +34,7 @@ print(json.dumps({
     "train": labels.TRAIN_DATASETS, "owned": labels.owned_channels("liver_site2"),
     "folder": str(layouts.dataset_dir("/data", "liver_site2")),
     "image": layouts.relative_paths("liver_site2", "liver_7")[0], "table1": manifest.TABLE1["liver_site2"],
-    "scanner": phantom.PROFILES["liver_site2"]["phases"], "downloadable": "liver_site2" in download.SOURCES,
+    "scanner": phantom.SCANNERS["liver_site2"]["phases"], "downloadable": "liver_site2" in download.SOURCES,
     "clients": sites.client_list({"clients": "liver,liver_site2"}),
 }))
 """

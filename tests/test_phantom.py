@@ -259,7 +259,7 @@ def test_refuses_to_write_over_real_data(tmp_path):
 
 def test_laptop_volumes_stay_small():
     shapes = []
-    for index, dataset in enumerate(phantom.PROFILES):
+    for index, dataset in enumerate(phantom.SCANNERS):
         for case in range(40):
             rng = np.random.default_rng([0, index, case])
             grid = phantom.sample_grid(rng, dataset, phantom.sample_anatomy(rng), 4.0, 1.5)

@@ -209,7 +209,7 @@ def write_phantom(folder, name, case, fused=None, pad_z=0):
         image = np.pad(image, ((0, 0), (0, 0), (pad_z, pad_z)), mode="edge")
         label = np.pad(label, ((0, 0), (0, 0), (pad_z, pad_z)))
         affine[:3, 3] -= affine[:3, 2] * pad_z
-    axcodes = phantom.PROFILES["btcv"]["axcodes"]
+    axcodes = phantom.SCANNERS["btcv"]["axcodes"]
     image, stored = phantom.to_storage(image, affine, axcodes)
     label, _ = phantom.to_storage(label, affine, axcodes)
     folder.mkdir(parents=True, exist_ok=True)

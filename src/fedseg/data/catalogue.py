@@ -2,7 +2,7 @@
 2022's Table 1 gives it, where it is downloaded from, and how the synthetic generator imitates its scanners.
 
 The modules that use these facts read them from here (`labels.LABEL_MAPS`, `layouts.DATASET_DIRS` and
-`LAYOUTS`, `manifest.TABLE1`, `download.SOURCES`, `phantom.PROFILES`): adding a dataset is adding one
+`LAYOUTS`, `manifest.TABLE1`, `download.SOURCES`, `phantom.SCANNERS`): adding a dataset is adding one
 `Dataset` to `CATALOGUE` (docs/datasets.md shows one). The bottom of the data layer: it imports nothing of
 fedseg.
 """

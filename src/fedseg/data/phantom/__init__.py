@@ -22,7 +22,7 @@ RAS frame (+x patient right, +y anterior, +z superior) and sampled onto its data
 * labels: each dataset annotates only its own organs with its own values (`fedseg.data.labels`); the other
   organs are in its images but unlabelled;
 * per-dataset heterogeneity: voxel size, field of view, scan range, contrast phase, HU offset and gain,
-  noise, and the orientation of the stored array (`PROFILES`); every affine maps voxels to RAS mm, so
+  noise, and the orientation of the stored array (`SCANNERS`); every affine maps voxels to RAS mm, so
   MONAI's `Orientationd("RAS")` + `Spacingd` recover the same anatomy;
 * CT realism: tissue texture, partial-volume blur of the image (labels stay sharp), Gaussian noise,
   int16 HU; `mri_like` datasets get an MRI-like non-monotonic contrast instead (FedGIN); `domain`
@@ -46,7 +46,7 @@ The package's modules, each importing only those listed after it (pyproject.toml
   `PHASE_KNOTS_S`, `TUMOUR_CONTRAST`), the enhancement curves (`enhancement`) and a case's phase (`case_phase`);
 * `structure`: vessels inside and between organs, renal pelvis, colon, bowel, fat strands, the body's deformation;
 * `painting` | `acquisition`: the canvas of maps and painting the body wall, skeleton, great vessels, kidneys,
-  pancreas, stomach, heart and lungs | each dataset's scanner profile (`PROFILES`) and scan grid (`sample_grid`);
+  pancreas, stomach, heart and lungs | each dataset's scanner profile (`SCANNERS`) and scan grid (`sample_grid`);
 * `anatomy`: one patient's body and organ parameters from published statistics (`sample_anatomy`,
   `ORGAN_VOLUMES_ML`, `ORGAN_LEVELS`, `LEFT_KIDNEY_HIGHER_MM`);
 * `geometry` | `tissues`: the world grid (`Grid`), blobs, tubes and smooth random fields | the tissue classes
@@ -59,7 +59,7 @@ code looks the name up (`phantom.files.PHANTOM_VERSION` for `generate`), not thi
 
 from __future__ import annotations
 
-from fedseg.data.phantom.acquisition import PROFILES, sample_grid
+from fedseg.data.phantom.acquisition import PROFILES, SCANNERS, sample_grid
 from fedseg.data.phantom.anatomy import LEFT_KIDNEY_HIGHER_MM, ORGAN_LEVELS, ORGAN_VOLUMES_ML, sample_anatomy
 from fedseg.data.phantom.build import build_anatomy
 from fedseg.data.phantom.case import case_number, dataset_label, simulate_case
@@ -108,6 +108,7 @@ __all__ = [
     "PHASE_CHOICES",
     "PHASE_KNOTS_S",
     "PROFILES",
+    "SCANNERS",
     "PUBLISHED_ANATOMY",
     "PUBLISHED_RANGES",
     "T",

@@ -1,4 +1,4 @@
-"""Each dataset's scanner profile (`PROFILES`: voxel size, field of view, scan range, phases, calibration,
+"""Each dataset's scanner (`SCANNERS`: voxel size, field of view, scan range, phases, calibration,
 storage orientation) and the scan grid of one patient in it (`sample_grid`).
 """
 
@@ -14,7 +14,9 @@ from fedseg.data.phantom.geometry import Grid
 
 #: Per-dataset acquisition, at real scale (mm; in-plane and slice spacing are multiplied by the zooms).
 #: axcodes: orientation of the stored array (nibabel codes: the direction each array axis points to).
-PROFILES: dict[str, dict[str, Any]] = {d.name: d.phantom.scanner for d in CATALOGUE}
+SCANNERS: dict[str, dict[str, Any]] = {d.name: d.phantom.scanner for d in CATALOGUE}
+#: Deprecated name of `SCANNERS` (a "profile" is a run's settings, `fedseg/profiles/`; docs/glossary.md).
+PROFILES = SCANNERS
 
 
 def _draw(rng: np.random.Generator, spec: tuple) -> float:
@@ -46,7 +48,7 @@ def _target_range(anatomy: dict[str, Any], target: str) -> tuple[float, float]:
 def sample_grid(rng: np.random.Generator, dataset: str, anatomy: dict[str, Any],
                 inplane_zoom: float, slice_zoom: float) -> Grid:
     """The dataset's scan of this patient: voxel size, field of view and scan range (canonical RAS)."""
-    p = PROFILES[dataset]
+    p = SCANNERS[dataset]
     s_xy = rng.uniform(*p["inplane"]) * inplane_zoom
     s_z = _draw(rng, p["slices"]) * slice_zoom
     fov = max(rng.uniform(*p["fov"]), 2 * anatomy["body"]["a"] + 20.0)

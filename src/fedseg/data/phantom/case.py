@@ -11,7 +11,7 @@ import numpy as np
 
 from fedseg.data.catalogue import CATALOGUE
 from fedseg.data.labels import DATASETS
-from fedseg.data.phantom.acquisition import PROFILES, sample_grid
+from fedseg.data.phantom.acquisition import SCANNERS, sample_grid
 from fedseg.data.phantom.anatomy import sample_anatomy
 from fedseg.data.phantom.build import build_anatomy
 from fedseg.data.phantom.intensity import DOMAINS, _intensities, case_phase
@@ -57,8 +57,8 @@ def simulate_case(dataset: str, case_id: str, *, seed: int = 0, inplane_zoom: fl
     (the full anatomy: internal ids `ORGANS`, `TUMOURS`, tissue classes `T`), affine (RAS), tumours
     (organ and radius of each), acquisition (contrast phase and seconds after the injection), grid.
     """
-    if dataset not in PROFILES:
-        raise ValueError(f"Unknown dataset {dataset!r}: use one of {', '.join(PROFILES)}.")
+    if dataset not in SCANNERS:
+        raise ValueError(f"Unknown dataset {dataset!r}: use one of {', '.join(SCANNERS)}.")
     if domain not in DOMAINS:
         raise ValueError(f"Unknown phantom domain {domain!r}: use one of {', '.join(DOMAINS)}.")
     rng = np.random.default_rng([int(seed), DATASETS.index(dataset), case_number(case_id)])

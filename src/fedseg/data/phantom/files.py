@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from fedseg.data.catalogue import BY_NAME, CATALOGUE
 from fedseg.data.layouts import DATASET_DIRS, LOCAL_MANIFEST
 from fedseg.data.manifest import load_manifest, subset_manifest
-from fedseg.data.phantom.acquisition import PROFILES
+from fedseg.data.phantom.acquisition import SCANNERS
 from fedseg.data.phantom.case import simulate_case
 from fedseg.data.phantom.intensity import DOMAINS, PHASE_CHOICES
 
@@ -74,7 +74,7 @@ def _write_case(job: dict[str, Any]) -> dict[str, Any]:
     case = simulate_case(job["dataset"], job["case_id"], seed=job["seed"], inplane_zoom=job["inplane_zoom"],
                          slice_zoom=job["slice_zoom"], mri_like=job["mri"], domain=job["domain"],
                          phases=job["phases"])
-    axcodes = PROFILES[job["dataset"]]["axcodes"]
+    axcodes = SCANNERS[job["dataset"]]["axcodes"]
     image, affine = to_storage(case["image"], case["affine"], axcodes)
     label, _ = to_storage(case["label"], case["affine"], axcodes)
     tag = f"fedseg phantom {PHANTOM_VERSION} {job['dataset']}"
@@ -159,9 +159,9 @@ def generate(data_root: str | Path, *, seed: int = 0, case_scale: float = 0.1,
     same parameters is reused as it is; the same parameters always give the same bytes.
     """
     root = Path(data_root)
-    unknown = sorted(set(mri_like).union(datasets or ()) - set(PROFILES))
+    unknown = sorted(set(mri_like).union(datasets or ()) - set(SCANNERS))
     if unknown:
-        raise ValueError(f"Unknown dataset(s) {unknown} in mri_like/datasets: use names from {list(PROFILES)}.")
+        raise ValueError(f"Unknown dataset(s) {unknown} in mri_like/datasets: use names from {list(SCANNERS)}.")
     if domain not in DOMAINS:
         raise ValueError(f"Unknown phantom domain {domain!r} (data.phantom.domain): use one of {', '.join(DOMAINS)}.")
     if phases not in PHASE_CHOICES:

@@ -12,7 +12,7 @@ import numpy as np
 from scipy import ndimage
 
 from fedseg.data.catalogue import BY_NAME
-from fedseg.data.phantom.acquisition import PROFILES
+from fedseg.data.phantom.acquisition import SCANNERS
 from fedseg.data.phantom.geometry import Grid, _smooth_field
 from fedseg.data.phantom.painting import _Canvas
 from fedseg.data.phantom.tissues import _TISSUE_NAMES, _TISSUES, T
@@ -46,7 +46,7 @@ def case_phase(dataset: str, phases: str, rng: np.random.Generator) -> str:
         raise ValueError(f"Unknown data.phantom.phases {phases!r}: use one of {', '.join(PHASE_CHOICES)}.")
     if phases in PHASES:
         return phases
-    mix = dict(PROFILES[dataset]["phases"])
+    mix = dict(SCANNERS[dataset]["phases"])
     if phases == "all" and BY_NAME[dataset].role == "train":
         mix = {phase: 1.0 for phase in PHASES}
     names = sorted(mix)
@@ -70,7 +70,7 @@ def _intensities(rng: np.random.Generator, grid: Grid, canvas: _Canvas, tumours:
                  dataset: str, mri: bool, field_rng: np.random.Generator, domain: str = "ct",
                  phase: str = "portal") -> tuple[np.ndarray, dict[str, Any]]:
     """The image of an anatomy (HU, or MRI-like units) and its acquisition: phase and seconds after injection."""
-    p = dict(PROFILES[dataset])
+    p = dict(SCANNERS[dataset])
     table = np.array([_TISSUES[n] for n in _TISSUE_NAMES], dtype=np.float32)
     texture = _smooth_field(field_rng, grid, 7.0)
     blur, noise_scale = 1.0, 1.0

@@ -495,3 +495,23 @@ def test_the_budget_study_end_to_end_on_the_smoke_profile(tmp_path):
     assert again.returncode == 0, again.stderr[-4000:]
     assert "fedseg budget: scale-" not in again.stdout  # nothing ran again
     print(f"budget study, smoke profile: {first:.0f} s; rerun {time.perf_counter() - start:.0f} s")
+
+
+def test_a_point_written_before_a_setting_existed_still_matches_and_a_changed_one_does_not(tmp_path, mocked):
+    """A point's profile.yaml is compared as loaded onto the base profile: one written by an earlier version (no
+    `preprocess.gin`, `compare_loss: ""` for unset) is the same point; a changed setting is still refused."""
+    import yaml
+
+    kwargs = {"fine_scale": None, "nodes_scales": (), "contrast_scales": (), "run_name": "s", "results": tmp_path}
+    run.run_budget("smoke", (1,), **kwargs)
+    path = tmp_path / "s" / "scale-1" / "profile.yaml"
+    written = yaml.safe_load(path.read_text())
+    del written["preprocess"]["gin"]
+    path.write_text(yaml.safe_dump(written))
+    run.run_budget("smoke", (1,), **kwargs)  # accepted: the same point
+    written["train"]["lr"] = 0.5
+    path.write_text(yaml.safe_dump(written))
+    with pytest.raises(ValueError, match=r"train.lr: 0.5 there"):
+        run.run_budget("smoke", (1,), **kwargs)
+    assert budget.profile_difference({"federated": {"compare_loss": ""}}, {"federated": {"compare_loss": None}}) == []
+    assert budget.profile_difference({"federated": {"compare_loss": ""}}, {"federated": {"compare_loss": "x"}})

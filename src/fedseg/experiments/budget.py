@@ -151,6 +151,6 @@ def profile_difference(found: Mapping[str, Any], wanted: Mapping[str, Any], pref
         a, b = found.get(key), wanted.get(key)
         if isinstance(a, Mapping) and isinstance(b, Mapping):
             out += profile_difference(a, b, f"{prefix}{key}.")
-        elif a != b:
+        elif a != b and not (a in (None, "") and b in (None, "")):  # "" and None both say unset
             out.append(f"{prefix}{key}: {a!r} there, {b!r} now")
     return out

@@ -13,7 +13,7 @@ from typing import Any
 import pandas as pd
 
 from fedseg import run_folder
-from fedseg.config import PROFILE_FILE, load_profile, repo_root
+from fedseg.config import PROFILE_FILE, load_profile, merge_profile, repo_root
 from fedseg.experiments import budget
 from fedseg.experiments import nodes as node_sets
 from fedseg.reporting import budget as budget_report
@@ -28,7 +28,8 @@ def _budget_point(study: Path, name: str, derived: dict[str, Any]) -> Path:
     folder = (study / name).resolve()
 
     def other_profile(written: Any) -> str | None:
-        differ = budget.profile_difference(written or {}, derived)
+        # compared as loaded (onto the base profile), so a point written before a setting existed still matches
+        differ = budget.profile_difference(merge_profile(written or {}, str(folder / PROFILE_FILE)), derived)
         if differ:
             return (f"{folder} was run with another profile ({'; '.join(differ[:6])}): rerun with the settings it "
                     "was run with, or choose another --run-name.")

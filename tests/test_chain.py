@@ -120,6 +120,10 @@ def test_a_sweep_runs_the_methods_side_by_side_and_the_segviz_node_sets_add_to_i
         config = json.loads((run_dir / method / "fl" / "config.json").read_text())
         assert config["federated"]["method"] == method
         assert (run_dir / method / "checkpoints" / "fl-global" / "best.pt").exists()
+        # a sub-run reads 01's cases and 02's SL scores from the sweep's folder, through its link, not from copies
+        assert not (run_dir / method / "data" / "cases.csv").exists()
+        assert not (run_dir / method / "metrics" / "test_dice_per_case.csv").exists()
+        assert run_folder.cases_file(run_dir / method) == run_folder.cases_file(run_dir)
     assert json.loads((run_dir / "segviz" / "fl" / "config.json").read_text())["model"]["name"] == "SharedTaskUNet"
 
     # another loss into the same folder: 01/02 and the finished federations are kept, the new one runs, and the

@@ -66,3 +66,20 @@ def test_the_notebooks_name_run_folder_paths_through_run_folder():
                 if pattern.search(code):
                     found.append(f"{path.name}: {line.strip()}")
     assert not found, "\n".join(found)
+
+
+def test_a_sub_run_reads_its_baselines_through_its_link_and_the_pair_moves_together(tmp_path):
+    from fedseg import run_folder
+
+    run_dir, sub = tmp_path / "sweep", tmp_path / "sweep" / "fedavg-dice_ce"
+    run_folder.cases_file(run_dir).parent.mkdir(parents=True)
+    run_folder.cases_file(run_dir).write_text("case_id,dataset,split\nliver_1,liver,train\n")
+    run_folder.metrics_dir(run_dir).mkdir()
+    run_folder.sl_metrics_file(run_dir, "test_dice_per_case.csv").write_text("x\n1\n")
+    assert run_folder.baselines_dir(sub) == sub  # no link: a run is its own baselines
+    run_folder.link_baselines(sub, run_dir)
+    assert run_folder.read_cases(sub).case_id.tolist() == ["liver_1"]
+    assert run_folder.sl_metrics_file(sub, "test_dice_per_case.csv").read_text() == "x\n1\n"
+    moved = tmp_path / "elsewhere"
+    run_dir.rename(moved)  # the link is relative: the study folder can be moved or committed
+    assert run_folder.read_cases(moved / "fedavg-dice_ce").case_id.tolist() == ["liver_1"]

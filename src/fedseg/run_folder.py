@@ -41,9 +41,39 @@ LOCALISER = "localiser"
 MODEL_NOTEBOOK = {"sl-": BASELINES, "central": BASELINES, LOCALISER: BASELINES, "fl-": FEDERATED}
 
 
+#: In a sub-run (a sweep's or a study's federation), the file naming the run whose 01 and 02 it uses.
+BASELINES_LINK = "baselines.json"
+
+
+def link_baselines(folder: str | Path, run_dir: str | Path) -> Path:
+    """Make `folder` a sub-run of `run_dir`: it reads `run_dir`'s cases (01) and SL scores (02) through
+    `baselines_dir`, not copies of them. The link is relative, so the two folders move together."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / BASELINES_LINK
+    path.write_text(json.dumps({"run": os.path.relpath(Path(run_dir).resolve(), folder.resolve())}) + "\n")
+    return path
+
+
+def baselines_dir(run_dir: str | Path) -> Path:
+    """The run folder holding this run's 01 and 02 outputs: `run_dir` itself, or the run its `baselines.json`
+    names (`link_baselines`)."""
+    run_dir = Path(run_dir)
+    link = run_dir / BASELINES_LINK
+    if link.is_file():
+        return (run_dir / json.loads(link.read_text())["run"]).resolve()
+    return run_dir
+
+
 def cases_file(run_dir: str | Path) -> Path:
-    """`data/cases.csv`: the cases the run uses (01), read by every later notebook."""
-    return Path(run_dir) / "data" / "cases.csv"
+    """`data/cases.csv`: the cases the run uses (01), read by every later notebook (a sub-run's: its baselines')."""
+    return baselines_dir(run_dir) / "data" / "cases.csv"
+
+
+def sl_metrics_file(run_dir: str | Path, name: str) -> Path:
+    """02's score file `name` (test_dice_per_case.csv, test_dice_per_channel.csv) for this run: its own, or for a
+    sub-run its baselines' (`baselines_dir`)."""
+    return metrics_file(baselines_dir(run_dir), name)
 
 
 def data_summary(run_dir: str | Path) -> Path:

@@ -460,7 +460,7 @@ def claims_table(run_dir: str | Path, n_flips: int = N_FLIPS, seed: int = 0) -> 
     distinct federation). `seed` draws the sign flips where there are too many subsets of the cases to use all."""
     run_dir = Path(run_dir)
     metrics = run_folder.metrics_dir(run_dir)
-    sl = _read(metrics / "test_dice_per_case.csv")
+    sl = _read(run_folder.sl_metrics_file(run_dir, "test_dice_per_case.csv"))
     rows: list[dict[str, Any]] = []
     federations = distinct_federations(run_dir)
     for folders, scores in federations:

@@ -104,14 +104,11 @@ def run_sweep(profile: str = "laptop", methods: tuple[str, ...] = ("fedavg",), *
 
 def _run_federation_notebook(profile: str, run_dir: Path, folder: Path, params: dict[str, Any],
                              log_output: bool) -> Path:
-    """03 alone into `folder` (a sub-run of `run_dir`), reading 01's cases and 02's SL test metrics. Its second
+    """03 alone into `folder` (a sub-run of `run_dir`: `run_folder.link_baselines`), reading 01's cases and 02's SL
+    test metrics from `run_dir`. Its second
     federation (`compare_loss`) is off unless `params` asks: the experiments say which federations they run."""
     params = {"compare_loss": "", **params}
-    run_folder.cases_file(folder).parent.mkdir(parents=True, exist_ok=True)
-    run_folder.metrics_dir(folder).mkdir(exist_ok=True)
-    shutil.copy(run_folder.cases_file(run_dir), run_folder.cases_file(folder))
-    for name in ("test_dice_per_channel.csv", "test_dice_per_case.csv"):  # the SL row, and its cases for the claims
-        shutil.copy(run_folder.metrics_file(run_dir, name), run_folder.metrics_file(folder, name))
+    run_folder.link_baselines(folder, run_dir)  # 01's cases and 02's SL scores read from run_dir, not copied
     return run_chain(profile, run_name=folder.name, params=params, only="03", results=folder.parent,
                      notebooks=CHAIN, log_output=log_output)
 

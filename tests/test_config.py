@@ -52,6 +52,14 @@ def test_a_key_the_base_does_not_have_is_refused_naming_the_file_and_the_key(tmp
     path.write_text("name: mine\npreprocess: [4, 4, 4]\n")
     with pytest.raises(ValueError, match="preprocess is a section of settings"):
         load_profile(path)
+    path.write_text("name: mine\ntrain:\n  steps: '900'\n")  # the base is the typed schema
+    with pytest.raises(ValueError, match=r"mine.yaml: train.steps='900': give a whole number, like the default 900"):
+        load_profile(path)
+    for wrong, says in (({"train": {"amp": 1}}, "true or false"), ({"federated": {"rounds": 2.5}}, "a whole number"),
+                        ({"preprocess": {"spacing": 4}}, "a list")):
+        with pytest.raises(ValueError, match=says):
+            merge_profile(wrong)
+    assert merge_profile({"train": {"lr": 1, "validations": None}})["train"]["lr"] == 1  # an int is a number; null
     path.write_text("name: mine\ntrain:\n  steps: 5\n")  # a partial profile: the rest are the base's
     assert load_profile(path)["train"]["steps"] == 5 and load_profile(path)["train"]["lr"] == base_profile()[
         "train"]["lr"]
@@ -110,3 +118,30 @@ def test_no_default_is_written_in_code_beside_the_base_profile():
     found = subprocess.run(["grep", "-rnE", rf"(\[\"({sections})\"\]|\b({sections}))\.get\(\"[a-z_]+\", ", *stages],
                            capture_output=True, text=True).stdout
     assert found == "", found
+
+
+def test_the_federation_stages_read_a_typed_section_not_the_whole_configuration():
+    """The ServerApp, a client's local round and the simulation take `FederatedSettings` (typed, read-only); its
+    fields are the base profile's `federated:` settings, and a method's own knobs sit under `knobs`."""
+    import dataclasses
+
+    from fedseg.federated.section import FederatedSettings
+
+    cfg = config.resolve("smoke")
+    cfg["federated"] = settings.federated_settings({**cfg, "federated": {**cfg["federated"], "rounds": "3"}})
+    fl = FederatedSettings.of(cfg)
+    fields = {f.name for f in dataclasses.fields(FederatedSettings)} - {"knobs"}
+    assert fields == set(base_profile()["federated"])
+    assert fl.rounds == 3 and isinstance(fl.fraction_train, float) and fl.compare_loss == "literal_dice_ce"
+    assert dict(fl.knobs) == {"mu": 0.01, "distill_weight": 1.0, "pseudo_after": 1}
+    assert [r for r in range(1, 4) if fl.validated(r)] == [1, 2, 3]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fl.rounds = 4
+    with pytest.raises(TypeError):
+        fl.knobs["mu"] = 1.0
+    with pytest.raises(ValueError, match="resolve the profile first"):
+        FederatedSettings.of({"federated": {"rounds": 3}})
+    source = {name: (ROOT / "src" / "fedseg" / "federated" / name).read_text()
+              for name in ("server_app.py", "task.py", "simulation.py")}
+    assert all("FederatedSettings.of(cfg)" in text for text in source.values())
+    assert not any('fl["' in text.split("def validated_round")[0] for text in source.values())

@@ -14,7 +14,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message
 from helpers import client_context, client_message, error_reply, federation_config, make_data, metadata, reply
 
-from fedseg import run_folder
+from fedseg import config, run_folder
 from fedseg.data.labels import TRAIN_DATASETS
 from fedseg.federated import client_app, settings, sites, strategies, task
 from fedseg.federated.simulation import federation_run_config
@@ -718,14 +718,18 @@ def test_a_federation_cut_in_the_middle_of_a_round_with_keep_optimizer_resumes_t
 
 
 def test_virtual_clients_never_fall_back_to_the_cpu_silently():
+    import dataclasses
+
+    from fedseg.federated.section import FederatedSettings
     from fedseg.federated.simulation import client_devices
 
-    fl = {"client_gpus": 0.0, "client_cpus": 1, "cpu_clients": False}
+    smoke = settings.federated_settings(config.load_profile("smoke"))
+    fl = FederatedSettings.of({"federated": {**smoke, "client_gpus": 0.0, "client_cpus": 1, "cpu_clients": False}})
     assert client_devices(fl, gpus=0) == "virtual clients on the CPU: 1 core(s) each"
     with pytest.raises(ValueError, match="Ray would hide them.*cpu_clients: true"):
         client_devices(fl, gpus=2)
-    assert client_devices({**fl, "cpu_clients": True}, gpus=2).endswith("(cpu_clients: true)")
-    gpu = {**fl, "client_gpus": 0.25, "client_cpus": 4}
+    assert client_devices(dataclasses.replace(fl, cpu_clients=True), gpus=2).endswith("(cpu_clients: true)")
+    gpu = dataclasses.replace(fl, client_gpus=0.25, client_cpus=4)
     assert "up to 8 training at once on 2 GPU(s)" in client_devices(gpu, gpus=2)
     with pytest.raises(ValueError, match="no GPU on this machine.*client_gpus: 0"):
         client_devices(gpu, gpus=0)

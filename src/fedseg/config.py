@@ -164,7 +164,8 @@ def base_profile() -> dict[str, Any]:
 
 def merge_profile(given: Mapping[str, Any], source: str = "profile") -> dict[str, Any]:
     """`given` merged onto the base profile: its `SECTIONS` key by key, every other entry replaced whole. A key the
-    base does not have is refused, naming `source`, the key and the settings of its section (except `EXTRA_KEYS`)."""
+    base does not have is refused, naming `source`, the key and the settings of its section (except `EXTRA_KEYS`);
+    so is a value of another type than its default's (`_check_type`: the base is the typed schema)."""
     return _merge(_base(), given, source, "")
 
 
@@ -186,8 +187,23 @@ def _merge(base: Mapping[str, Any], given: Mapping[str, Any], source: str, prefi
                                  "fedseg/profiles/base.yaml).")
             out[key] = _merge(base[key], value, source, dotted + ".")
         else:
+            _check_type(base[key], value, source, dotted)
             out[key] = copy.deepcopy(value)
     return out
+
+
+def _check_type(default: Any, value: Any, source: str, dotted: str) -> None:
+    """The base profile is the settings' schema: a value has its default's type (an int where a float is expected;
+    null always, a setting's "unset" or "automatic"; any value where the default is null). Refused naming the key."""
+    if value is None or default is None:
+        return
+    kinds = {bool: (bool,), int: (int,), float: (int, float), str: (str,), list: (list,), dict: (dict,)}
+    expected = kinds.get(type(default), (type(default),))
+    if not isinstance(value, expected) or (isinstance(value, bool) and type(default) is not bool):
+        names = {bool: "true or false", int: "a whole number", float: "a number", str: "a string", list: "a list",
+                 dict: "a mapping"}
+        raise ValueError(f"{source}: {dotted}={value!r}: give {names.get(type(default), type(default).__name__)}, "
+                         f"like the default {default!r} (fedseg/profiles/base.yaml).")
 
 
 def synthetic_data_root(profile: dict[str, Any], seed: int, base: str | Path | None = None) -> Path:

@@ -24,6 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedseg import run_folder
 from fedseg.data.labels import TRAIN_DATASETS
 from fedseg.federated import client_app, methods, server_app, settings, sites, task
+from fedseg.federated.section import FederatedSettings
 
 
 def _with_run_config(context: Context, run_config: dict[str, Any]) -> Context:
@@ -105,7 +106,7 @@ def run_federation(profile: str | Path | Mapping[str, Any], run_dir: str | Path,
                                           shards=shards, progress=progress, overwrite=overwrite, **knobs), cases)
 
 
-def client_devices(fl: Mapping[str, Any], gpus: int) -> str:
+def client_devices(fl: FederatedSettings, gpus: int) -> str:
     """Where a simulation's virtual clients train, as a line for the log, given the `federated` settings and the
     GPUs torch sees; refuses the two silent failures of Ray's resource requests.
 
@@ -113,8 +114,8 @@ def client_devices(fl: Mapping[str, Any], gpus: int) -> str:
     without a word: refused unless `cpu_clients: true` asks for it. `client_gpus > 0` where there is no GPU
     leaves the clients waiting for one that never comes: refused, naming the setting.
     """
-    share, cpus = float(fl["client_gpus"]), fl["client_cpus"]
-    if gpus and share <= 0 and not fl.get("cpu_clients"):
+    share, cpus = fl.client_gpus, fl.client_cpus
+    if gpus and share <= 0 and not fl.cpu_clients:
         raise ValueError(f"This machine has {gpus} GPU(s) and federated.client_gpus is 0: Ray would hide them "
                          "and the virtual clients would train on the CPU. Give each client a share of a GPU "
                          "(client_gpus: 1.0, or 0.25 for four clients per GPU), or set federated.cpu_clients: true "
@@ -123,9 +124,9 @@ def client_devices(fl: Mapping[str, Any], gpus: int) -> str:
         raise ValueError(f"federated.client_gpus is {share:g} but torch sees no GPU on this machine: the virtual "
                          "clients would wait for one. Set federated.client_gpus: 0 to train them on the CPU.")
     if share > 0:
-        return (f"virtual clients on the GPUs: {share:g} GPU and {cpus} CPU(s) each, up to "
+        return (f"virtual clients on the GPUs: {share:g} GPU and {cpus:g} CPU(s) each, up to "
                 f"{int(gpus / share + 1e-9)} training at once on {gpus} GPU(s)")
-    return f"virtual clients on the CPU: {cpus} core(s) each" + (" (cpu_clients: true)" if gpus else "")
+    return f"virtual clients on the CPU: {cpus:g} core(s) each" + (" (cpu_clients: true)" if gpus else "")
 
 
 def refuse_other_cases(run_dir: Path, path: Path, cases: pd.DataFrame, overwrite: bool) -> None:
@@ -157,10 +158,10 @@ def simulate(run_config: Mapping[str, Any], cases: pd.DataFrame | None = None) -
     cases.to_csv(run_config["cases"], index=False)
     summary_file = run_folder.fl_summary(run_dir)
     server, client = simulation_apps(dict(run_config))
-    fl = cfg["federated"]
+    fl = FederatedSettings.of(cfg)
     print(f"Federation of {len(names)} sites: {client_devices(fl, torch.cuda.device_count())}", flush=True)
     run_simulation(server_app=server, client_app=client, num_supernodes=len(names),
-                   backend_config={"client_resources": {"num_cpus": fl["client_cpus"], "num_gpus": fl["client_gpus"]}})
+                   backend_config={"client_resources": {"num_cpus": fl.client_cpus, "num_gpus": fl.client_gpus}})
     if not summary_file.exists():  # the ServerApp's errors are re-raised above; this catches any other way out
         raise RuntimeError(f"The federation ended without writing {summary_file}: see the log above.")
     summary = json.loads(summary_file.read_text())

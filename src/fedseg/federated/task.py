@@ -20,6 +20,7 @@ from fedseg import run_folder
 from fedseg.data.datasets import manifest_for
 from fedseg.data.labels import CHANNELS, TRAIN_DATASETS
 from fedseg.data.transforms import case_records
+from fedseg.federated.section import FederatedSettings
 from fedseg.federated.sites import parse_client
 from fedseg.train.models import unique_state_dict
 from fedseg.train.training import (
@@ -93,14 +94,14 @@ def train_locally(cfg: dict[str, Any], model: torch.nn.Module, client: str, serv
     (`methods.Method.hooks`). Returns train_model's summary plus the mean loss of this round's steps and the
     validation row of the final (sent) model.
     """
-    fl = cfg["federated"]
+    fl = FederatedSettings.of(cfg)
     # A data-loading worker per client and round costs more than it hides in a short local round, and
     # multiplies the memory of every virtual client: clients load in-process unless the profile says.
-    cfg = {**cfg, "preprocess": {**cfg["preprocess"], "num_workers": int(fl["client_workers"])}}
+    cfg = {**cfg, "preprocess": {**cfg["preprocess"], "num_workers": fl.client_workers}}
     out_dir = run_folder.client_dir(cfg["run_dir"], client)
     last = out_dir / "last.pt"
     start, resume = 0, False
-    if fl["keep_optimizer"] and server_round > 1:
+    if fl.keep_optimizer and server_round > 1:
         # the state the previous round ended with, not last.pt: after a cut in the middle of a round, a client that
         # finished the cut round holds that round's state in last.pt, and the rerun round must not start from it
         kept = round_state_path(out_dir, server_round - 1)
@@ -112,19 +113,19 @@ def train_locally(cfg: dict[str, Any], model: torch.nn.Module, client: str, serv
         saved["model"] = state_dict_cpu(model)
         save_atomic(saved, last)
         start, resume = int(saved["state"]["step"]), True
-    seed = round_seed(cfg["seed"], client, 0 if fl["keep_optimizer"] else server_round)
-    validated = validated_round(fl, server_round)
-    summary = train_model(cfg, model, train_records, val_records, out_dir, steps=start + fl["local_steps"],
+    seed = round_seed(cfg["seed"], client, 0 if fl.keep_optimizer else server_round)
+    validated = fl.validated(server_round)
+    summary = train_model(cfg, model, train_records, val_records, out_dir, steps=start + fl.local_steps,
                           seed=seed, resume=resume, progress=False, desc=f"fl-{client}", hooks=hooks,
-                          schedule_start=(server_round - 1) * fl["local_steps"],
-                          schedule_steps=fl["rounds"] * fl["local_steps"],
+                          schedule_start=(server_round - 1) * fl.local_steps,
+                          schedule_steps=fl.rounds * fl.local_steps,
                           # validated once a validated round, after its last local step (the FL local best is
                           # chosen among these); a validation inside the round would only cost time
-                          val_every=fl["local_steps"] if validated else 2**31 - 1, validate_at_end=validated)
-    if summary["steps"] != start + fl["local_steps"]:
+                          val_every=fl.local_steps if validated else 2**31 - 1, validate_at_end=validated)
+    if summary["steps"] != start + fl.local_steps:
         raise RuntimeError(f"Local training of {client} stopped at step {summary['steps']}, "
-                           f"not {start + fl['local_steps']}.")
-    if fl["keep_optimizer"]:  # this round's end state, for the next round (and the rounds before it dropped)
+                           f"not {start + fl.local_steps}.")
+    if fl.keep_optimizer:  # this round's end state, for the next round (and the rounds before it dropped)
         kept = round_state_path(out_dir, server_round)
         shutil.copyfile(last, kept.with_suffix(".pt.tmp"))
         os.replace(kept.with_suffix(".pt.tmp"), kept)  # whole or absent, never half-copied
@@ -147,12 +148,15 @@ def round_state_path(client_dir: Path, server_round: int) -> Path:
     return Path(client_dir) / f"round-{int(server_round):04d}.pt"
 
 
-def validated_round(fl: Mapping[str, Any], server_round: int) -> bool:
-    """Whether round `server_round` validates the models: every `federated.val_every`-th round and the last.
+def validated_round(fl: FederatedSettings | Mapping[str, Any], server_round: int) -> bool:
+    """Whether round `server_round` validates the models: every `federated.val_every`-th round and the last
+    (`FederatedSettings.validated`; `fl` may also be a federation's recorded `federated` settings, a dict).
 
     On a validated round each client scores its local model after training (its FL local best is chosen among
     these) and the global model on its validation cases (the FL global best); the other rounds only train.
     """
+    if isinstance(fl, FederatedSettings):
+        return fl.validated(server_round)
     return server_round % int(fl["val_every"]) == 0 or server_round == int(fl["rounds"])
 
 

@@ -16,6 +16,8 @@ names its path, and `require` says, once, which notebook makes a file that is mi
       fl/                          the federation's own files (03): config.json, cases.csv, status.json,
                                    state.pt (to resume), summary.json, <client>/ (each client's local best)
       loss-<loss>/                 03's compared federation (compare_loss), a run folder of its own
+      baselines.json               in a sub-run (a sweep's `<method>-<loss>/`): the run whose 01 and 02 it reads
+                                   (`link_baselines`, `baselines_dir`), instead of copies of their files
 
 This module imports nothing of fedseg, so every layer can use it.
 """

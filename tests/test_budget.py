@@ -343,7 +343,10 @@ def mocked(monkeypatch, tmp_path):
                 ok(target, run_folder.FEDERATED)
                 touch(run_folder.checkpoint(target, "fl-global"))
         run_folder.metrics_dir(folder).mkdir(exist_ok=True)
-        run_folder.metrics_file(folder, "segviz_nodes_per_case.csv").write_text("setup,model,case_id,organ,dice\n")
+        rows = [f"{node_sets.setup_name(n)},{model},img1,liver,0.5" for n in nodes
+                for model in (node_sets.CENTRAL, *node_sets.FL_ROWS)]
+        run_folder.metrics_file(folder, "segviz_nodes_per_case.csv").write_text(
+            "setup,model,case_id,organ,dice\n" + "\n".join(rows) + "\n")
 
     def contrast(profile, mri_like, methods, *, run_name, results, params, log_output):
         calls.append(("contrast", results.name, run_name))
@@ -515,3 +518,20 @@ def test_a_point_written_before_a_setting_existed_still_matches_and_a_changed_on
         run.run_budget("smoke", (1,), **kwargs)
     assert budget.profile_difference({"federated": {"compare_loss": ""}}, {"federated": {"compare_loss": None}}) == []
     assert budget.profile_difference({"federated": {"compare_loss": ""}}, {"federated": {"compare_loss": "x"}})
+
+
+def test_points_kept_without_their_checkpoints_are_not_trained_again(tmp_path, mocked):
+    """Reference results keep a point's run.json, tables and scores but no checkpoints: a study resumed from them
+    (copied into a study folder) trains nothing it already scored."""
+    kwargs = {"fine_scale": None, "nodes_scales": (1,), "contrast_scales": (1,), "run_name": "s", "results": tmp_path}
+    run.run_budget("smoke", (1,), **kwargs)
+    assert {c[0] for c in mocked} >= {"chain", "sweep", "nodes", "contrast"}
+    for path in (tmp_path / "s").rglob("*.pt"):
+        path.unlink()
+    mocked.clear()
+    run.run_budget("smoke", (1,), **kwargs)
+    assert mocked == []
+    scores = run_folder.metrics_file(tmp_path / "s" / "scale-1", "segviz_nodes_per_case.csv")
+    scores.write_text("".join(line for line in scores.read_text().splitlines(keepends=True) if "3-node" not in line))
+    run.run_budget("smoke", (1,), **kwargs)  # a node set the scores lack: the node sets run again
+    assert [c[:2] for c in mocked if c[0] == "nodes"] == [("nodes", "scale-1")]

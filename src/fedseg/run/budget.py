@@ -58,12 +58,15 @@ def _budget_chain_and_sweep(folder: Path, params: dict[str, Any], log_output: bo
 
 
 def _budget_nodes(folder: Path, nodes: tuple[int, ...], params: dict[str, Any], log_output: bool) -> None:
-    """SegViz's node sets into a budget point's folder, unless every piece and the scores are there already."""
-    methods = node_sets.FL_ROWS.values()
-    finished = run_folder.metrics_file(folder, "segviz_nodes_per_case.csv").exists() and all(
-        node_sets.central_checkpoint(folder, n).exists()
-        and all(node_sets.finished_federation(node_sets.federation_dir(folder, n, m)) for m in methods)
-        for n in nodes)
+    """SegViz's node sets into a budget point's folder, unless its BTCV scores (written once every model of the
+    node sets was trained and scored) cover every node set and model: what the folder holds decides, so a point kept
+    without its checkpoints (e.g. committed as reference results and copied back) is not trained again."""
+    scores = run_folder.metrics_file(folder, "segviz_nodes_per_case.csv")
+    finished = False
+    if scores.exists():
+        held = set(map(tuple, pd.read_csv(scores, usecols=["setup", "model"]).drop_duplicates().to_numpy()))
+        finished = all((node_sets.setup_name(n), model) in held for n in nodes
+                       for model in (node_sets.CENTRAL, *node_sets.FL_ROWS))
     if not finished:
         print(f"fedseg budget: {folder.name}: node sets {', '.join(map(str, nodes))}", flush=True)
         run_nodes(str(folder / PROFILE_FILE), nodes, run_name=folder.name, results=folder.parent, params=params,

@@ -22,8 +22,9 @@ study: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)
 
+# JupyterLab on the repository, so the notebooks' links to docs/, results/ and README.md open; 00_index first
 lab: $(STAMP)
-	$(BIN)/jupyter lab notebooks/
+	$(BIN)/jupyter lab --ServerApp.root_dir=. notebooks/00_index.ipynb
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_data_pipeline.py --profile $(PROFILE)

@@ -30,3 +30,22 @@ def test_anatomy_figure_shades_each_published_range():
     dome = panels[list(phantom.PUBLISHED_RANGES).index("liver dome (vertebra)")]
     span = dome.patches[0]  # the shaded published range: T10-T9 is levels 2.5 to 4.5
     assert np.isclose(span.get_x(), 2.5) and np.isclose(span.get_x() + span.get_width(), 4.5)
+
+
+def test_figure1_fits_a_notebook_cell_legibly_and_says_its_convention():
+    """Five datasets make a figure about 900 pixels wide at the notebook's 100 dpi, so JupyterLab shows it near its
+    own size (not shrunk to half, its 9-point titles 5 pixels tall); no text under 9 points."""
+    image = np.zeros((12, 10, 8), np.float32)
+    target = np.zeros((8, 12, 10, 8), np.float32)
+    volumes = {}
+    for dataset, channel in (("liver", "liver"), ("pancreas", "pancreas"), ("kits19", "kidney"),
+                             ("spleen", "spleen"), ("btcv", "liver")):
+        labelled = target.copy()
+        labelled[CHANNEL_INDEX[channel], 2:5, 6, 3:6] = 1
+        volumes[dataset] = (image, labelled, f"{dataset}_1")
+    fig = report.figure1(volumes)
+    assert fig.get_size_inches()[0] * 100 <= 950
+    legend = fig.legends[0]
+    assert "radiological" in legend.get_title().get_text()
+    texts = [ax.title for ax in fig.axes] + legend.get_texts() + [legend.get_title()]
+    assert min(text.get_fontsize() for text in texts) >= 9

@@ -83,28 +83,45 @@ def canonical(path: str | Path) -> tuple[np.ndarray, tuple[float, ...]]:
     return np.asanyarray(image.dataobj), tuple(float(z) for z in image.header.get_zooms()[:3])
 
 
+#: Fig. 1's width per dataset (inches): five datasets make 9 inches, 900 pixels at the notebook's 100 dpi, so a
+#: notebook cell shows it near its own size and its 10-point text stays legible (not shrunk to a third).
+FIGURE1_COLUMN_INCHES = 1.8
+RADIOLOGICAL_NOTE = "radiological view: the patient's right on the image's left, anterior up; coronal: superior up"
+
+
 def figure1(volumes: dict[str, tuple[np.ndarray, np.ndarray, str]]) -> plt.Figure:
     """Fig. 1: one axial (top) and one coronal (bottom) slice per dataset, labels in the paper's colours
-    (kidney pink, liver red, ...).
+    (kidney pink, liver red, ...), in radiological view (said under the legend).
 
-    `volumes` maps dataset -> (image (x,y,z) in [0,1], multi-hot target (8,x,y,z), case id), both RAS.
+    `volumes` maps dataset -> (image (x,y,z) in [0,1], multi-hot target (8,x,y,z), case id), both RAS. Each row is
+    as tall as its tallest slice, so no blank band is left between the panels and the legend.
     """
     names = [d for d in DATASETS if d in volumes]
-    fig, axes = plt.subplots(2, len(names), figsize=(3.2 * len(names), 7.0), squeeze=False)
-    for column, dataset in enumerate(names):
-        image, target, case_id = volumes[dataset]
+    slices = {}
+    for dataset in names:
+        image, target, _ = volumes[dataset]
         channels = owned_channels(dataset)
         z = best_axial_slice(target, channels)
         y = best_axial_slice(target.transpose(0, 1, 3, 2), channels)  # the coronal slice with the most label
+        slices[dataset] = (z, y)
+    # height / width of each panel as drawn: axial (y, x), coronal (z, x)
+    axial_aspect = max(volumes[d][0].shape[1] / volumes[d][0].shape[0] for d in names)
+    coronal_aspect = max(volumes[d][0].shape[2] / volumes[d][0].shape[0] for d in names)
+    width = FIGURE1_COLUMN_INCHES * len(names)
+    height = FIGURE1_COLUMN_INCHES * (axial_aspect + coronal_aspect) + 1.5  # + titles and the legend
+    fig, axes = plt.subplots(2, len(names), figsize=(max(width, 5.0), height), squeeze=False,
+                             layout="constrained", gridspec_kw={"height_ratios": (axial_aspect, coronal_aspect)})
+    for column, dataset in enumerate(names):
+        image, target, case_id = volumes[dataset]
+        channels = owned_channels(dataset)
+        z, y = slices[dataset]
         overlay(axes[0, column], image[..., z], target[..., z], channels)
-        axes[0, column].set_title(f"{SHEN_DATASET_NAMES[dataset]}\n{case_id}, axial {z}", fontsize=9)
+        axes[0, column].set_title(f"{SHEN_DATASET_NAMES[dataset]}\n{case_id}, axial {z}", fontsize=10)
         overlay(axes[1, column], image[:, y, :], target[:, :, y, :], channels)  # rows z (superior up), columns x
-        axes[1, column].set_title(f"coronal {y}", fontsize=9)
+        axes[1, column].set_title(f"coronal {y}", fontsize=10)
     legend = [Patch(color=COLOURS[c], label=c.replace("_", " ")) for c in COLOURS]
-    fig.legend(handles=legend, loc="lower center", ncol=len(legend), fontsize=8, frameon=False)
-    fig.text(0.01, 0.01, "radiological view: patient's right on the image's left; coronal: superior up",
-             fontsize=7, color="0.4")
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.legend(handles=legend, loc="outside lower center", ncol=4, fontsize=10, frameon=False,
+               title=RADIOLOGICAL_NOTE, title_fontsize=9, handlelength=1.2, columnspacing=1.2)
     return fig
 
 

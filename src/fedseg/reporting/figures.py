@@ -9,6 +9,9 @@ colours, and how they are saved (`save_figure`: PNG under `<run>/figures/`).
 - 04 and 05: `metric_bars` (mean per organ or channel and method with bootstrap CIs: BTCV's Dice and NSD, the test
   splits' Dice), `figure3` (Fig. 3: a BTCV case's fused prediction, a slice and 3D surfaces), `figure4` (Fig. 4: a
   test case per task, ground truth and each model's prediction).
+- The notebooks' mechanism cells: `label_channels_figure` (01: a label map's values into the 8 channels, owned or
+  unknown), `one_step_figure` (02: one training step's gradient per channel under a masked and a literal loss),
+  `ensemble_figure` (04: one BTCV slice through the ensemble, the largest-component rule and the fusion; `as_ras`).
 
 The drawing blocks they share: `radiological` and `overlay` (an axial slice in radiological view with the label
 channels), `best_axial_slice`, `canonical` (a NIfTI in RAS). The tables are `fedseg.reporting.tables`.
@@ -34,10 +37,12 @@ from fedseg.data.labels import (
     CHANNELS,
     COLOURS,
     DATASETS,
+    LABEL_MAPS,
     owned_channels,
 )
 from fedseg.data.transforms import IMAGE, LABEL, evaluation_dataset
 from fedseg.published import SHEN_DATASET_NAMES, SHEN_TABLE3_ORGANS
+from fedseg.train.inference import FUSION_ORDER
 
 
 def save_figure(fig: plt.Figure, run_dir: str | Path, name: str) -> Path:
@@ -321,4 +326,178 @@ def figure3(image_path: str | Path, fused_path: str | Path, title: str = "", ste
     legend = [Patch(color=COLOURS[c], label=c.replace("_", " ")) for c in drawn]
     fig.legend(handles=legend, loc="lower center", ncol=max(1, len(legend)), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return fig
+
+
+# ---- The notebooks' mechanism cells: one label map (01), one training step (02), one BTCV case (04) ----
+
+def _value_colour(dataset: str, value: int) -> tuple[float, float, float]:
+    """The colour of a label value: that of the last channel it switches on (a tumour's, not its organ's)."""
+    channels = LABEL_MAPS[dataset].get(int(value), ())
+    return COLOURS[channels[-1]] if value and channels else (0.0, 0.0, 0.0)
+
+
+def label_channels_figure(sites: Mapping[str, Mapping[str, Any]]) -> plt.Figure:
+    """01's mechanism: a row per dataset, one axial slice of its label map as the file stores it (integer values),
+    then the 8 channels of its multi-hot target (`labels.to_multihot`) in the paper's colours. A channel the
+    dataset does not own (`labels.owned_mask`) is drawn grey with a "?": its target is 0 (background's is the
+    unlabelled voxels) but means "not labelled here", never "absent".
+
+    `sites[dataset]` = {"label": (x, y) ints, "target": (8, x, y), "owned": (8,) bool, "case_id": str}, RAS.
+    """
+    fig, axes = plt.subplots(len(sites), 1 + len(CHANNELS), figsize=(1.2 * (1 + len(CHANNELS)), 1.35 * len(sites) + 1),
+                             squeeze=False, layout="constrained")
+    for row, (dataset, site) in zip(axes, sites.items()):
+        label = np.asarray(site["label"]).astype(int)
+        values = sorted({0, *LABEL_MAPS[dataset]})
+        palette = ListedColormap([_value_colour(dataset, v) for v in range(max(values) + 1)])
+        row[0].imshow(radiological(label), cmap=palette, vmin=-0.5, vmax=max(values) + 0.5, interpolation="nearest")
+        row[0].set_ylabel(f"{dataset}\n{site['case_id']}", fontsize=8)
+        mapping = [f"{v} → {' + '.join(c.replace('_', ' ') for c in LABEL_MAPS[dataset][v])}" for v in values if v]
+        row[0].set_xlabel("\n".join(mapping), fontsize=7)
+        for ax, channel in zip(row[1:], CHANNELS):
+            index = CHANNEL_INDEX[channel]
+            mask = radiological(np.asarray(site["target"][index]) > 0)
+            if site["owned"][index]:
+                ax.imshow(mask, cmap=ListedColormap(["black", COLOURS[channel]]), vmin=0, vmax=1,
+                          interpolation="nearest")
+            else:
+                ax.imshow(mask, cmap=ListedColormap(["#e6e6e6", "#c8c8c8"]), vmin=0, vmax=1, interpolation="nearest")
+                ax.text(0.5, 0.5, "?", transform=ax.transAxes, ha="center", va="center", fontsize=18, color="#555555")
+        for ax in row:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    for ax, channel in zip(axes[0, 1:], CHANNELS):
+        ax.set_title(channel.replace("_", "\n"), fontsize=8)
+    axes[0, 0].set_title("label map\n(values)", fontsize=8)
+    fig.suptitle("A label map's values → the 8 channels (to_multihot). Coloured: the site owns the channel "
+                 "(owned_mask, trained);\ngrey ?: not owned, target 0 = unknown (masked losses skip it, literal "
+                 "losses read it as 'absent'). " + RADIOLOGICAL_NOTE.split(";")[0], fontsize=9)
+    return fig
+
+
+def _log_bars(ax: plt.Axes, values: Mapping[str, pd.Series], ylabel: str) -> None:
+    """Grouped bars per channel on a log axis; an exact zero is written '0' at the bottom (a log axis has none)."""
+    channels = list(next(iter(values.values())).index)
+    width = 0.8 / len(values)
+    positive = [v for series in values.values() for v in series if v > 0]
+    floor = min(positive) / 10 if positive else 1e-12
+    for i, (name, series) in enumerate(values.items()):
+        x = np.arange(len(channels)) + (i - (len(values) - 1) / 2) * width
+        heights = series.to_numpy(dtype=float)
+        ax.bar(x, np.where(heights > 0, heights, np.nan), width, color=f"C{i}", label=name)
+        for xi, h in zip(x, heights):
+            if h == 0:
+                ax.text(xi, floor * 1.3, "0", ha="center", va="bottom", fontsize=8, color=f"C{i}", fontweight="bold")
+    ax.set_yscale("log")
+    ax.set_ylim(floor, 3 * max(positive) if positive else 1.0)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def one_step_figure(owned: pd.Series, gradients: Mapping[str, pd.Series], losses: Mapping[str, tuple[float, float]],
+                    head_moves: Mapping[str, pd.Series] | None = None, title: str = "") -> plt.Figure:
+    """02's mechanism: one training step on one batch under each loss (a colour each). Per channel: the norm of the
+    loss's gradient at the logits and, when given, how far the step moved the channel's output-layer weights (log
+    axes, an exact 0 written as such, the channels the batch's site owns shaded); then the batch's loss before and
+    after the step (`losses[loss] = (before, after)`). `owned`, `gradients[loss]`, `head_moves[loss]` are indexed by
+    channel."""
+    panels = 2 + (head_moves is not None)
+    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.6), width_ratios=[3] * (panels - 1) + [2],
+                             layout="constrained")
+    bars = [(axes[0], gradients, "‖∂loss/∂logits‖ of the channel")]
+    if head_moves is not None:
+        bars.append((axes[1], head_moves, "‖Δ output-layer weights‖ after the step"))
+    channels = list(owned.index)
+    for ax, values, ylabel in bars:
+        for x, is_owned in enumerate(owned):
+            if is_owned:
+                ax.axvspan(x - 0.5, x + 0.5, color="tab:green", alpha=0.12, lw=0)
+        _log_bars(ax, values, ylabel)
+        ax.set_xticks(np.arange(len(channels)), [c.replace("_", "\n") for c in channels], fontsize=7)
+    axes[0].legend(fontsize=8, loc="upper right", title="loss (green: owned)", title_fontsize=8)
+    ax = axes[-1]
+    for i, (name, (before, after)) in enumerate(losses.items()):
+        ax.plot([0, 1], [before, after], marker="o", color=f"C{i}", label=name)
+        for x, value in ((0, before), (1, after)):
+            ax.annotate(f"{value:.4f}", (x, value), textcoords="offset points", xytext=(0, 5), ha="center",
+                        fontsize=7, color=f"C{i}")
+    ax.set_xticks([0, 1], ["before", "after"], fontsize=8)
+    ax.set_xlim(-0.4, 1.4)
+    ax.margins(y=0.25)
+    ax.set_ylabel("loss on this batch", fontsize=8)
+    ax.set_title("one optimizer step", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return fig
+
+
+def as_ras(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """An array on a NIfTI's grid (spatial axes last three, any channel axes before) in RAS, as `canonical` reads the
+    file: nibabel's closest canonical orientation of `affine`."""
+    orientation = nib.orientations.io_orientation(affine)
+    spatial = np.moveaxis(np.asarray(array), range(-3, 0), range(3))
+    return np.moveaxis(nib.orientations.apply_orientation(spatial, orientation), range(3), range(-3, 0))
+
+
+def ensemble_figure(image_path: str | Path, probabilities: Mapping[str, tuple[str, np.ndarray]], ensemble: np.ndarray,
+                    processed: np.ndarray, fused: np.ndarray, truth: Mapping[str, np.ndarray],
+                    title: str = "") -> plt.Figure:
+    """04's mechanism on one axial slice of one BTCV case, all on the file's grid (shown in RAS, radiological view):
+    top, each client model's probability for its organ channel (`probabilities[model] = (channel, (X, Y, Z))`,
+    contour at 0.5); bottom, the ensemble's mask (8, X, Y, Z), the same after the largest-component rule
+    (`processed`; voxels it removed outlined in white), the label map fused in the paper's order (`fused`, values
+    = channel index; voxels where two channels were on, decided by the order, outlined in white) and the truth
+    (`truth[organ]`, BTCV's four organs). The slice is the one through most of the truth's organs, then with the most
+    organ voxels, then the most voxels the rule and the order changed."""
+    affine = nib.load(str(image_path)).affine
+    hu, _ = canonical(image_path)
+    ensemble, processed = as_ras(ensemble, affine).astype(bool), as_ras(processed, affine).astype(bool)
+    fused = as_ras(fused, affine)
+    removed = (ensemble[1:] & ~processed[1:]).any(axis=0)
+    overlap = processed[1:].sum(axis=0) > 1
+    organs = {organ: as_ras(mask, affine).astype(bool) for organ, mask in truth.items()}
+    # the slice through most of the truth's organs (then the most organ voxels, then most voxels changed)
+    present = sum(mask.any(axis=(0, 1)).astype(float) for mask in organs.values())
+    voxels = sum(mask.sum(axis=(0, 1)) for mask in organs.values())
+    changed = (removed | overlap).sum(axis=(0, 1))
+    z = int(np.lexsort((changed, voxels, present))[-1])
+    ct = np.clip((hu[..., z].astype(np.float32) + 160) / 400, 0, 1)  # window W400 L40, as Fig. 3
+    columns = max(4, len(probabilities))
+    fig, axes = plt.subplots(2, columns, figsize=(2.3 * columns, 5.6), squeeze=False, layout="constrained")
+    for ax, (model, (channel, probability)) in zip(axes[0], probabilities.items()):
+        p = radiological(as_ras(probability, affine)[..., z])
+        ax.imshow(radiological(ct), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        shown = ax.imshow(np.ma.masked_where(p < 0.05, p), cmap="inferno", vmin=0, vmax=1, alpha=0.7,
+                          interpolation="nearest")
+        if (p > 0.5).any() and (p <= 0.5).any():
+            ax.contour(p, levels=[0.5], colors=[COLOURS[channel]], linewidths=1.2)
+        ax.set_title(f"{model} model\nP({channel.replace('_', ' ')})", fontsize=8)
+        ax.set_axis_off()
+    for ax in axes[0, len(probabilities):]:
+        ax.set_axis_off()
+    fig.colorbar(shown, ax=axes[0, len(probabilities) - 1], fraction=0.05, label="probability")
+    foreground = tuple(CHANNELS[1:])
+    fused_multihot = np.stack([fused[..., z] == c for c in range(len(CHANNELS))])
+    order = " < ".join(c.replace("_", " ") for c in FUSION_ORDER)
+    panels = [(ensemble[..., z], None, "ensemble\n(each channel from its owner)"),
+              (processed[..., z], removed[..., z], "largest components (kidney: 2)\n(white: removed)"),
+              (fused_multihot, overlap[..., z], "fused label map\n(white: set by the order)")]
+    for ax, (mask, outline, name) in zip(axes[1], panels):
+        overlay(ax, ct, mask, foreground)
+        if outline is not None and outline.any():
+            ax.contour(radiological(outline).astype(float), levels=[0.5], colors="white", linewidths=0.8)
+        ax.set_title(name, fontsize=8)
+    truth_multihot = np.zeros((len(CHANNELS), *ct.shape), dtype=bool)
+    for organ, mask in organs.items():
+        truth_multihot[CHANNEL_INDEX[organ]] = mask[..., z]
+    overlay(axes[1, 3], ct, truth_multihot, tuple(organs))
+    axes[1, 3].set_title("truth (BTCV's four organs)", fontsize=8)
+    for ax in axes[1, 4:]:
+        ax.set_axis_off()
+    legend = [Patch(color=COLOURS[c], label=c.replace("_", " ")) for c in COLOURS]
+    fig.legend(handles=legend, loc="outside lower center", ncol=len(legend), fontsize=7, frameon=False,
+               title=f"fusion order, a later label overrides an earlier one: {order}", title_fontsize=8)
+    fig.suptitle(f"{title} axial slice {z}, {RADIOLOGICAL_NOTE.split(';')[0]}".strip(), fontsize=9)
     return fig

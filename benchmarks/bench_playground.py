@@ -30,6 +30,10 @@ def load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+#: each preset's outcome sentence (computed from its run), printed after the table
+answers: dict[str, str] = {}
+
+
 def bench(name: str, rounds: int, dashboard: bool, run_dir: Path, cases: pd.DataFrame, data_root: Path) -> dict:
     settings = playground.with_overrides(playground.PRESETS[name].settings, rounds=rounds)
     drawn = []
@@ -45,7 +49,9 @@ def bench(name: str, rounds: int, dashboard: bool, run_dir: Path, cases: pd.Data
     began = time.perf_counter()
     run = playground.run(settings, run_dir / name, cases, data_root, on_round=on_round if dashboard else None)
     wall = time.perf_counter() - began
-    verdict = playground.outcome(run, name).verdict
+    answer = playground.outcome(run, name)
+    verdict = answer.verdict
+    answers[name] = answer.answer
     return {"preset": name, "rounds x clients": f"{rounds} x {len(settings.clients())}",
             "local steps": settings.local_steps, "wall_s": wall, "dashboard_s": sum(drawn),
             "cpu_s": time.process_time() - cpu, "load before": before, "load after": load(), "verdict": verdict}
@@ -69,6 +75,8 @@ def main() -> None:
           f"{torch.__version__}; phantom ready in {prepared:.1f} s ({data_root.name}); wall_s includes the dashboard "
           "(dashboard_s), cpu_s is this process's CPU time; load = 1/5/15-minute load averages")
     print(table.to_markdown(floatfmt=".1f"))
+    for name, answer in answers.items():
+        print(f"\n{name}: {answer}")
 
 
 if __name__ == "__main__":

@@ -162,11 +162,13 @@ def base_profile() -> dict[str, Any]:
     return copy.deepcopy(_base())
 
 
-def merge_profile(given: Mapping[str, Any], source: str = "profile") -> dict[str, Any]:
-    """`given` merged onto the base profile: its `SECTIONS` key by key, every other entry replaced whole. A key the
-    base does not have is refused, naming `source`, the key and the settings of its section (except `EXTRA_KEYS`);
-    so is a value of another type than its default's (`_check_type`: the base is the typed schema)."""
-    return _merge(_base(), given, source, "")
+def merge_profile(given: Mapping[str, Any], source: str = "profile",
+                  base: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """`given` merged onto the base profile (or onto `base`, a profile already merged onto it, e.g. the smoke
+    profile): its `SECTIONS` key by key, every other entry replaced whole. A key the base does not have is refused,
+    naming `source`, the key and the settings of its section (except `EXTRA_KEYS`); so is a value of another type than
+    its default's (`_check_type`: the base is the typed schema)."""
+    return _merge(_base() if base is None else base, given, source, "")
 
 
 def _merge(base: Mapping[str, Any], given: Mapping[str, Any], source: str, prefix: str) -> dict[str, Any]:

@@ -47,6 +47,7 @@ from fedseg.data.labels import (
     TRAIN_DATASETS,
 )
 from fedseg.evaluate import external
+from fedseg.reporting.figures import ct_display
 from fedseg.reporting.report import best_axial_slice, canonical, overlay
 from fedseg.train import inference
 from fedseg.train.training import select_device
@@ -64,8 +65,6 @@ DEFAULT_MODEL = "fl-local-ensemble"
 #: The notebook that trains each checkpoint group (`external.group_checkpoints`).
 GROUP_NOTEBOOK = {"sl": "02_standalone_baselines", "central": "02_standalone_baselines",
                   "fl-global": "03_federated_training", "fl-local": "03_federated_training"}
-#: The CT window of the overlays (W400 L40, as Fig. 3).
-WINDOW_HU = (-160.0, 240.0)
 #: `volumes.csv`'s columns after `case`: the voxel volume, then one per foreground label.
 VOLUME_COLUMNS = ("voxel_mm3", *(f"{name}_ml" for name in FOREGROUND))
 #: ... then the input's check against the training data: the estimated phase (`estimate_phase`), the CT values it
@@ -409,10 +408,6 @@ def label_volumes(label_path: str | Path) -> dict[str, float]:
             **{f"{name}_ml": round(int(counts[CHANNEL_INDEX[name]]) * voxel_mm3 / 1000.0, 3) for name in FOREGROUND}}
 
 
-def _display(plane: np.ndarray) -> np.ndarray:
-    return np.clip((plane - WINDOW_HU[0]) / (WINDOW_HU[1] - WINDOW_HU[0]), 0, 1)
-
-
 def overlay_figure(image_path: str | Path, label_path: str | Path, title: str = "",
                    volumes: dict[str, float] | None = None, note: str = "", warn: bool = False):
     """An axial and a coronal slice (radiological view: the patient's right on the left) through the most
@@ -433,10 +428,10 @@ def overlay_figure(image_path: str | Path, label_path: str | Path, title: str = 
     fig = Figure(figsize=(10, 5.2))
     FigureCanvasAgg(fig)
     axial, coronal = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    overlay(axial, _display(np.asarray(hu[:, :, z], dtype=np.float32)), multihot[:, :, :, z], drawn)
+    overlay(axial, ct_display(hu[:, :, z]), multihot[:, :, :, z], drawn)
     axial.set_aspect(sy / sx)  # rows are y, columns x
     axial.set_title(f"axial (RAS slice {z} of {hu.shape[2]})", fontsize=9)
-    overlay(coronal, _display(np.asarray(hu[:, y, :], dtype=np.float32)), multihot[:, :, y, :], drawn)
+    overlay(coronal, ct_display(hu[:, y, :]), multihot[:, :, y, :], drawn)
     coronal.set_aspect(sz / sx)  # rows are z (superior up), columns x
     coronal.set_title(f"coronal (RAS slice {y} of {hu.shape[1]})", fontsize=9)
     fig.suptitle(title + ("" if drawn else " (no organ predicted)"), fontsize=10)

@@ -40,7 +40,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedseg import run_folder
-from fedseg.data.labels import CHANNELS, TRAIN_DATASETS
+from fedseg.data.labels import FOREGROUND, TRAIN_DATASETS
 from fedseg.federated.aggregation import (
     output_moves,
     owner_output_average,
@@ -50,7 +50,6 @@ from fedseg.federated.sites import client_name, parse_client
 from fedseg.federated.task import CASES_KEY, FEDERATION_KEY, validated_round
 from fedseg.train.training import save_checkpoint
 
-FOREGROUND = CHANNELS[1:]
 #: Metric keys that name a client rather than measure it: never averaged.
 IDENTITY_KEYS = ("partition-id", "dataset-index", "shard", "shards", "local-best-updated")
 ROUND_COLUMNS = ["round", "kind", "dataset", "partition_id", "num_examples", "loss", "mean_dice",

@@ -18,7 +18,7 @@ import torch
 
 from fedseg import run_folder
 from fedseg.data.datasets import manifest_for
-from fedseg.data.labels import CHANNELS, TRAIN_DATASETS
+from fedseg.data.labels import FOREGROUND, TRAIN_DATASETS
 from fedseg.data.transforms import case_records
 from fedseg.federated.section import FederatedSettings
 from fedseg.federated.sites import parse_client
@@ -32,7 +32,6 @@ from fedseg.train.training import (
     weight_settings,
 )
 
-FOREGROUND = CHANNELS[1:]
 #: The train message's config key that names the federation (`strategies.StudyFedAvg.federation_id`).
 FEDERATION_KEY = "federation-id"
 #: The query message's config key that asks a site for its cases' fingerprints, and the reply's record of them.

@@ -37,6 +37,7 @@ from fedseg.data.labels import (
     CHANNELS,
     COLOURS,
     DATASETS,
+    FOREGROUND,
     LABEL_MAPS,
     owned_channels,
 )
@@ -91,6 +92,16 @@ def canonical(path: str | Path) -> tuple[np.ndarray, tuple[float, ...]]:
 #: Fig. 1's width per dataset (inches): five datasets make 9 inches, 900 pixels at the notebook's 100 dpi, so a
 #: notebook cell shows it near its own size and its 10-point text stays legible (not shrunk to a third).
 FIGURE1_COLUMN_INCHES = 1.8
+#: The CT window of every overlay (W400 L40: abdominal soft tissue), as (lowest, highest) HU.
+CT_WINDOW_HU = (-160.0, 240.0)
+
+
+def ct_display(hu: np.ndarray) -> np.ndarray:
+    """CT values in HU scaled to [0, 1] in the `CT_WINDOW_HU` window, for `overlay`."""
+    low, high = CT_WINDOW_HU
+    return np.clip((np.asarray(hu, dtype=np.float32) - low) / (high - low), 0, 1)
+
+
 RADIOLOGICAL_NOTE = "radiological view: the patient's right on the image's left, anterior up; coronal: superior up"
 
 
@@ -305,7 +316,7 @@ def figure3(image_path: str | Path, fused_path: str | Path, title: str = "", ste
     fig = plt.figure(figsize=(10, 4.6))
     ax2d = fig.add_subplot(1, 2, 1)
     z = best_axial_slice(multihot, drawn) if drawn else hu.shape[2] // 2
-    overlay(ax2d, np.clip((hu[..., z] + 160) / 400, 0, 1), multihot[..., z], drawn)  # window W400 L40
+    overlay(ax2d, ct_display(hu[..., z]), multihot[..., z], drawn)
     ax2d.set_title(f"{title} axial slice {z}", fontsize=9)
     ax3d = fig.add_subplot(1, 2, 2, projection="3d")
     for name in drawn:
@@ -463,7 +474,7 @@ def ensemble_figure(image_path: str | Path, probabilities: Mapping[str, tuple[st
     voxels = sum(mask.sum(axis=(0, 1)) for mask in organs.values())
     changed = (removed | overlap).sum(axis=(0, 1))
     z = int(np.lexsort((changed, voxels, present))[-1])
-    ct = np.clip((hu[..., z].astype(np.float32) + 160) / 400, 0, 1)  # window W400 L40, as Fig. 3
+    ct = ct_display(hu[..., z])
     columns = max(4, len(probabilities))
     fig, axes = plt.subplots(2, columns, figsize=(2.3 * columns, 5.6), squeeze=False, layout="constrained")
     for ax, (model, (channel, probability)) in zip(axes[0], probabilities.items()):
@@ -478,14 +489,13 @@ def ensemble_figure(image_path: str | Path, probabilities: Mapping[str, tuple[st
     for ax in axes[0, len(probabilities):]:
         ax.set_axis_off()
     fig.colorbar(shown, ax=axes[0, len(probabilities) - 1], fraction=0.05, label="probability")
-    foreground = tuple(CHANNELS[1:])
     fused_multihot = np.stack([fused[..., z] == c for c in range(len(CHANNELS))])
     order = " < ".join(c.replace("_", " ") for c in FUSION_ORDER)
     panels = [(ensemble[..., z], None, "ensemble\n(each channel from its owner)"),
               (processed[..., z], removed[..., z], "largest components (kidney: 2)\n(white: removed)"),
               (fused_multihot, overlap[..., z], "fused label map\n(white: set by the order)")]
     for ax, (mask, outline, name) in zip(axes[1], panels):
-        overlay(ax, ct, mask, foreground)
+        overlay(ax, ct, mask, FOREGROUND)
         if outline is not None and outline.any():
             ax.contour(radiological(outline).astype(float), levels=[0.5], colors="white", linewidths=0.8)
         ax.set_title(name, fontsize=8)

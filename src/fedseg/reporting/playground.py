@@ -18,6 +18,7 @@ layer, not above it.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -26,20 +27,16 @@ import numpy as np
 import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
-from fedseg.data.labels import CHANNEL_INDEX, CHANNELS, COLOURS, owned_channels
+from fedseg.data.labels import CHANNEL_INDEX, COLOURS, FOREGROUND, owned_channels
+from fedseg.federated.sites import parse_client
 from fedseg.reporting.figures import overlay, radiological
 
-FOREGROUND = CHANNELS[1:]
 #: How each control of the panel is labelled, and what it means (the notebook's markdown says more).
 LOSS_LABELS = {"dice_ce": "masked: unlabelled = unknown", "literal_dice_ce": "paper's: unlabelled = negative"}
 
 
 def _style(channel: str) -> dict[str, Any]:
     return {"color": COLOURS[channel], "ls": "--" if channel.endswith("tumor") else "-"}
-
-
-def _dataset(client: str) -> str:
-    return client.split("-")[0]
 
 
 def global_panel(ax: plt.Axes, rounds: pd.DataFrame) -> None:
@@ -61,8 +58,8 @@ def local_panel(ax: plt.Axes, rounds: pd.DataFrame) -> None:
     table = rounds[rounds["kind"] == "train"] if len(rounds) else rounds
     styles = ["-", ":", "-.", (0, (5, 1)), (0, (1, 3))]
     for client, rows in table.groupby("dataset", sort=False) if len(table) else ():
-        shard = int(client.split("-")[1].split("of")[0]) - 1 if "-" in client else 0
-        for channel in owned_channels(_dataset(client)):
+        dataset, shard, _ = parse_client(client)
+        for channel in owned_channels(dataset):
             if rows[f"dice_{channel}"].notna().any():
                 ax.plot(rows["round"], rows[f"dice_{channel}"], marker="o", ms=3, color=COLOURS[channel],
                         ls=styles[shard % len(styles)], label=f"{channel.replace('_', ' ')} @ {client}")
@@ -78,7 +75,7 @@ def dilution_panels(ratio_ax: plt.Axes, cosine_ax: plt.Axes, dilution: pd.DataFr
     sites pull the head against its owners)."""
     if not len(dilution):
         for ax in (ratio_ax, cosine_ax):
-            ax.text(0.5, 0.5, "dilution not measured\n" + _wrap(note or "no round measured yet"),
+            ax.text(0.5, 0.5, "dilution not measured\n" + textwrap.fill(note or "no round measured yet", 60),
                     ha="center", va="center", fontsize=8, transform=ax.transAxes)
             ax.set_axis_off()
         return
@@ -95,17 +92,6 @@ def dilution_panels(ratio_ax: plt.Axes, cosine_ax: plt.Axes, dilution: pd.DataFr
     cosine_ax.axhline(0, color="k", lw=0.8)
     for ax in (ratio_ax, cosine_ax):
         ax.grid(alpha=0.3)
-
-
-def _wrap(text: str, width: int = 60) -> str:
-    words, lines, line = text.split(), [], ""
-    for word in words:
-        if len(line) + len(word) + 1 > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    return "\n".join([*lines, line])
 
 
 def slice_panel(ax: plt.Axes, dataset: str, part: Mapping[str, Any], title: str) -> None:

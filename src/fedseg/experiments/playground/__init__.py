@@ -18,7 +18,7 @@ Nothing here trains, averages or measures on its own: it chooses the data (`play
 findings, each judged from the run's numbers (`outcome`), never from a sentence written in advance.
 """
 
-from fedseg.data.labels import TRAIN_DATASETS, owned_channels
+from fedseg.data.labels import FOREGROUND, TRAIN_DATASETS, owned_channels
 from fedseg.experiments.playground.grid import InProcessGrid
 from fedseg.experiments.playground.outcomes import (
     EXERCISES,
@@ -47,7 +47,6 @@ from fedseg.experiments.playground.rounds import (
 from fedseg.experiments.playground.settings import (
     AGGREGATIONS,
     FAILS_BELOW,
-    FOREGROUND,
     LOSSES,
     MAX_CASES,
     PLAYGROUND_PROFILE,

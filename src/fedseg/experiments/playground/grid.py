@@ -1,5 +1,5 @@
 """`InProcessGrid`: a Flower Grid whose nodes are the study's ClientApp in this process, so the study's ServerApp
-runs a playground federation without Ray or a SuperLink; and the ServerApp identity and quiet log while it runs.
+runs a playground federation without Ray or a SuperLink (`serve`: the ServerApp run to its end on such a grid).
 
 Written by hand: Flower 1.42 offers no public in-process Grid (its simulation's grid needs a SuperLink state and a
 Ray backend). It sets three private message-metadata fields and `TaskIdentity`'s private attributes, as Flower's
@@ -22,6 +22,8 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedseg.federated import server_app
+
 # --------------------------------------------------------------------------------------------------
 # The grid: the server's messages delivered to the study's ClientApp in this process
 # --------------------------------------------------------------------------------------------------
@@ -35,7 +37,7 @@ class InProcessGrid(Grid):
 
     def __init__(self, app: ClientApp, run_config: Mapping[str, Any], num_nodes: int, run_id: int = 1,
                  on_sent: Callable[[str, list[Message], list[Message]], None] | None = None):
-        self.app, self.on_sent = app, on_sent
+        self.app, self.on_sent, self.run_config = app, on_sent, dict(run_config)
         self._run = Run.create_empty(run_id)
         self.contexts = {
             1000 + pid: Context(run_id=run_id, node_id=1000 + pid, node_config={"partition-id": pid,
@@ -91,10 +93,18 @@ class InProcessGrid(Grid):
         return message_from_proto(message_to_proto(reply))
 
 
+def serve(grid: InProcessGrid) -> None:
+    """The study's ServerApp (`server_app.main`, the function a deployment starts) run to its end on `grid`, in
+    this process: with a server Context on the grid's run config, as Flower's ServerApp runtime gives it
+    (`_server_identity`), Flower's INFO log quiet while a dashboard shows the rounds."""
+    server = Context(run_id=grid.run.run_id, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(),
+                     run_config=dict(grid.run_config))
+    with _server_identity(grid.run.run_id), _quiet_flower():
+        server_app.main(grid, server)
 
 
 @contextlib.contextmanager
-def server_identity(run_id: int):
+def _server_identity(run_id: int):
     """This process is the ServerApp while the federation runs: Flower's `TaskIdentity` as its ServerApp runtime
     sets it (`flwr.superlink.runtime.run_serverapp`), which the strategy's new messages take their run and sender
     from; restored afterwards."""
@@ -107,7 +117,7 @@ def server_identity(run_id: int):
 
 
 @contextlib.contextmanager
-def quiet_flower():
+def _quiet_flower():
     """Flower's INFO log (each round's metrics, as `flwr run` prints them) silenced while the dashboard shows them."""
     logger = logging.getLogger("flwr")
     before = logger.level

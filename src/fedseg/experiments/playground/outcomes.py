@@ -10,9 +10,9 @@ from typing import Any
 
 import pandas as pd
 
-from fedseg.data.labels import owned_channels
+from fedseg.data.labels import FOREGROUND, owned_channels
 from fedseg.experiments.playground.rounds import PlaygroundRun
-from fedseg.experiments.playground.settings import FAILS_BELOW, FOREGROUND, PRESETS, Preset
+from fedseg.experiments.playground.settings import FAILS_BELOW, PRESETS, Preset
 
 # --------------------------------------------------------------------------------------------------
 # Outcomes: each preset's answer, computed from the run

@@ -13,22 +13,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from flwr.app import ArrayRecord, Context, Message, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.app import ArrayRecord, Message
 
 from fedseg import run_folder
-from fedseg.data.labels import owned_channels
+from fedseg.data.labels import FOREGROUND, owned_channels
 from fedseg.data.transforms import IMAGE, LABEL, case_records, evaluation_dataset
-from fedseg.experiments.playground.grid import InProcessGrid, quiet_flower, server_identity
+from fedseg.experiments.playground.grid import InProcessGrid, serve
 from fedseg.experiments.playground.settings import (
-    FOREGROUND,
     THREADS,
     Settings,
     playground_cases,
     playground_profile,
     prepare_data,
 )
-from fedseg.federated import client_app, methods, server_app
+from fedseg.federated import client_app, methods
 from fedseg.federated.settings import study_config
 from fedseg.federated.simulation import federation_run_config
 from fedseg.federated.sites import parse_client
@@ -114,10 +112,7 @@ def _run(settings: Settings, run_dir: str | Path, cases: pd.DataFrame | None, da
     methods.check_network(cfg)
     clients = settings.clients()
     watcher = _Watcher(cfg, run_dir, clients, fed_cases, began, on_round, settings)
-    grid = InProcessGrid(client_app.app, run_config, len(clients), on_sent=watcher.sent)
-    server = Context(run_id=1, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(), run_config=run_config)
-    with server_identity(grid.run.run_id), quiet_flower():
-        server_app.main(grid, server)
+    serve(InProcessGrid(client_app.app, run_config, len(clients), on_sent=watcher.sent))
     watcher.flush()
     return PlaygroundRun(settings=settings, run_dir=run_dir, rounds=watcher.rounds_table(),
                          dilution=watcher.dilution_table(), dilution_note=watcher.note(), views=watcher.views,

@@ -3,7 +3,6 @@ its data (`prepare_data`, `playground_cases`)."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
@@ -13,12 +12,10 @@ from typing import Any
 import pandas as pd
 
 from fedseg.config import load_profile, merge_profile, synthetic_data_root
-from fedseg.data.labels import CHANNELS, TRAIN_DATASETS
+from fedseg.data.labels import TRAIN_DATASETS
 from fedseg.data.phantom import generate
 from fedseg.federated.sites import client_list
 
-FOREGROUND = CHANNELS[1:]
-FOREGROUND = CHANNELS[1:]
 #: The losses a student compares: the masked Dice + BCE (unlabelled = unknown; Wang & Ma 2022) and the paper's
 #: reading (unlabelled = absent; Shen et al. 2022, Eq. 2).
 LOSSES = ("dice_ce", "literal_dice_ce")
@@ -160,20 +157,12 @@ def with_overrides(settings: Settings, **values: Any) -> Settings:
 
 def playground_profile(settings: Settings | None = None) -> dict[str, Any]:
     """The profile a playground federation runs with: the smoke profile with `PLAYGROUND_PROFILE`'s differences and
-    the run's seed and learning rate, checked against the base profile (`config.merge_profile`)."""
+    the run's seed and learning rate, merged and checked as every profile's differences are (`config.merge_profile`
+    onto the smoke profile)."""
     settings = settings or Settings()
-    profile = _deep_update(load_profile("smoke"), PLAYGROUND_PROFILE)
-    profile["seed"] = int(settings.seed)
-    profile["train"]["lr"] = float(settings.lr)
-    return merge_profile(profile, "fedseg.experiments.playground.PLAYGROUND_PROFILE")
-
-
-def _deep_update(base: dict[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in given.items():
-        out[key] = _deep_update(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), dict) \
-            else copy.deepcopy(value)
-    return out
+    differences = {**PLAYGROUND_PROFILE, "seed": int(settings.seed),
+                   "train": {**PLAYGROUND_PROFILE["train"], "lr": float(settings.lr)}}
+    return merge_profile(differences, "fedseg.experiments.playground.PLAYGROUND_PROFILE", base=load_profile("smoke"))
 
 
 def prepare_data(seed: int = 0, data_root: str | Path | None = None, datasets: Sequence[str] = TRAIN_DATASETS,

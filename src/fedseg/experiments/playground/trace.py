@@ -24,13 +24,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from flwr.app import Context, Message, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.app import Message, RecordDict
 from flwr.common.serde import message_to_proto
 
 from fedseg import run_folder
-from fedseg.experiments.playground.grid import InProcessGrid, quiet_flower, server_identity
-from fedseg.federated import client_app, server_app
+from fedseg.experiments.playground.grid import InProcessGrid, serve
+from fedseg.federated import client_app
 from fedseg.federated.simulation import federation_run_config
 from fedseg.federated.strategies import fedavg_weights
 
@@ -141,9 +140,8 @@ def one_round(cfg: dict[str, Any], cases: pd.DataFrame, sites: Sequence[str], ru
             caught.setdefault("averaged", messages[0].content["arrays"].to_torch_state_dict())
 
     grid = InProcessGrid(client_app.app, run_config, len(sites), on_sent=seen)
-    server = Context(run_id=1, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(), run_config=run_config)
-    with preserved_random_state(), server_identity(grid.run.run_id), quiet_flower():
-        server_app.main(grid, server)
+    with preserved_random_state():
+        serve(grid)
     missing = [s for s in sites if s not in caught["replies"]]
     if missing or "averaged" not in caught:
         raise RuntimeError(f"the traced round did not complete (no reply from {missing or 'none'}; evaluate sent: "

@@ -18,7 +18,7 @@ from fedseg.config import resolve
 from fedseg.data import datasets, transforms
 from fedseg.train.losses import build_loss
 from fedseg.train.models import build_network
-from fedseg.train.training import make_optimizer, select_device, train_model
+from fedseg.train.training import TrainSettings, make_optimizer, select_device, train_model
 
 
 def bare_steps(cfg, steps: int, device: torch.device) -> float:
@@ -26,7 +26,7 @@ def bare_steps(cfg, steps: int, device: torch.device) -> float:
     pre, train = cfg["preprocess"], cfg["train"]
     batch = train["cases_per_step"] * pre["patches_per_volume"]
     model = build_network(**cfg["model"]).to(device).train()
-    optimizer = make_optimizer(model, train)
+    optimizer = make_optimizer(model, TrainSettings.of(train))
     loss_fn = build_loss(train["loss"], **train.get("loss_options", {}))
     image = torch.rand(batch, 1, *pre["patch_size"], device=device)
     target = (torch.rand(batch, 8, *pre["patch_size"], device=device) > 0.9).to(torch.uint8)

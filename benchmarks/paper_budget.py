@@ -22,7 +22,7 @@ from fedseg.config import load_profile
 from fedseg.data.labels import TRAIN_DATASETS
 from fedseg.data.manifest import MANIFEST_PATH
 from fedseg.federated.task import validated_round
-from fedseg.train.training import validation_interval
+from fedseg.train.training import TrainSettings, validation_interval
 
 
 def split_sizes() -> pd.DataFrame:
@@ -50,7 +50,7 @@ def budget(cfg: dict, sizes: pd.DataFrame, step_s: float, infer_s: float, gpus: 
     n_val = {d: validation_cases(int(sizes.loc[d, "val"]), train.get("val_cases")) for d in TRAIN_DATASETS}
 
     def validations(steps: int) -> int:
-        return steps // validation_interval(train, steps)
+        return steps // validation_interval(TrainSettings.of(train), steps)
 
     sl_jobs, sl_val = [], 0.0
     for d in TRAIN_DATASETS:

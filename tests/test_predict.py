@@ -51,7 +51,7 @@ def tiny_run(tmp_path):
     for folder in ["fl-global", *(f"fl-local-{d}" for d in TRAIN_DATASETS)]:
         (run / "checkpoints" / folder).mkdir(parents=True)
         network = build_network(**MODEL)
-        torch.save({"model": network.state_dict(), "settings": weight_settings({**cfg, "train": {}})},
+        torch.save({"model": network.state_dict(), "settings": weight_settings(cfg)},
                    run / "checkpoints" / folder / "best.pt")
     (run / "run.json").write_text(json.dumps({"profile_config": cfg}))
     (run / "fl").mkdir()

@@ -131,30 +131,35 @@ def test_models_trained_in_parallel_processes_equal_those_trained_one_by_one(set
 
 
 def test_learning_rate_schedule_and_budget_rules():
+    from fedseg.config import load_profile
     from fedseg.train.training import (
+        TrainSettings,
         budget_note,
         central_budget,
         learning_rate,
         validation_interval,
     )
 
-    train = {"lr": 0.01, "schedule": "cosine", "warmup_steps": 0, "steps": 100, "val_every": 7}
+    base = load_profile("laptop")["train"]
+    train = TrainSettings.of({**base, "lr": 0.01, "schedule": "cosine", "warmup_steps": 0, "steps": 100,
+                              "validations": None, "val_every": 7})
     assert learning_rate(train, 1, 100) == pytest.approx(0.01)
     assert learning_rate(train, 51, 100) == pytest.approx(0.005)  # half-way down the cosine
     assert learning_rate(train, 101, 100) == pytest.approx(0.0)  # past the horizon it stays at 0
-    warm = {**train, "warmup_steps": 10}
+    warm = train.replace(warmup_steps=10)
     assert [learning_rate(warm, s, 110) for s in (1, 5, 10, 11)] == pytest.approx([0.001, 0.005, 0.01, 0.01])
     assert learning_rate(warm, 61, 110) == pytest.approx(0.005)
-    assert learning_rate({**train, "schedule": "constant"}, 99, 100) == 0.01
+    assert learning_rate(train.replace(schedule="constant"), 99, 100) == 0.01
     assert validation_interval(train, 100) == 7
-    assert validation_interval({**train, "validations": 5}, 900) == 180
-    assert validation_interval({**train, "validations": 5}, 3) == 1
-    assert central_budget({"steps": 900, "central_steps": None}, 4) == 3600
-    assert central_budget({"steps": 900, "central_steps": 500}, 4) == 500
-    cfg = {"preprocess": {"patch_size": [32, 32, 32]}, "train": {**train, "steps": 900, "cases_per_step": 2,
-                                                               "central_steps": None},
-           }
-    cfg["preprocess"]["patches_per_volume"] = 2
+    assert validation_interval(train.replace(validations=5), 900) == 180
+    assert validation_interval(train.replace(validations=5), 3) == 1
+    with pytest.raises(ValueError, match="both unset"):
+        validation_interval(train.replace(val_every=None), 100)
+    assert central_budget(train.replace(steps=900, central_steps=None), 4) == 3600
+    assert central_budget({**base, "steps": 900, "central_steps": 500}, 4) == 500  # a profile's section also goes
+    cfg = {**load_profile("laptop"), "seed": 0}
+    cfg["train"] = {**cfg["train"], "lr": 0.01, "steps": 900, "cases_per_step": 2, "central_steps": None}
+    cfg["preprocess"] = {**cfg["preprocess"], "patch_size": [32, 32, 32], "patches_per_volume": 2}
     note = budget_note(cfg, 4, {"rounds": 9, "local_steps": 100})
     assert "each SL model 900 steps" in note and "central model 3600 steps (the SL models together)" in note
     assert "9 rounds x 100 local steps = 900 (its SL model)" in note and "batches of 4 patches" in note
@@ -275,7 +280,11 @@ def test_a_case_replaced_under_the_same_id_is_another_case(setup):
 def test_02s_models_spread_over_the_gpus_present_and_share_the_cpu_otherwise():
     from fedseg.train.training import model_workers
 
-    laptop, paper = {"train": {"parallel_models": 2}}, {"train": {}}
+    from fedseg.config import load_profile
+
+    laptop = {**load_profile("laptop"), "seed": 0}
+    paper = {**laptop, "train": {**laptop["train"], "parallel_models": None}}
+    assert laptop["train"]["parallel_models"] == 2
     assert model_workers(laptop, jobs=5, gpus=0) == (2, [None, None])  # the profile's CPU processes
     assert model_workers(paper, jobs=5, gpus=0) == (1, [None])
     assert model_workers(paper, jobs=5, gpus=1) == (1, ["cuda:0"])  # one GPU: one model at a time on it
@@ -286,16 +295,17 @@ def test_02s_models_spread_over_the_gpus_present_and_share_the_cpu_otherwise():
 
 def test_cudnn_benchmarks_its_kernels_only_where_determinism_is_not_asked(setup):
     from fedseg.config import base_profile
-    from fedseg.train.training import configure_cudnn, seed_everything
+    from fedseg.train.training import TrainSettings, configure_cudnn, seed_everything
 
     before = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
     try:
         seed_everything(0)  # MONAI's set_determinism: benchmarking off for the whole process
         assert not torch.backends.cudnn.benchmark
-        assert configure_cudnn({"deterministic": False}) and torch.backends.cudnn.benchmark
+        default = TrainSettings.of(base_profile()["train"])
+        assert configure_cudnn(default.replace(deterministic=False)) and torch.backends.cudnn.benchmark
         assert not torch.backends.cudnn.deterministic
         # the default (the base profile's): deterministic
-        assert not configure_cudnn(base_profile()["train"]) and torch.backends.cudnn.deterministic
+        assert not configure_cudnn(default) and torch.backends.cudnn.deterministic
         root, cfg, records = setup
         cfg["train"].update(steps=2, val_every=2, deterministic=False)
         train_model(cfg, build_network(**cfg["model"]), records[:2], records[2:], root / "fast", steps=2,

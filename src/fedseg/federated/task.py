@@ -25,6 +25,7 @@ from fedseg.federated.sites import parse_client
 from fedseg.train.models import unique_state_dict
 from fedseg.train.training import (
     LocalHooks,
+    TrainingSettings,
     case_fingerprint,
     save_atomic,
     train_model,
@@ -96,7 +97,7 @@ def train_locally(cfg: dict[str, Any], model: torch.nn.Module, client: str, serv
     fl = FederatedSettings.of(cfg)
     # A data-loading worker per client and round costs more than it hides in a short local round, and
     # multiplies the memory of every virtual client: clients load in-process unless the profile says.
-    cfg = {**cfg, "preprocess": {**cfg["preprocess"], "num_workers": fl.client_workers}}
+    settings = TrainingSettings.of(cfg).replace(preprocess={"num_workers": fl.client_workers})
     out_dir = run_folder.client_dir(cfg["run_dir"], client)
     last = out_dir / "last.pt"
     start, resume = 0, False
@@ -112,9 +113,9 @@ def train_locally(cfg: dict[str, Any], model: torch.nn.Module, client: str, serv
         saved["model"] = state_dict_cpu(model)
         save_atomic(saved, last)
         start, resume = int(saved["state"]["step"]), True
-    seed = round_seed(cfg["seed"], client, 0 if fl.keep_optimizer else server_round)
+    seed = round_seed(settings.seed, client, 0 if fl.keep_optimizer else server_round)
     validated = fl.validated(server_round)
-    summary = train_model(cfg, model, train_records, val_records, out_dir, steps=start + fl.local_steps,
+    summary = train_model(settings, model, train_records, val_records, out_dir, steps=start + fl.local_steps,
                           seed=seed, resume=resume, progress=False, desc=f"fl-{client}", hooks=hooks,
                           schedule_start=(server_round - 1) * fl.local_steps,
                           schedule_steps=fl.rounds * fl.local_steps,

@@ -43,7 +43,7 @@ from fedseg.data.labels import (
 )
 from fedseg.data.transforms import IMAGE
 from fedseg.train.models import ABSENT_LOGIT, meta_channel_sources, meta_logits
-from fedseg.train.training import autocast
+from fedseg.train.training import TrainSettings, autocast
 
 Predictor = Union[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor]]
 Models = Union[Predictor, Mapping[str, Predictor]]
@@ -108,13 +108,13 @@ def _check_image(image: torch.Tensor) -> None:
 
 def _sliding_window(model: Predictor, image: torch.Tensor, cfg: dict[str, Any], device: torch.device) -> torch.Tensor:
     """(C, X, Y, Z) float32 logits on the CPU of one model on one (1, X, Y, Z) image, as `training.validate`."""
-    train = cfg["train"]
+    train = TrainSettings.of(cfg["train"])
     if isinstance(model, torch.nn.Module):
         model.eval()
     batch = _plain(image)[None].to(device=device, dtype=torch.float32)
     with torch.no_grad(), autocast(device, train):
-        logits = sliding_window_inference(batch, cfg["preprocess"]["patch_size"], train["sw_batch_size"], model,
-                                          overlap=train["sw_overlap"])
+        logits = sliding_window_inference(batch, cfg["preprocess"]["patch_size"], train.sw_batch_size, model,
+                                          overlap=train.sw_overlap)
     return logits[0].float().cpu()
 
 

@@ -7,6 +7,9 @@ thresholds sigmoid outputs at 0.5 and scores Dice per channel the validation cas
 
 Modules, each importing only those above it in this list:
 
+- `settings`: `TrainingSettings`, what one training reads (the seed, the network, the data root, and the profile's
+  `train` and `preprocess` sections typed as `TrainSettings` and `PreprocessSettings`); the entry points below take
+  it or a resolved configuration, read once through `TrainingSettings.of`;
 - `runtime`: the device, seeding, cuDNN's determinism, mixed precision, out-of-memory hints;
 - `schedule`: the optimizer, the learning rate of each step, validation cases and interval, budgets;
 - `checkpoints`: atomic saves and the settings a checkpoint carries, and the refusals of other settings;
@@ -56,9 +59,11 @@ from fedseg.train.training.schedule import (
     validation_interval,
     validation_subset,
 )
+from fedseg.train.training.settings import PreprocessSettings, TrainingSettings, TrainSettings
 from fedseg.train.training.validation import channel_means, predictor, validate
 
 __all__ = [
+    'TrainingSettings', 'TrainSettings', 'PreprocessSettings',
     'select_device', 'seed_everything', 'configure_cudnn', 'autocast', 'cpu_has_bf16', 'make_optimizer',
     'learning_rate', 'validation_subset', 'validation_interval', 'central_budget', 'budget_note', 'save_atomic',
     'save_checkpoint', 'StaleCheckpointError', 'NEUTRAL_TRAIN_KEYS', 'NEUTRAL_PREPROCESS_KEYS', 'case_fingerprint',

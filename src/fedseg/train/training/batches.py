@@ -4,7 +4,7 @@ the batches an uninterrupted one would.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ from fedseg.data.transforms import (
     sampling_indices,
     stored_case,
 )
+from fedseg.train.training.settings import TrainingSettings
 
 
 class PatchBatches(torch.utils.data.Dataset):
@@ -28,17 +29,20 @@ class PatchBatches(torch.utils.data.Dataset):
     Reads whole preprocessed volumes from the cache and applies the random part of the pipeline
     (patches, intensity shift) with a generator seeded per step, so resuming at step s is exact.
     """
-    def __init__(self, cfg: dict[str, Any], records: list[dict[str, Any]], seed: int, cases_per_step: int,
-                 volumes: Sequence[dict[str, Any]] | None = None):
+    def __init__(self, cfg: TrainingSettings | Mapping[str, Any], records: list[dict[str, Any]], seed: int,
+                 cases_per_step: int, volumes: Sequence[dict[str, Any]] | None = None):
         if not records:
             raise ValueError("No training cases: check the manifest's train split for this client.")
         # `volumes`: preprocessed cases to draw from instead of the cache (e.g. with completed pseudo-labels)
         self.seed, self.cases_per_step = seed, cases_per_step
-        pre = cfg["preprocess"]
+        # a training's settings (or a resolved configuration's); the data layer reads the data root and the
+        # preprocess section in the configuration's form
+        settings = TrainingSettings.of(cfg)
+        pre, cfg = settings.preprocess, settings.data_config()
         # the patch cache (`preprocess.cache: patches`): patches sliced from memory-mapped cases, not cut from
         # whole volumes read every step
         self.stored = [stored_case(cfg, r) for r in records] if volumes is None and patch_cache(cfg) else None
-        self.patch, self.count, self.sampling = pre["patch_size"], pre["patches_per_volume"], pre["patch_sampling"]
+        self.patch, self.count, self.sampling = pre.patch_size, pre.patches_per_volume, pre.patch_sampling
         self.owned = [np.asarray(r["owned"]) for r in records]
         self.tail = patch_augment(cfg)
         self.volumes = self.stored if self.stored is not None else (
@@ -46,7 +50,7 @@ class PatchBatches(torch.utils.data.Dataset):
         self.augment = augment(cfg)
         # `preprocess.in_memory`: each volume is read from the cache once and kept, with the positions of
         # its foreground and background voxels that the patch sampler would otherwise search every step
-        self.in_memory = bool(cfg["preprocess"]["in_memory"])
+        self.in_memory = bool(pre.in_memory)
         self.indexer = sampling_indices(cfg)
         self.memory: dict[int, dict[str, Any]] = {}
 

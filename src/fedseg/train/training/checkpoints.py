@@ -15,6 +15,7 @@ import torch
 
 from fedseg.config import code_version
 from fedseg.data import phantom
+from fedseg.train.training.settings import TrainingSettings
 
 
 def save_atomic(obj: Any, path: Path) -> None:
@@ -66,25 +67,26 @@ def data_identity(data_root: str | Path | None) -> dict[str, Any]:
             "generator": phantom.generation(data_root) if data_root else None}
 
 
-def weight_settings(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The settings of `cfg` that change the weights a training produces: the network, the training and
-    preprocessing settings (less the neutral keys) and the data's identity (`data_identity`). Every checkpoint
-    carries them (`training_settings`, and a federation's `task.federation_settings`)."""
-    train, pre = cfg["train"], cfg["preprocess"]
-    return {"model": dict(cfg["model"]),
-            "train": {k: v for k, v in train.items() if k not in NEUTRAL_TRAIN_KEYS},
-            "preprocess": {k: v for k, v in pre.items() if k not in NEUTRAL_PREPROCESS_KEYS},
-            "data": data_identity(cfg.get("data_root"))}
+def weight_settings(cfg: TrainingSettings | Mapping[str, Any]) -> dict[str, Any]:
+    """The settings of a training (`TrainingSettings`, or a resolved configuration's) that change the weights it
+    produces: the network, the training and preprocessing settings (less the neutral keys) and the data's identity
+    (`data_identity`). Every checkpoint carries them (`training_settings`, and a federation's
+    `task.federation_settings`)."""
+    settings = TrainingSettings.of(cfg)
+    return {"model": dict(settings.model),
+            "train": {k: v for k, v in settings.train.as_dict().items() if k not in NEUTRAL_TRAIN_KEYS},
+            "preprocess": {k: v for k, v in settings.preprocess.as_dict().items() if k not in NEUTRAL_PREPROCESS_KEYS},
+            "data": data_identity(settings.data_root)}
 
 
 #: The preprocessing a model's inputs depend on at inference: a checkpoint answers only under the same.
 INFERENCE_PREPROCESS_KEYS = ("spacing", "hu_window", "mri_percentiles")
 
 
-def check_answers_for(path: str | Path, saved: Mapping[str, Any], cfg: Mapping[str, Any]) -> None:
-    """Refuse (`StaleCheckpointError`) a checkpoint loaded to answer for a run (`cfg`) that was trained on other
-    data (`data_identity`: another data root, or the same folder written by another phantom version) or for
-    other inference preprocessing (voxel size, intensity window); one that records no settings predates them
+def check_answers_for(path: str | Path, saved: Mapping[str, Any], cfg: TrainingSettings | Mapping[str, Any]) -> None:
+    """Refuse (`StaleCheckpointError`) a checkpoint loaded to answer for a run (`cfg`, its configuration or training
+    settings) that was trained on other data (`data_identity`: another data root, or the same folder written by
+    another phantom version) or for other inference preprocessing (voxel size, intensity window); one that records no settings predates them
     and is refused too. The error names what differs and the fix."""
     path = Path(path)
     fix = (f"Retrain it into this run folder (rerun the notebook that made {path.parent.name}, e.g. with "
@@ -93,8 +95,9 @@ def check_answers_for(path: str | Path, saved: Mapping[str, Any], cfg: Mapping[s
     if not settings:
         raise StaleCheckpointError(f"{path} records no training settings (it predates them), so nothing says which "
                                    f"data it was trained on. {fix}")
-    expected = {"data": data_identity(cfg.get("data_root")),
-                **{k: cfg["preprocess"].get(k) for k in INFERENCE_PREPROCESS_KEYS}}
+    answers_for = TrainingSettings.of(cfg)
+    expected = {"data": data_identity(answers_for.data_root),
+                **{k: getattr(answers_for.preprocess, k) for k in INFERENCE_PREPROCESS_KEYS}}
     found = {"data": settings.get("data"),
              **{k: (settings.get("preprocess") or {}).get(k) for k in INFERENCE_PREPROCESS_KEYS}}
     differing = setting_differences(found, expected)
@@ -103,7 +106,7 @@ def check_answers_for(path: str | Path, saved: Mapping[str, Any], cfg: Mapping[s
                                    f"({'; '.join(differing)}), so it cannot answer for it. {fix}")
 
 
-def training_settings(cfg: dict[str, Any], *, loss: str, budget: int, seed: int, task: str | None,
+def training_settings(cfg: TrainingSettings | Mapping[str, Any], *, loss: str, budget: int, seed: int, task: str | None,
                       train_records: Sequence[Mapping[str, Any]],
                       val_records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """What a model's training depends on, stored in its checkpoints (`train_model`): `weight_settings`, the

@@ -21,20 +21,23 @@ from fedseg.train.training.loop import train_model
 from fedseg.train.training.runtime import (
     seed_everything,
 )
+from fedseg.train.training.settings import TrainingSettings
 
 
-def fit(cfg: dict[str, Any], name: str, train_records: list[dict[str, Any]], val_records: list[dict[str, Any]],
-        run_dir: str | Path, *, steps: int | None = None, loss: str | None = None,
+def fit(cfg: TrainingSettings | Mapping[str, Any], name: str, train_records: list[dict[str, Any]],
+        val_records: list[dict[str, Any]], run_dir: str | Path, *, steps: int | None = None, loss: str | None = None,
         progress: bool = True) -> dict[str, Any]:
-    """Build the profile's network from the run's seed and train it into `run_dir/checkpoints/<name>/`.
+    """Build the profile's network from the run's seed and train it into `run_dir/checkpoints/<name>/`, under a
+    training's settings (`TrainingSettings`, or a resolved configuration's).
 
     The SL baselines, central aggregation (and the FL clients through `train_model`) share this path;
     a notebook rerun after an interruption continues from the last checkpoint.
     """
-    seed_everything(cfg["seed"])
-    model = build_network(**cfg["model"])
+    settings = TrainingSettings.of(cfg)
+    seed_everything(settings.seed)
+    model = build_network(**settings.model)
     out_dir = run_folder.model_dir(run_dir, name)
-    summary = train_model(cfg, model, train_records, val_records, out_dir, steps=steps, loss=loss,
+    summary = train_model(settings, model, train_records, val_records, out_dir, steps=steps, loss=loss,
                           progress=progress, desc=name)
     return {**summary, "best": out_dir / run_folder.BEST, "name": name}
 
@@ -84,7 +87,7 @@ def _worker_init(threads: int, devices: Any) -> None:
         torch.cuda.set_device(device)  # select_device()'s "cuda" is then this GPU
 
 
-def model_workers(cfg: Mapping[str, Any], jobs: int, workers: int | None = None,
+def model_workers(cfg: TrainingSettings | Mapping[str, Any], jobs: int, workers: int | None = None,
                   gpus: int | None = None) -> tuple[int, list[str | None]]:
     """How `fit_models` spreads `jobs` models: the number of worker processes and each one's GPU (None: CPU).
 
@@ -93,13 +96,13 @@ def model_workers(cfg: Mapping[str, Any], jobs: int, workers: int | None = None,
     """
     gpus = torch.cuda.device_count() if gpus is None else int(gpus)
     default = gpus if gpus > 1 else 1
-    workers = min(max(1, int(workers or cfg["train"].get("parallel_models") or default)), max(1, jobs))
+    workers = min(max(1, int(workers or TrainingSettings.of(cfg).train.parallel_models or default)), max(1, jobs))
     return workers, [f"cuda:{i % gpus}" if gpus else None for i in range(workers)]
 
 
-def fit_models(cfg: dict[str, Any], jobs: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]], int]],
-               run_dir: str | Path, *, loss: str | None = None, workers: int | None = None,
-               progress: bool = True) -> dict[str, dict[str, Any]]:
+def fit_models(cfg: TrainingSettings | Mapping[str, Any],
+               jobs: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]], int]], run_dir: str | Path, *,
+               loss: str | None = None, workers: int | None = None, progress: bool = True) -> dict[str, dict[str, Any]]:
     """`fit` every job (name -> (train records, val records, steps)); returns name -> `fit`'s summary.
 
     With more than one worker (`model_workers`: the profile's `train.parallel_models`, else one per GPU when
@@ -109,13 +112,14 @@ def fit_models(cfg: dict[str, Any], jobs: dict[str, tuple[list[dict[str, Any]], 
     more steps per second in all than two threads per model; see docs/convergence.md). On GPUs each
     worker keeps one GPU and its data-loading workers. Each model's training is the same as alone.
     """
-    workers, devices = model_workers(cfg, len(jobs), workers)
+    settings = TrainingSettings.of(cfg)
+    workers, devices = model_workers(settings, len(jobs), workers)
     if workers <= 1:
-        return {name: fit(cfg, name, train, val, run_dir, steps=steps, loss=loss, progress=progress)
+        return {name: fit(settings, name, train, val, run_dir, steps=steps, loss=loss, progress=progress)
                 for name, (train, val, steps) in jobs.items()}
     threads = max(1, (os.cpu_count() or 1) // workers)
     on_gpus = devices[0] is not None
-    in_process = cfg if on_gpus else {**cfg, "preprocess": {**cfg["preprocess"], "num_workers": 0}}
+    in_process = settings if on_gpus else settings.replace(preprocess={"num_workers": 0})
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     for device in devices:

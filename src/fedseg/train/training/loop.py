@@ -8,7 +8,7 @@ import dataclasses
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -45,6 +45,7 @@ from fedseg.train.training.schedule import (
     validation_interval,
     validation_subset,
 )
+from fedseg.train.training.settings import TrainingSettings
 from fedseg.train.training.validation import channel_means, validate
 
 #: A term added to the training loss: (model, logits, batch with the image on the device) -> scalar tensor.
@@ -67,14 +68,15 @@ class LocalHooks:
     block: str | None = None
 
 
-def train_model(cfg: dict[str, Any], model: torch.nn.Module, train_records: list[dict[str, Any]],
+def train_model(cfg: TrainingSettings | Mapping[str, Any], model: torch.nn.Module, train_records: list[dict[str, Any]],
                 val_records: list[dict[str, Any]], out_dir: str | Path, *, steps: int | None = None,
                 loss: str | None = None, seed: int | None = None, resume: bool = True,
                 stop_after: int | None = None, progress: bool = True, desc: str = "train",
                 device: torch.device | None = None, hooks: LocalHooks | None = None, schedule_start: int | None = None,
                 schedule_steps: int | None = None, val_every: int | None = None,
                 validate_at_end: bool = True) -> dict[str, Any]:
-    """Train `model` for `steps` local steps with validation, best-checkpoint tracking and resume.
+    """Train `model` for `steps` local steps with validation, best-checkpoint tracking and resume, under `cfg`:
+    a training's `TrainingSettings` (or a resolved configuration, read once through `TrainingSettings.of`).
 
     `hooks` (`LocalHooks`) are what a federated method changes: an extra loss term, other training volumes, the
     block of the network trained; None trains as SL does.
@@ -94,26 +96,27 @@ def train_model(cfg: dict[str, Any], model: torch.nn.Module, train_records: list
     Returns a summary: steps done, best step and metric, seconds, the history table and the learning rate
     of each step of this call and their mean loss.
     """
-    train = cfg["train"]
+    settings = TrainingSettings.of(cfg)
+    train = settings.train
     hooks = hooks or LocalHooks()
     task, extra_loss = hooks.block, hooks.extra_loss
-    steps = int(steps if steps is not None else train["steps"])
-    seed = int(cfg["seed"] if seed is None else seed)
-    val_records = validation_subset(val_records, train.get("val_cases"))
+    steps = int(steps if steps is not None else train.steps)
+    seed = int(settings.seed if seed is None else seed)
+    val_records = validation_subset(val_records, train.val_cases)
     device = device or select_device()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    loss_fn = build_loss(loss or train["loss"], **train["loss_options"])
-    settings = training_settings(cfg, loss=loss or train["loss"], budget=int(schedule_steps or steps), seed=seed,
+    loss_fn = build_loss(loss or train.loss, **train.loss_options)
+    recorded = training_settings(settings, loss=loss or train.loss, budget=int(schedule_steps or steps), seed=seed,
                                  task=task, train_records=train_records, val_records=val_records)
     model.to(device).train()
     optimizer = make_optimizer(model, train)
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and train["amp"])
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and train.amp)
     state = {"step": 0, "best_metric": -1.0, "best_step": 0, "history": [], "train_s": 0.0, "val_s": 0.0}
     last = out_dir / "last.pt"
     if resume and last.exists():
         saved = torch.load(last, map_location=device, weights_only=False)
-        check_resumable(last, saved.get("settings"), settings)
+        check_resumable(last, saved.get("settings"), recorded)
         load_weights(model, saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scaler.load_state_dict(saved["scaler"])
@@ -121,15 +124,15 @@ def train_model(cfg: dict[str, Any], model: torch.nn.Module, train_records: list
     else:
         seed_everything(seed)
     configure_cudnn(train)
-    batches = PatchBatches(cfg, train_records, seed, train["cases_per_step"], hooks.volumes)
-    val_volumes = evaluation_dataset(cfg, val_records)
+    batches = PatchBatches(settings, train_records, seed, train.cases_per_step, hooks.volumes)
+    val_volumes = evaluation_dataset(settings.data_config(), val_records)
     start, end = state["step"], steps if stop_after is None else min(steps, state["step"] + stop_after)
     schedule_steps = int(schedule_steps or steps)
     val_every = int(val_every or validation_interval(train, steps))
     schedule_offset = (start if schedule_start is None else int(schedule_start)) - start
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(batches, range(start, end)), batch_size=None,
-        num_workers=cfg["preprocess"]["num_workers"], persistent_workers=False,
+        num_workers=settings.preprocess.num_workers, persistent_workers=False,
         pin_memory=device.type == "cuda",  # page-locked batches copy to the GPU without a staging copy
     )
     began = tick = time.perf_counter()
@@ -160,7 +163,7 @@ def train_model(cfg: dict[str, Any], model: torch.nn.Module, train_records: list
             if step % val_every == 0 or (validate_at_end and step == steps):
                 state["train_s"] += time.perf_counter() - tick
                 tick = time.perf_counter()
-                scores = validate(model, val_volumes, val_records, cfg, device, task)
+                scores = validate(model, val_volumes, val_records, settings, device, task)
                 means = channel_means(scores)
                 metric = float(means.mean())
                 state["val_s"] += time.perf_counter() - tick
@@ -172,18 +175,18 @@ def train_model(cfg: dict[str, Any], model: torch.nn.Module, train_records: list
                 if metric > state["best_metric"]:
                     state.update(best_metric=metric, best_step=step)
                     save_checkpoint(unique_state_dict(model), out_dir / run_folder.BEST, step=step,
-                                    val_mean_dice=metric, settings=settings)
+                                    val_mean_dice=metric, settings=recorded)
                 bar.set_postfix(loss=f"{entry['loss']:.3f}", dice=f"{metric:.3f}")
                 tick = time.perf_counter()
-            if step % train["checkpoint_every"] == 0 or step == end:
+            if step % train.checkpoint_every == 0 or step == end:
                 state["train_s"] += time.perf_counter() - tick
                 save_atomic({"model": unique_state_dict(model), "optimizer": optimizer.state_dict(),
-                             "scaler": scaler.state_dict(), "state": state, "settings": settings,
+                             "scaler": scaler.state_dict(), "state": state, "settings": recorded,
                              "code": code_version()}, last)
                 tick = time.perf_counter()
     except (torch.OutOfMemoryError, RuntimeError) as error:
         if _is_out_of_memory(error):
-            raise _memory_hint(cfg, error) from error
+            raise _memory_hint(settings, error) from error
         raise
     history = pd.DataFrame(state["history"])
     history.to_csv(out_dir / "history.csv", index=False)

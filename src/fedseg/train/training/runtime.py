@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Mapping
 
 import torch
 from monai.utils import set_determinism
+
+from fedseg.train.training.settings import TrainingSettings, TrainSettings
 
 
 def select_device(preferred: str | None = None) -> torch.device:
@@ -24,7 +25,7 @@ def seed_everything(seed: int) -> None:
     set_determinism(seed=seed)
 
 
-def configure_cudnn(train: Mapping[str, Any]) -> bool:
+def configure_cudnn(train: TrainSettings) -> bool:
     """cuDNN's kernel choice for the profile's `train.deterministic` (base profile: true); returns whether cuDNN
     benchmarks its convolution kernels.
 
@@ -32,18 +33,18 @@ def configure_cudnn(train: Mapping[str, Any]) -> bool:
     `deterministic: false` (the paper profile) turns it back on: cuDNN times its kernels for each shape once and
     keeps the fastest, and a GPU run's numbers then vary in their last bits from run to run. No effect on a CPU.
     """
-    fast = not bool(train["deterministic"])
+    fast = not bool(train.deterministic)
     torch.backends.cudnn.benchmark = fast
     torch.backends.cudnn.deterministic = not fast
     return fast
 
 
-def autocast(device: torch.device, train: dict[str, Any]):
+def autocast(device: torch.device, train: TrainSettings):
     """Mixed precision on GPU when the profile allows it (`amp`); on CPU bfloat16 autocast only when the
     profile asks (`cpu_bf16`) and the CPU has native bfloat16 (AVX512-BF16 / AMX), else full precision."""
-    if device.type == "cuda" and train["amp"]:
+    if device.type == "cuda" and train.amp:
         return torch.autocast("cuda", dtype=torch.float16)
-    if device.type == "cpu" and train["cpu_bf16"] and cpu_has_bf16():
+    if device.type == "cpu" and train.cpu_bf16 and cpu_has_bf16():
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -57,13 +58,13 @@ def cpu_has_bf16() -> bool:
         return False
 
 
-def _memory_hint(cfg: dict[str, Any], error: BaseException) -> RuntimeError:
-    pre, train = cfg["preprocess"], cfg["train"]
+def _memory_hint(settings: TrainingSettings, error: BaseException) -> RuntimeError:
+    pre, train = settings.preprocess, settings.train
     return RuntimeError(
-        f"Out of memory in training ({type(error).__name__}): lower preprocess.patch_size (now {pre['patch_size']}), "
-        f"train.cases_per_step (now {train['cases_per_step']}) or preprocess.patches_per_volume "
-        f"(now {pre['patches_per_volume']}), e.g. with -p or a profile copy; train.sw_batch_size "
-        f"(now {train['sw_batch_size']}) if it happened in validation."
+        f"Out of memory in training ({type(error).__name__}): lower preprocess.patch_size (now {pre.patch_size}), "
+        f"train.cases_per_step (now {train.cases_per_step}) or preprocess.patches_per_volume "
+        f"(now {pre.patches_per_volume}), e.g. with -p or a profile copy; train.sw_batch_size "
+        f"(now {train.sw_batch_size}) if it happened in validation."
     )
 
 

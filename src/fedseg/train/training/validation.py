@@ -5,7 +5,7 @@ dataset owns.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -22,6 +22,7 @@ from fedseg.data.transforms import (
 from fedseg.train.training.runtime import (
     autocast,
 )
+from fedseg.train.training.settings import TrainingSettings
 
 
 def predictor(model: torch.nn.Module, task: str | None) -> Callable:
@@ -30,22 +31,25 @@ def predictor(model: torch.nn.Module, task: str | None) -> Callable:
 
 
 @torch.no_grad()
-def validate(model: torch.nn.Module, volumes: PersistentDataset, records: list[dict[str, Any]], cfg: dict[str, Any],
-             device: torch.device, task: str | None = None) -> pd.DataFrame:
-    """Dice per case and owned channel (sigmoid > 0.5), from sliding-window inference on whole volumes.
+def validate(model: torch.nn.Module, volumes: PersistentDataset, records: list[dict[str, Any]],
+             cfg: TrainingSettings | Mapping[str, Any], device: torch.device, task: str | None = None) -> pd.DataFrame:
+    """Dice per case and owned channel (sigmoid > 0.5), from sliding-window inference on whole volumes, under a
+    training's settings (`TrainingSettings`, or a resolved configuration's): the patch size, the sliding window's
+    batch and overlap, mixed precision.
 
     Returns long-form rows: dataset, case_id, channel, dice (NaN where the case has none of that channel).
     """
     model.eval()
-    train = cfg["train"]
+    settings = TrainingSettings.of(cfg)
+    train = settings.train
     metric = DiceMetric(include_background=True, reduction="none", ignore_empty=True)
     rows = []
     for index, record in enumerate(records):
         case = volumes[index]
         image = torch.as_tensor(case[IMAGE])[None].to(device)
         with autocast(device, train):
-            logits = sliding_window_inference(image, cfg["preprocess"]["patch_size"], train["sw_batch_size"],
-                                              predictor(model, task), overlap=train["sw_overlap"])
+            logits = sliding_window_inference(image, settings.preprocess.patch_size, train.sw_batch_size,
+                                              predictor(model, task), overlap=train.sw_overlap)
         prediction = (torch.sigmoid(logits.float()) > 0.5).cpu()
         target = torch.as_tensor(case[LABEL])[None]
         dice = metric(prediction, target)[0]

@@ -278,9 +278,8 @@ def test_a_case_replaced_under_the_same_id_is_another_case(setup):
 
 
 def test_02s_models_spread_over_the_gpus_present_and_share_the_cpu_otherwise():
-    from fedseg.train.training import model_workers
-
     from fedseg.config import load_profile
+    from fedseg.train.training import model_workers
 
     laptop = {**load_profile("laptop"), "seed": 0}
     paper = {**laptop, "train": {**laptop["train"], "parallel_models": None}}

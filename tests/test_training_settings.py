@@ -82,3 +82,20 @@ def test_the_stage_reads_its_typed_settings_not_the_configuration():
         reads = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Subscript)
                  and isinstance(node.value, ast.Name) and node.value.id in ("cfg", "train", "pre")]
         assert not reads, f"{name}.py reads the configuration by key on lines {reads}"
+
+
+def test_a_runs_record_that_predates_newer_settings_reads_them_as_their_defaults():
+    # run.json of a run made before preprocess.cache existed, and one that leaves unset settings out: a finished run
+    # is still read for inference (`recorded`), while a training refuses the incomplete section (`of`)
+    cfg = {**load_profile("laptop"), "data_root": "/data/laptop-seed0-abc"}
+    old = {**cfg, "preprocess": {k: v for k, v in cfg["preprocess"].items() if k not in ("cache", "cache_dtype")},
+           "train": {**{k: v for k, v in cfg["train"].items() if k != "val_every"}, "retired_setting": 1}}
+    settings = TrainingSettings.recorded(old)
+    assert settings.preprocess.cache == base_profile()["preprocess"]["cache"]
+    assert settings.train.val_every is None and settings.preprocess.spacing == cfg["preprocess"]["spacing"]
+    with pytest.raises(ValueError, match="retired_setting, which is not a setting"):
+        TrainingSettings.of(old)
+    with pytest.raises(ValueError, match="preprocess settings without cache, cache_dtype"):
+        TrainingSettings.of({**old, "train": cfg["train"]})
+    # an unset setting left out of a record is not missing: its default is null
+    assert TrainSettings.of({k: v for k, v in cfg["train"].items() if k != "val_every"}).val_every is None

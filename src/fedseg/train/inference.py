@@ -108,7 +108,7 @@ def _check_image(image: torch.Tensor) -> None:
 
 def _sliding_window(model: Predictor, image: torch.Tensor, cfg: dict[str, Any], device: torch.device) -> torch.Tensor:
     """(C, X, Y, Z) float32 logits on the CPU of one model on one (1, X, Y, Z) image, as `training.validate`."""
-    train = TrainSettings.of(cfg["train"])
+    train = TrainSettings.recorded(cfg["train"])  # a run's record (predict) may predate newer settings
     if isinstance(model, torch.nn.Module):
         model.eval()
     batch = _plain(image)[None].to(device=device, dtype=torch.float32)

@@ -86,8 +86,9 @@ INFERENCE_PREPROCESS_KEYS = ("spacing", "hu_window", "mri_percentiles")
 def check_answers_for(path: str | Path, saved: Mapping[str, Any], cfg: TrainingSettings | Mapping[str, Any]) -> None:
     """Refuse (`StaleCheckpointError`) a checkpoint loaded to answer for a run (`cfg`, its configuration or training
     settings) that was trained on other data (`data_identity`: another data root, or the same folder written by
-    another phantom version) or for other inference preprocessing (voxel size, intensity window); one that records no settings predates them
-    and is refused too. The error names what differs and the fix."""
+    another phantom version) or for other inference preprocessing (voxel size, intensity window); one that records
+    no settings predates them and is refused too. The error names what differs and the fix. `cfg` may be a finished
+    run's record (`TrainingSettings.recorded`)."""
     path = Path(path)
     fix = (f"Retrain it into this run folder (rerun the notebook that made {path.parent.name}, e.g. with "
            f"--overwrite), or evaluate it with the data and profile it was trained on.")
@@ -95,7 +96,7 @@ def check_answers_for(path: str | Path, saved: Mapping[str, Any], cfg: TrainingS
     if not settings:
         raise StaleCheckpointError(f"{path} records no training settings (it predates them), so nothing says which "
                                    f"data it was trained on. {fix}")
-    answers_for = TrainingSettings.of(cfg)
+    answers_for = TrainingSettings.recorded(cfg)  # a finished run's record may predate newer settings
     expected = {"data": data_identity(answers_for.data_root),
                 **{k: getattr(answers_for.preprocess, k) for k in INFERENCE_PREPROCESS_KEYS}}
     found = {"data": settings.get("data"),

@@ -7,7 +7,8 @@ not from the whole resolved configuration; its entry points take either and read
 The fields are the keys of `fedseg/profiles/base.yaml`'s sections, checked both ways (a key the dataclass does not
 have, or a field the section lacks, is refused), so a setting added to the base profile must be added here. Values
 are kept as the profile gives them (a whole number stays one where a float is allowed): `as_dict` gives back the
-section exactly, which is what every checkpoint records and compares.
+section exactly, which is what every checkpoint records and compares (a setting left unset, absent from a
+run's record, reads as None, its null default).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
+
+from fedseg.config import base_profile
 
 Section = TypeVar("Section", bound="_Section")
 
@@ -28,11 +31,13 @@ class _Section:
 
     @classmethod
     def of(cls: type[Section], section: Section | Mapping[str, Any]) -> Section:
-        """The section of a resolved profile (every key of the base profile's, no other), typed."""
+        """The section of a resolved profile (every key of the base profile's, no other), typed. A setting whose
+        default is null ("unset") may be absent, as a run's record writes it (`run.json` leaves unset keys out)."""
         if isinstance(section, cls):
             return section
         names = [f.name for f in dataclasses.fields(cls)]
-        missing = [n for n in names if n not in section]
+        unset = {n for n, v in base_profile()[cls.NAME].items() if v is None}
+        missing = [n for n in names if n not in section and n not in unset]
         unknown = sorted(set(section) - set(names))
         if missing or unknown:
             said = "; ".join(part for part in (
@@ -41,7 +46,18 @@ class _Section:
                 else "") if part)
             raise ValueError(f"{cls.NAME} settings {said}: give a resolved profile's section (fedseg.config."
                              f"load_profile or resolve merges a profile onto fedseg/profiles/base.yaml).")
-        return cls(**{n: section[n] for n in names})
+        return cls(**{n: section.get(n) for n in names})
+
+    @classmethod
+    def recorded(cls: type[Section], section: Section | Mapping[str, Any]) -> Section:
+        """The section as a run's record keeps it (`run.json`, a checkpoint's settings), which may predate settings
+        added since: each absent setting reads as the base profile's default, and a key this code no longer has is
+        left out. For reading what a finished run ran with (inference, the checks of which data a checkpoint answers
+        for), never for a training: `of` refuses both."""
+        if isinstance(section, cls):
+            return section
+        defaults = base_profile()[cls.NAME]
+        return cls(**{f.name: section.get(f.name, defaults[f.name]) for f in dataclasses.fields(cls)})
 
     def as_dict(self) -> dict[str, Any]:
         """The section as the profile gives it (a plain dict, the form checkpoints record)."""
@@ -122,6 +138,17 @@ class TrainingSettings:
                              "(fedseg.config.resolve).")
         return cls(seed=int(cfg["seed"]), model=dict(cfg["model"]), data_root=cfg.get("data_root"),
                    train=TrainSettings.of(cfg["train"]), preprocess=PreprocessSettings.of(cfg["preprocess"]))
+
+    @classmethod
+    def recorded(cls, cfg: TrainingSettings | Mapping[str, Any]) -> TrainingSettings:
+        """A run's recorded configuration read as its training settings (`_Section.recorded`: settings added since
+        the record read as their defaults); for inference and checks on a finished run, not for a training."""
+        if isinstance(cfg, cls):
+            return cfg
+        defaults = base_profile()
+        return cls(seed=int(cfg.get("seed", defaults["seed"])), model=dict(cfg.get("model") or defaults["model"]),
+                   data_root=cfg.get("data_root"), train=TrainSettings.recorded(cfg.get("train") or {}),
+                   preprocess=PreprocessSettings.recorded(cfg.get("preprocess") or {}))
 
     def replace(self, *, train: Mapping[str, Any] | None = None, preprocess: Mapping[str, Any] | None = None,
                 **changes: Any) -> TrainingSettings:

@@ -38,20 +38,20 @@ class PatchBatches(torch.utils.data.Dataset):
         # a training's settings (or a resolved configuration's); the data layer reads the data root and the
         # preprocess section in the configuration's form
         settings = TrainingSettings.of(cfg)
-        pre, cfg = settings.preprocess, settings.data_config()
+        pre, data = settings.preprocess, settings.data_config()
         # the patch cache (`preprocess.cache: patches`): patches sliced from memory-mapped cases, not cut from
         # whole volumes read every step
-        self.stored = [stored_case(cfg, r) for r in records] if volumes is None and patch_cache(cfg) else None
+        self.stored = [stored_case(data, r) for r in records] if volumes is None and patch_cache(data) else None
         self.patch, self.count, self.sampling = pre.patch_size, pre.patches_per_volume, pre.patch_sampling
         self.owned = [np.asarray(r["owned"]) for r in records]
-        self.tail = patch_augment(cfg)
+        self.tail = patch_augment(data)
         self.volumes = self.stored if self.stored is not None else (
-            evaluation_dataset(cfg, records) if volumes is None else volumes)
-        self.augment = augment(cfg)
+            evaluation_dataset(data, records) if volumes is None else volumes)
+        self.augment = augment(data)
         # `preprocess.in_memory`: each volume is read from the cache once and kept, with the positions of
         # its foreground and background voxels that the patch sampler would otherwise search every step
         self.in_memory = bool(pre.in_memory)
-        self.indexer = sampling_indices(cfg)
+        self.indexer = sampling_indices(data)
         self.memory: dict[int, dict[str, Any]] = {}
 
     def volume(self, index: int) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -17,7 +18,7 @@ import yaml
 from fedseg import run, run_folder
 from fedseg.config import PROFILE_FILE, load_profile
 from fedseg.data.labels import TRAIN_DATASETS, owned_channels
-from fedseg.experiments import budget
+from fedseg.experiments import budget, contrast
 from fedseg.experiments import nodes as node_sets
 from fedseg.reporting import budget as budget_report
 from fedseg.reporting import claims
@@ -461,19 +462,27 @@ def test_the_command_line_passes_the_studys_options(tmp_path, monkeypatch):
 
 # ---- end to end, smoke profile ----
 
-@pytest.mark.slow
-def test_the_budget_study_end_to_end_on_the_smoke_profile(tmp_path):
-    """Two tiny scales of the smoke profile, node sets 2 and 4 at 1x, the contrast study at 2x, no finer voxel:
-    every piece runs for real, then a rerun finds nothing to do (about 19 min on 2 busy cores; the rerun 13 s)."""
-    env = {**os.environ, "FEDSEG_DATA": str(tmp_path / "data"), "FEDSEG_CACHE": str(tmp_path / "cache")}
+@pytest.fixture(scope="module")
+def smoke_study(tmp_path_factory):
+    """Two tiny scales of the smoke profile, SegViz's 4-node set at 1x (the 2- and 3-node sets' real runs are
+    `tests/test_chain.py`'s sweep test), the contrast study at 2x, no finer voxel: every piece runs for real, once,
+    and the tests below read what it wrote. (study folder, command, environment, wall seconds)"""
+    base = tmp_path_factory.mktemp("budget")
+    env = {**os.environ, "FEDSEG_DATA": str(base / "data"), "FEDSEG_CACHE": str(base / "cache")}
     command = [sys.executable, "-m", "fedseg", "budget", "--profile", "smoke", "--scales", "1,2", "--fine-scale", "",
-               "--nodes-scales", "1", "--nodes", "2,4", "--contrast-scales", "2", "--run-name", "b",
-               "--results", str(tmp_path / "results")]
+               "--nodes-scales", "1", "--nodes", "4", "--contrast-scales", "2", "--run-name", "b",
+               "--results", str(base / "results")]
     start = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600)
-    first = time.perf_counter() - start
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    study = tmp_path / "results" / "b"
+    return base / "results" / "b", command, env, time.perf_counter() - start
+
+
+@pytest.mark.slow
+def test_the_budget_study_end_to_end_on_the_smoke_profile(smoke_study):
+    """Dice and cost per point, the claims side by side, each experiment where it was asked for, the chain's FedAvg
+    reused as the 4-node set's conventional FL, and a rerun that finds nothing to do (13 s)."""
+    study, command, env, first = smoke_study
     dice = pd.read_csv(study / "budget.csv")
     assert set(dice["point"]) == {"1x", "2x"} and set(dice["sl_steps"]) == {4, 8}
     assert {"SL", "FL global", "FL local"} <= set(dice["model"]) and (dice["cpu_hours"] > 0).all()
@@ -492,12 +501,57 @@ def test_the_budget_study_end_to_end_on_the_smoke_profile(tmp_path):
     chain = json.loads((study / "scale-1" / "run.json").read_text())["notebooks"][run_folder.FEDERATED]
     assert timing.loc[("4-node", "Conventional FL"), "wall_s"] == chain["wall_s"]  # the chain's FedAvg, reused
     assert not (study / "scale-1" / "nodes-4" / "fedavg").exists()
+    assert set(timing.index.get_level_values("setup")) == {"4-node"}  # only the node set asked for
     assert (study / "budget.png").stat().st_size > 10_000 and "CPU-hours" in (study / "budget.md").read_text()
     start = time.perf_counter()
     again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-4000:]
     assert "fedseg budget: scale-" not in again.stdout  # nothing ran again
     print(f"budget study, smoke profile: {first:.0f} s; rerun {time.perf_counter() - start:.0f} s")
+
+
+@pytest.mark.slow
+def test_the_contrast_study_tests_every_model_in_both_contrasts(smoke_study):
+    """FedGIN's cross-contrast experiment as the budget's 2x point ran it (`run_contrast`, the default MRI-like
+    clients; the command line's own options are checked in `test_the_contrast_command_passes_its_options`)."""
+    study, _, env, _ = smoke_study
+    run_dir = study / "scale-2" / budget.CONTRAST
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["profile_config"]["data"]["phantom"]["mri_like"] == sorted(contrast.DEFAULT_MRI_LIKE)
+    synthetic = Path(env["FEDSEG_DATA"]) / "synthetic"
+    generated = next(p for p in synthetic.iterdir() if "-mri" in p.name)
+    for client, folder in (("spleen", "Task09_Spleen"), ("liver", "Task03_Liver"), ("pancreas", "Task07_Pancreas")):
+        modality = json.loads((generated / folder / "dataset.json").read_text())["modality"]["0"]
+        # the MRI-like clients' training data is MRI-like, the others' stays CT
+        assert modality.startswith("MRI-like") == (client in contrast.DEFAULT_MRI_LIKE), (client, modality)
+    scores = pd.read_csv(run_dir / "metrics" / "contrast_per_case.csv")
+    assert set(scores.contrast) == {"CT", "MRI"}
+    per_contrast = scores.groupby("contrast").size()
+    assert per_contrast["CT"] == per_contrast["MRI"]  # the same cases and channels in each contrast
+    for method in ("fedavg", "fedgin"):
+        assert json.loads((run_dir / method / "fl" / "config.json").read_text())["federated"]["method"] == method
+    summary = pd.read_csv(run_dir / "tables" / "contrast_summary.csv", index_col=0)
+    assert list(summary.index) == ["SL", "fedavg: FL global model", "fedavg: FL local model",
+                                   "fedgin: FL global model", "fedgin: FL local model"]
+    assert summary.notna().all().all() and summary.apply(lambda c: c.between(0, 100)).all().all()
+    assert (run_dir / "figures" / "contrast_channels.png").exists()
+
+
+def test_the_contrast_command_passes_its_options(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake(profile, mri_like, methods, **kwargs):
+        seen.update(profile=profile, mri_like=mri_like, methods=methods, **kwargs)
+        (tmp_path / "tables").mkdir()
+        (tmp_path / "tables" / "contrast_summary.md").write_text("| a table |")
+        return tmp_path
+
+    monkeypatch.setattr(cli, "run_contrast", fake)  # where main looks it up
+    argv = ["contrast", "--profile", "smoke", "--mri-like", "spleen", "--methods", "fedavg,fedgin", "--run-name", "gin",
+            "--results", str(tmp_path)]
+    assert run.main(argv) == 0
+    assert (seen["profile"], seen["mri_like"], seen["methods"]) == ("smoke", ("spleen",), ("fedavg", "fedgin"))
+    assert seen["run_name"] == "gin" and seen["results"] == str(tmp_path)
 
 
 def test_a_point_written_before_a_setting_existed_still_matches_and_a_changed_one_does_not(tmp_path, mocked):

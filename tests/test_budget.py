@@ -501,7 +501,7 @@ def test_the_budget_study_end_to_end_on_the_smoke_profile(smoke_study):
     chain = json.loads((study / "scale-1" / "run.json").read_text())["notebooks"][run_folder.FEDERATED]
     assert timing.loc[("4-node", "Conventional FL"), "wall_s"] == chain["wall_s"]  # the chain's FedAvg, reused
     assert not (study / "scale-1" / "nodes-4" / "fedavg").exists()
-    assert set(timing.index.get_level_values("setup")) == {"4-node"}  # only the node set asked for
+    assert set(timing.index.get_level_values("setup")) == {"4-node", "all"}  # the set asked for, and the scoring
     assert (study / "budget.png").stat().st_size > 10_000 and "CPU-hours" in (study / "budget.md").read_text()
     start = time.perf_counter()
     again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)

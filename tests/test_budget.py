@@ -1,7 +1,7 @@
 """The budget-response study (`python -m fedseg budget`): the derived profiles keep the equal-budget rule at every
 scale, the trend rule and the side-by-side claims follow their written rules, the report reads what the folders
-hold, and a rerun skips every finished piece (runners mocked: nothing trains here; the slow test runs the smoke
-profile end to end)."""
+hold, and a rerun skips every finished piece (runners mocked: nothing trains here; the slow tests read one
+end-to-end run of the smoke profile, which also holds the contrast study's real run)."""
 
 import json
 import os

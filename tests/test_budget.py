@@ -142,6 +142,58 @@ def test_the_failing_channels_claim_changes_when_its_set_does():
     assert budget_report.trend(changed, None).startswith("may change with more budget: the channels below 10")
 
 
+def compound(verdict, *parts, claim="SegViz > conventional FL at each node set"):
+    """A claims row over several comparisons: (name, estimate, low, high, verdict) per part, the numeric columns
+    the part nearest to failing, as `claims._every` writes it."""
+    listed = [{"name": n, "estimate": e, "ci_low": lo, "ci_high": hi, "verdict": v} for n, e, lo, hi, v in parts]
+    worst = min(listed, key=lambda p: p["ci_low"])
+    out = claim_row(verdict, worst["estimate"], worst["ci_low"], worst["ci_high"], claim=claim,
+                    paper=claims.SEGVIZ, on="BTCV, node sets", rule="held if every node set's CI lies above 0")
+    return {**out, "parts": json.dumps(listed)}
+
+
+def test_a_claim_over_several_comparisons_follows_each_part_not_its_weakest_at_each_budget():
+    held = claims.HELD
+    # 1x: the 2-node set is the weakest (+10); 3x: the 3-node set (+12). Weakest against weakest moved +2 points
+    # (stable), but the 3-node set itself fell 18 points, more than its half-width 4: the claim may change.
+    at_1x = compound(held, ("2-node", 10, 5, 15, held), ("3-node", 30, 25, 35, held))
+    at_3x = compound(held, ("2-node", 20, 15, 25, held), ("3-node", 12, 8, 16, held))
+    text = budget_report.trend([("1x", 900, at_1x), ("3x", 2700, at_3x)], 1)
+    assert text.startswith("may change with more budget: 3-node: the estimate moved -18.0 points")
+    assert "2-node" not in text  # it moved away from "not held": not the reason
+    # every part within its own half-width: stable, each part's movement given
+    calm = compound(held, ("2-node", 11, 6, 16, held), ("3-node", 29, 24, 34, held))
+    text = budget_report.trend([("1x", 900, at_1x), ("3x", 2700, calm)], 1)
+    assert text.startswith("stable: no part moved toward not held") and "3-node -1.0 points" in text
+    # the side-by-side cell shows each part's own interval, not one made of bounds from different parts
+    side = budget_report.claims_by_scale({"1x": pd.DataFrame([at_1x]), "3x": pd.DataFrame([at_3x])},
+                                         {"1x": 900, "3x": 2700}, ["1x", "3x"])
+    assert side.loc[0, "3x"] == "held: 2-node +20.0 [+15.0, +25.0]; 3-node +12.0 [+8.0, +16.0]"
+    # a part found at one budget only is named, and decides nothing
+    grown = compound(held, ("2-node", 20, 15, 25, held), ("4-node", 2, 1, 3, held))
+    text = budget_report.trend([("1x", 900, at_1x), ("3x", 2700, grown)], 1)
+    assert text.startswith("stable") and text.endswith("(no interval at both: 4-node)")
+
+
+def test_a_claim_not_held_may_change_only_when_every_part_not_held_moves_toward_held():
+    held, not_held = claims.HELD, claims.NOT_HELD
+    before = compound(not_held, ("a > b", -6, -9, -3, not_held), ("b > c", 20, 15, 25, held),
+                      ("c > d", -6, -9, -3, not_held))
+    # the held part collapsing toward "not held" cannot change a verdict that is already "not held"
+    collapse = compound(not_held, ("a > b", -6, -9, -3, not_held), ("b > c", 5, 1, 9, held),
+                        ("c > d", -6, -9, -3, not_held))
+    text = budget_report.trend([("1x", 1, before), ("3x", 3, collapse)], 1)
+    assert text.startswith("stable: the parts not held at 3x did not all move toward held") and "b > c" not in text
+    # one of the two parts not held moving toward held is not enough; both are
+    one = compound(not_held, ("a > b", -1, -3, 1, not_held), ("b > c", 20, 15, 25, held),
+                   ("c > d", -6, -9, -3, not_held))
+    assert budget_report.trend([("1x", 1, before), ("3x", 3, one)], 1).startswith("stable")
+    both = compound(not_held, ("a > b", -1, -3, 1, not_held), ("b > c", 20, 15, 25, held),
+                    ("c > d", -1, -3, 1, not_held))
+    text = budget_report.trend([("1x", 1, before), ("3x", 3, both)], 1)
+    assert text.startswith("may change with more budget: a > b: the estimate moved +5.0") and "c > d:" in text
+
+
 def test_the_claims_side_by_side_match_rows_across_points_and_leave_the_finer_voxel_out_of_the_trend():
     segviz = "conventional FL degrades as nodes are added"
     down = "held if every step's CI lies below 0"

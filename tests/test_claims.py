@@ -309,6 +309,11 @@ def test_a_compound_rows_numbers_are_one_comparisons_own(tmp_path):
         assert f"{a} - {b}: {part[0]:+.1f} [{part[1]:+.1f}, {part[2]:+.1f}]" in chain["evidence"]
     assert (chain["estimate"], chain["ci_low"], chain["ci_high"]) == pytest.approx(parts[0])
     assert parts[0][1] < parts[1][1] and parts[0][2] > parts[1][2] and chain["verdict"] == claims.HELD
+    # the parts column carries each comparison's own numbers (what the budget report follows part by part)
+    listed = claims.parts_of(chain)
+    assert [p["name"] for p in listed] == [f"{LOCAL_PP} - {LOCAL}", f"{LOCAL} - {GLOBAL}"]
+    assert [(p["estimate"], p["ci_low"], p["ci_high"]) for p in listed] == pytest.approx(parts)
+    assert claims.parts_of(row(table, "FL local > SL on BTCV")) == []  # a single comparison has none
 
 
 def test_a_federation_found_twice_is_listed_once(tmp_path):

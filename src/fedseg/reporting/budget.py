@@ -19,7 +19,10 @@ after an interruption counts once, its last run.
 voxel decide it; "may change with more budget" when (1) the verdict differs between them, or (2) for an "A > B"
 claim, its estimate moved toward the other verdict by more than the half-width of its 95% CI at the larger budget,
 or (3) for "fails on exactly these channels", the set of channels below 10 Dice differs; otherwise "stable"; "not
-decidable" when the claim was not tested at both. Two budgets are a slope, not a test: "stable" says that the last
+decidable" when the claim was not tested at both. A claim over several comparisons (each node set; each step of
+nodes; both inequalities of a chain) applies (2) to each comparison on its own, matched by name across the two
+budgets: held, it may change when any part may; not held, when every part not held at the larger budget may (a held
+part cannot change its verdict). Two budgets are a slope, not a test: "stable" says that the last
 step of budget did not move the claim by more than its own uncertainty, not that no budget would.
 """
 
@@ -52,6 +55,8 @@ TREND_RULE = (
     "budget' when the verdict differs between them; or, for an 'A > B' claim (estimate and 95% CI), when its estimate "
     "moved toward the other verdict by more than the CI's half-width at the larger budget (the number of further "
     "steps of the same budget factor at which the deciding CI bound would reach 0, moving at that rate, is given); "
+    "a claim over several comparisons (node sets, steps, a chain of inequalities) applies this to each comparison on "
+    "its own: held, it may change when any part may; not held, when every part not held at the larger budget may; "
     "or, for 'fails on exactly these channels', when the set of channels below 10 Dice changed. Otherwise 'stable'; "
     "'not decidable' when the claim was not tested at both. Two budgets give a slope, not a test: 'stable' means the "
     "last step of budget moved the claim by less than its own uncertainty, not that no budget would.")
@@ -215,9 +220,66 @@ def _finite(*values: Any) -> bool:
     return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
 
 
+def _movement(l1: str, b1: float, r1: Mapping[str, Any], l2: str, b2: float, r2: Mapping[str, Any],
+              kind: int) -> dict[str, Any] | None:
+    """How one comparison's estimate moved from budget `l1` to `l2` against its CI half-width at `l2`
+    (`TREND_RULE`), or None when either budget has no interval for it."""
+    e1, e2, low, high = r1["estimate"], r2["estimate"], r2["ci_low"], r2["ci_high"]
+    if not _finite(e1, e2, low, high):
+        return None
+    change, half = e2 - e1, (high - low) / 2
+    held = r2["verdict"] == claims.HELD
+    toward = (kind * change < 0) if held else (kind * change > 0)
+    other = claims.NOT_HELD if held else claims.HELD
+    out = {"change": change, "half": half, "may": toward and abs(change) > half,
+           "side": f"toward {other}" if toward else f"away from {other}"}
+    moved = f"the estimate moved {change:+.1f} points from {l1} to {l2}"
+    if out["may"]:
+        bound = kind * (low if kind > 0 else high)  # > 0 exactly when held
+        factor = b2 / b1 if b1 else float("nan")
+        out["text"] = (f"{moved}, toward {other} by more than the CI half-width ({half:.1f}) at {l2}; at that rate "
+                       f"the deciding CI bound ({kind * bound:+.1f}) reaches 0 after about "
+                       f"{abs(bound) / abs(change):.1f} more x{factor:.3g} steps of budget")
+    else:
+        out["text"] = f"{moved} ({out['side']}), within the CI half-width ({half:.1f}) at {l2}"
+    return out
+
+
+def _parts_trend(l1: str, b1: float, r1: Mapping[str, Any], l2: str, b2: float, r2: Mapping[str, Any],
+                 kind: int) -> str:
+    """The trend of a claim over several comparisons, each part (a node set, a step, one inequality of a chain)
+    followed on its own, matched by name across the two budgets. A held claim fails when any part fails, so it
+    may change when any part may; a claim not held turns held only when every part not held at the larger budget
+    does, so it may change when each of those may (its held parts cannot change its verdict)."""
+    before = {p["name"]: p for p in claims.parts_of(r1)}
+    held = r2["verdict"] == claims.HELD
+    deciding = [p for p in claims.parts_of(r2) if held or p["verdict"] != claims.HELD]
+    moves, unmatched = [], []
+    for part in deciding:
+        move = _movement(l1, b1, before[part["name"]], l2, b2, part, kind) if part["name"] in before else None
+        (unmatched if move is None else moves).append((part["name"], move))
+    if not moves:
+        return f"{UNDECIDED}: no deciding part of the claim has an interval at both {l1} and {l2}"
+    left = f" (no interval at both: {', '.join(n for n, _ in unmatched)})" if unmatched else ""
+    other = claims.NOT_HELD if held else claims.HELD
+    if held and any(move["may"] for _, move in moves):
+        return f"{MAY_CHANGE}: " + "; ".join(f"{n}: {m['text']}" for n, m in moves if m["may"]) + left
+    if not held and all(move["may"] for _, move in moves) and not unmatched:
+        return f"{MAY_CHANGE}: " + "; ".join(f"{n}: {m['text']}" for n, m in moves) + left
+    if held:
+        which = "no part moved"
+    else:
+        which = (f"the part not held at {l2} did not move" if len(moves) == 1
+                 else f"the parts not held at {l2} did not all move")
+    return (f"{STABLE}: {which} toward {other} by more than its own CI half-width at {l2} (from {l1}: "
+            + "; ".join(f"{name} {move['change']:+.1f} points, {move['side']}, half-width {move['half']:.1f}"
+                        for name, move in moves) + ")" + left)
+
+
 def trend(cells: Sequence[tuple[str, float, Mapping[str, Any] | None]], kind: int | None) -> str:
     """The trend of one claim (`TREND_RULE`) from `cells`: (label, budget, claims row or None) at the base voxel,
-    in increasing budget."""
+    in increasing budget. A claim over several comparisons (a `parts` column) is followed part by part, so its
+    weakest part at one budget is not compared with another part at the next."""
     cells = sorted(cells, key=lambda c: c[1])
     if len(cells) < 2:
         return f"{UNDECIDED}: one budget"
@@ -234,21 +296,12 @@ def trend(cells: Sequence[tuple[str, float, Mapping[str, Any] | None]], kind: in
             return (f"{MAY_CHANGE}: the channels below 10 Dice changed from {l1} to {l2} "
                     f"({', '.join(sorted(f1)) or 'none'} → {', '.join(sorted(f2)) or 'none'})")
         return f"{STABLE}: the same channels below 10 Dice at {l1} and {l2}"
-    e1, e2, low, high = r1["estimate"], r2["estimate"], r2["ci_low"], r2["ci_high"]
-    if not _finite(e1, e2, low, high):
+    if claims.parts_of(r2):
+        return _parts_trend(l1, b1, r1, l2, b2, r2, kind)
+    move = _movement(l1, b1, r1, l2, b2, r2, kind)
+    if move is None:
         return f"{UNDECIDED}: no interval at {l2}"
-    change, half = e2 - e1, (high - low) / 2
-    toward = (kind * change < 0) if v2 == claims.HELD else (kind * change > 0)
-    other = claims.NOT_HELD if v2 == claims.HELD else claims.HELD
-    moved = f"the estimate moved {change:+.1f} points from {l1} to {l2}"
-    if toward and abs(change) > half:
-        bound = kind * (low if kind > 0 else high)  # > 0 exactly when held
-        factor = b2 / b1 if b1 else float("nan")
-        return (f"{MAY_CHANGE}: {moved}, toward {other} by more than the CI half-width ({half:.1f}) at {l2}; at "
-                f"that rate the deciding CI bound ({kind * bound:+.1f}) reaches 0 after about "
-                f"{abs(bound) / abs(change):.1f} more x{factor:.3g} steps of budget")
-    side = f"toward {other}" if toward else f"away from {other}"
-    return f"{STABLE}: {moved} ({side}), within the CI half-width ({half:.1f}) at {l2}"
+    return f"{MAY_CHANGE if move['may'] else STABLE}: {move['text']}"
 
 
 def _cell(row: Mapping[str, Any] | None, kind: int | None) -> str:
@@ -257,9 +310,18 @@ def _cell(row: Mapping[str, Any] | None, kind: int | None) -> str:
     verdict = row["verdict"]
     if kind is None and verdict != claims.NOT_TESTED:
         return f"{verdict} ({', '.join(sorted(failing_channels(row['evidence']))) or 'none'} < 10)"
+    parts = claims.parts_of(row)
+    if parts:  # each comparison's own interval, never one made of bounds from different ones
+        return f"{verdict}: " + "; ".join(f"{p['name']} {_numbers(p)}" for p in parts)
     if _finite(row["estimate"], row["ci_low"], row["ci_high"]):
-        return f"{verdict} {row['estimate']:+.1f} [{row['ci_low']:+.1f}, {row['ci_high']:+.1f}]"
+        return f"{verdict} {_numbers(row)}"
     return verdict
+
+
+def _numbers(row: Mapping[str, Any]) -> str:
+    if _finite(row["estimate"], row["ci_low"], row["ci_high"]):
+        return f"{row['estimate']:+.1f} [{row['ci_low']:+.1f}, {row['ci_high']:+.1f}]"
+    return f"{row['estimate']:+.1f} (no interval)" if _finite(row["estimate"]) else "not tested"
 
 
 def claims_by_scale(tables: Mapping[str, pd.DataFrame], budgets: Mapping[str, float],

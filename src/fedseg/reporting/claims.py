@@ -24,7 +24,7 @@ each channel's cases on their own and, with 2 cases, gave [smallest, largest]: 2
 is exact for a skewed law (the benchmark shows a left-skewed one); the flip test assumes symmetry, not normality.
 A claim that needs every one of several comparisons ("at each node set", "A > B > C") shows each comparison's own
 estimate and CI in its evidence; its numeric columns are those of the comparison nearest to failing, and it is
-held when all are.
+held when all are; its `parts` column lists every comparison's numbers.
 
 Nothing here is typed from a result: change the run's numbers and the verdicts change
 (`tests/test_claims.py` builds run folders both ways).
@@ -66,7 +66,9 @@ FAIL_BELOW = 10.0
 PAPER_FAILED = tuple(channel for channel, dice in zip(SHEN_TABLE2_CHANNELS, SHEN_TABLE2["FL global model (server)"])
                      if dice < FAIL_BELOW)
 SHEN, SEGVIZ, FEDGIN = SHEN_2022, "Kanhere et al. (SegViz)", "FedGIN"
-COLUMNS = ["paper", "claim", "tested on", "evidence", "estimate", "ci_low", "ci_high", "verdict", "rule"]
+#: A row's columns. `parts`: for a claim over several comparisons, each one's name, estimate, CI and verdict as a
+#: JSON list (what `fedseg.reporting.budget` follows part by part along the budget); empty for a single one.
+COLUMNS = ["paper", "claim", "tested on", "evidence", "estimate", "ci_low", "ci_high", "verdict", "rule", "parts"]
 NOTE = (f"Verdicts are computed from this run's per-case scores. 'A > B': held when the 95% CI of the mean paired "
         f"difference lies above 0 (channels or organs pooled by an unweighted mean; the CI inverts a sign-flip test "
         f"over whole cases, a case's channels flipped together). A claim over several comparisons shows each one's "
@@ -266,9 +268,20 @@ def _every(paper: str, claim: str, tested_on: str, parts: Sequence[tuple[str, di
         numbers = (worst["estimate"], worst["ci_low"], worst["ci_high"])
     else:
         numbers = (np.nan, np.nan, np.nan)
+    listed = [{"name": name.rstrip(":"), **{k: (float(p[k]) if np.isfinite(p[k]) else None)
+                                            for k in ("estimate", "ci_low", "ci_high")}, "verdict": p["verdict"]}
+              for name, p in parts]
     return {"paper": paper, "claim": claim, "tested on": tested_on,
             "evidence": f"{what}: " + "; ".join(f"{name} {p['text']}" for name, p in parts),
-            "estimate": numbers[0], "ci_low": numbers[1], "ci_high": numbers[2], "verdict": verdict, "rule": rule}
+            "estimate": numbers[0], "ci_low": numbers[1], "ci_high": numbers[2], "verdict": verdict, "rule": rule,
+            "parts": json.dumps(listed, ensure_ascii=False)}
+
+
+def parts_of(row: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The comparisons of a claims row over several (`_every`), from its `parts` column: [] for a single one
+    (or a table written before the column existed)."""
+    text = row.get("parts")
+    return json.loads(text) if isinstance(text, str) and text else []
 
 
 def _not_tested(paper: str, claim: str, why: str) -> dict[str, Any]:

@@ -278,6 +278,19 @@ def write_point(study, scale, seed=0, spacing=None, cases=7, wall=(20.0, 300.0, 
     return folder
 
 
+def test_the_report_says_how_far_each_sl_model_is_from_its_convergence_target():
+    rows = [{"point": point, "sl_steps": steps, "split": split, "model": model, "channel": channel, "dice": dice}
+            for point, steps, liver, tumour in (("1x", 900, 85.4, 16.3), ("3x", 2700, 91.0, 50.0))
+            for split, model, channel, dice in (("test", "SL", "liver", liver), ("test", "SL", "liver tumor", tumour),
+                                                ("test", "SL", "pancreas tumor", 2.0),  # no target: not shown
+                                                ("test", "FL global", "liver", 10.0), ("BTCV", "SL", "liver", 1.0))]
+    gaps = budget_report.target_gaps(pd.DataFrame(rows)).set_index("point")
+    assert list(gaps.columns) == ["SL steps", "liver (≥ 90)", "liver tumor (≥ 50)", "met"]
+    assert gaps.loc["1x", "liver (≥ 90)"] == "85.4 (-4.6)" and gaps.loc["1x", "liver tumor (≥ 50)"] == "16.3 (-33.7)"
+    assert gaps.loc["3x", "liver (≥ 90)"] == "91.0 (met)" and gaps.loc["3x", "liver tumor (≥ 50)"] == "50.0 (met)"
+    assert list(gaps["met"]) == ["0 of 2", "2 of 2"]
+
+
 def test_the_report_gives_dice_and_cost_per_point_and_the_claims_at_each_budget(tmp_path):
     for scale in (1, 3):
         write_point(tmp_path, scale, seed=scale)
@@ -311,6 +324,7 @@ def test_the_report_gives_dice_and_cost_per_point_and_the_claims_at_each_budget(
     assert cost.loc["3x", "total (s)"] == 2150
     assert cost["CPU-h"].tolist() == [round(802 / 1800, 2), round(2150 / 1800, 2)]
     assert f"**Total: {(802 + 2150) / 1800:.1f} CPU-hours**" in text and "python -m fedseg budget" in text
+    assert "| 3x      |       2700 | 53.0 (-37.0)" in text  # SL liver against its convergence target of 90
     assert paths["png"].stat().st_size > 10_000
     side = pd.read_csv(paths["claims_csv"])
     assert {"1x", "3x", "trend"} <= set(side.columns) and "3x (3 mm)" not in side.columns

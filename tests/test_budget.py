@@ -336,6 +336,45 @@ def test_the_report_gives_dice_and_cost_per_point_and_the_claims_at_each_budget(
     assert "not tested at 1x, not tested at 3x" in text  # SegViz: no node sets in these folders
 
 
+def write_histories(folder, liver, spleen, train_s=100.0, val_s=10.0):
+    """SL models' `history.csv` (two validations each; the last decides) for the liver and spleen tasks."""
+    for dataset, values in (("liver", {"dice_liver": liver, "dice_liver_tumor": liver / 4}),
+                            ("spleen", {"dice_spleen": spleen})):
+        out = run_folder.model_dir(folder, f"sl-{dataset}")
+        out.mkdir(parents=True)
+        pd.DataFrame([{"step": 450, "loss": 1.0, "val_mean_dice": 0.0, "lr": 1e-3, "train_s": train_s / 2,
+                       "val_s": val_s / 2, **dict.fromkeys(values, 0.0)},
+                      {"step": 900, "loss": 0.5, "val_mean_dice": 0.5, "lr": 0.0, "train_s": train_s,
+                       "val_s": val_s, **values}]).to_csv(out / "history.csv", index=False)
+
+
+def test_the_finer_voxel_is_judged_on_the_validation_splits_at_the_same_budget(tmp_path):
+    write_point(tmp_path, 3, seed=3)
+    write_point(tmp_path, 3, seed=4, spacing=3.0)
+    write_histories(tmp_path / "scale-3", liver=0.80, spleen=0.70)
+    write_histories(tmp_path / "scale-3-3mm", liver=0.84, spleen=0.60, train_s=250.0, val_s=40.0)
+    points = budget.find_points(tmp_path)
+    paths = budget_report.write_report(tmp_path, points, n_flips=50)
+    validation = pd.read_csv(paths["validation_csv"])
+    assert len(validation) == 6 and set(validation["step"]) == {900}  # the last validation, not the first
+    finer = budget_report.voxel_comparison(validation, pd.read_csv(paths["csv"]), points).set_index("channel")
+    assert finer.loc["liver", "val finer - base"] == pytest.approx(4.0)
+    assert finer.loc["spleen", "val finer - base"] == pytest.approx(-10.0)
+    assert finer.loc["liver tumor", "val (finer)"] == pytest.approx(21.0)
+    mean = finer.loc["mean over channels"]
+    assert mean["val finer - base"] == pytest.approx((4.0 + 1.0 - 10.0) / 3, abs=0.05)
+    assert mean["SL train s (base, finer)"] == "200, 500" and mean["SL validation s (base, finer)"] == "20, 80"
+    text = paths["md"].read_text()
+    assert "## The finer voxel against the base voxel at the same budget" in text
+    # kept without checkpoints (the committed reference): the rows written before are reused, not lost
+    for folder in ("scale-3", "scale-3-3mm"):
+        for model in run_folder.checkpoints_dir(tmp_path / folder).iterdir():
+            (model / "history.csv").unlink()
+    again = budget_report.write_report(tmp_path, points, n_flips=50)
+    assert pd.read_csv(again["validation_csv"]).equals(validation)
+    assert "## The finer voxel against the base voxel" in again["md"].read_text()
+
+
 def test_the_contrast_study_of_a_point_decides_its_fedgin_claim(tmp_path):
     folder = write_point(tmp_path, 1)
     contrast = folder / budget.CONTRAST

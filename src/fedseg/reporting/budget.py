@@ -5,7 +5,9 @@ says more budget would change its verdict.
 Everything is read from the points' run folders (their run.json, tables and per-case scores), so `--report-only`
 rebuilds it from whatever folders a study holds (a point whose folder has no run.json yet is left out). Written
 into the study folder: `budget.csv` (one row per point, split, model, federation and channel), `budget_cost.csv`
-(wall seconds and CPU-hours per point and part), `budget.md`, `budget.png`, `claims_by_scale.md` and `.csv`.
+(wall seconds and CPU-hours per point and part), `budget_validation.csv` (the SL models' last validation Dice per
+point: what the finer voxel is judged on; kept for a point whose checkpoints are gone), `budget.md`, `budget.png`,
+`claims_by_scale.md` and `.csv`.
 
 **Cost.** A point's CPU-hours are the wall seconds of what trained it times the cores of the machine it ran on
 (run.json's `host.cpus`; 2 on the reference machine, which 02 and 03 keep about 1.9 of busy): the SL row 02 (which
@@ -40,6 +42,7 @@ import numpy as np
 import pandas as pd
 
 from fedseg import run_folder
+from fedseg.data.labels import TRAIN_DATASETS
 from fedseg.reporting import claims
 
 FEDERATED, BASELINES = run_folder.FEDERATED, run_folder.BASELINES
@@ -134,6 +137,62 @@ def point_dice(point: Mapping[str, Any]) -> pd.DataFrame:
     meta = {"point": point["label"], "scale": point["scale"], "spacing_mm": point.get("spacing_mm"),
             "sl_steps": point["steps"], "client_steps": point["rounds"] * point["local_steps"]}
     return out.assign(**meta)[[*meta, *out.columns]].assign(folder=folder.name)
+
+
+def point_validation(point: Mapping[str, Any]) -> pd.DataFrame:
+    """The SL models' validation Dice (%) per channel at the end of their budget (the last row of each
+    `checkpoints/sl-<dataset>/history.csv`), with the model's training and validation seconds: what a setting is
+    chosen on (test splits only report). Empty where the point's checkpoints were not kept."""
+    folder, rows = Path(point["folder"]), []
+    for dataset in TRAIN_DATASETS:
+        path = run_folder.model_dir(folder, f"sl-{dataset}") / "history.csv"
+        if not path.exists():
+            continue
+        last = pd.read_csv(path).iloc[-1]
+        for column in (c for c in last.index if c.startswith("dice_")):
+            rows.append({"point": point["label"], "scale": point["scale"], "spacing_mm": point.get("spacing_mm"),
+                         "sl_steps": point["steps"], "model": f"sl-{dataset}",
+                         "channel": column.removeprefix("dice_").replace("_", " "),
+                         "val_dice": 100 * float(last[column]), "step": int(last["step"]),
+                         "train_s": float(last["train_s"]), "val_s": float(last["val_s"])})
+    return pd.DataFrame(rows, columns=["point", "scale", "spacing_mm", "sl_steps", "model", "channel", "val_dice",
+                                       "step", "train_s", "val_s"])
+
+
+def voxel_comparison(validation: pd.DataFrame, dice: pd.DataFrame,
+                     points: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """Each point at a finer voxel against the base voxel's point at the same budget: per channel the SL models'
+    validation Dice (%) at both and the difference, then the mean over channels; the test Dice of SL beside it
+    (reported, not chosen on); and each side's SL training and validation seconds (summed over the four models)."""
+    by_scale = {p["scale"]: p["label"] for p in points if not p.get("spacing_mm")}
+    rows = []
+    for fine in (p for p in points if p.get("spacing_mm")):
+        base = by_scale.get(fine["scale"])
+        if base is None:
+            continue
+        val = validation.pivot_table(index="channel", columns="point", values="val_dice", sort=False)
+        test = dice[(dice["split"] == "test") & (dice["model"] == SL)].pivot_table(
+            index="channel", columns="point", values="dice", sort=False)
+        if not {base, fine["label"]} <= set(val.columns):
+            continue
+        for channel in val.index:
+            b, f = val.loc[channel, base], val.loc[channel, fine["label"]]
+            tb, tf = (test.loc[channel, c] if channel in test.index and c in test.columns else np.nan
+                      for c in (base, fine["label"]))
+            rows.append({"budget": base, "finer voxel": fine["label"], "channel": channel, "val (base)": b,
+                         "val (finer)": f, "val finer - base": f - b, "test (base)": tb, "test (finer)": tf})
+        part = pd.DataFrame(rows[-len(val.index):])
+        per_model = validation.groupby(["point", "model"])[["train_s", "val_s"]].first()  # a row per channel
+        seconds = per_model.groupby(level="point").sum()
+        rows.append({"budget": base, "finer voxel": fine["label"], "channel": "mean over channels",
+                     **part[["val (base)", "val (finer)", "val finer - base", "test (base)", "test (finer)"]]
+                     .mean().to_dict(),
+                     "SL train s (base, finer)": f"{seconds.loc[base, 'train_s']:.0f}, "
+                                                 f"{seconds.loc[fine['label'], 'train_s']:.0f}",
+                     "SL validation s (base, finer)": f"{seconds.loc[base, 'val_s']:.0f}, "
+                                                      f"{seconds.loc[fine['label'], 'val_s']:.0f}"})
+    out = pd.DataFrame(rows)
+    return out.round(1) if not out.empty else out
 
 
 def _records_under(folder: Path) -> list[tuple[Path, dict[str, Any]]]:
@@ -440,6 +499,17 @@ def write_report(study: str | Path, points: Sequence[Mapping[str, Any]], command
              "cost_csv": study / "budget_cost.csv", "claims_md": study / "claims_by_scale.md",
              "claims_csv": study / "claims_by_scale.csv"}
     dice.to_csv(paths["csv"], index=False)
+    paths["validation_csv"] = study / "budget_validation.csv"
+    kept = pd.read_csv(paths["validation_csv"]) if paths["validation_csv"].exists() else pd.DataFrame()
+    found = []
+    for p in points:  # a point kept without its checkpoints (a committed reference) keeps the rows it had
+        rows = point_validation(p)
+        if rows.empty and not kept.empty:
+            rows = kept[kept["point"] == p["label"]]
+        found.append(rows)
+    validation = pd.concat([f for f in found if not f.empty], ignore_index=True) if any(
+        not f.empty for f in found) else point_validation({"folder": study, "label": "", "scale": 0, "steps": 0})
+    validation.to_csv(paths["validation_csv"], index=False)
     tables = {p["label"]: point_claims(p, n_flips, seed) for p in points}
     base = [p["label"] for p in points if not p.get("spacing_mm")]
     budgets = {p["label"]: float(p["steps"]) for p in points}
@@ -497,6 +567,14 @@ def write_report(study: str | Path, points: Sequence[Mapping[str, Any]], command
         lines += ["## How far SL is from the convergence targets", "",
                   "SL test Dice (%) per channel, and its distance from the target a converged model should reach "
                   "(organs 90, pancreas 75, liver and kidney tumours 50).", "", gaps.to_markdown(index=False), ""]
+    finer = voxel_comparison(validation, dice, points) if not dice.empty else pd.DataFrame()
+    if not finer.empty:
+        lines += ["## The finer voxel against the base voxel at the same budget", "",
+                  "The SL models' validation Dice (%) at the end of their budget (the last validation of each "
+                  "model's history: what a setting is chosen on), the finer voxel's minus the base voxel's, and "
+                  "the SL test Dice beside it (reported, not chosen on). Seconds: the four SL models' training "
+                  "and validation, summed, as recorded (under whatever else the machine ran).", "",
+                  finer.to_markdown(index=False), ""]
     if paths["png"].exists():
         lines += ["![Dice against training budget](budget.png)", ""]
     lines += ["## The claims at each budget", "",

@@ -192,7 +192,10 @@ def voxel_comparison(validation: pd.DataFrame, dice: pd.DataFrame,
                      "SL validation s (base, finer)": f"{seconds.loc[base, 'val_s']:.0f}, "
                                                       f"{seconds.loc[fine['label'], 'val_s']:.0f}"})
     out = pd.DataFrame(rows)
-    return out.round(1) if not out.empty else out
+    if out.empty:
+        return out
+    seconds = ["SL train s (base, finer)", "SL validation s (base, finer)"]
+    return out.round(1).assign(**{c: out[c].fillna("") for c in seconds})  # given once, on the mean's row
 
 
 def _records_under(folder: Path) -> list[tuple[Path, dict[str, Any]]]:

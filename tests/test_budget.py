@@ -175,6 +175,20 @@ def test_a_claim_over_several_comparisons_follows_each_part_not_its_weakest_at_e
     assert text.startswith("stable") and text.endswith("(no interval at both: 4-node)")
 
 
+def test_the_short_claims_table_keeps_single_intervals_and_drops_compound_ones():
+    held = claims.HELD
+    parts = compound(held, ("2-node", 20, 15, 25, held), ("3-node", 12, 8, 16, held))
+    single = claim_row(claims.NOT_HELD, -3, -5, -1)
+    tables = {"1x": pd.DataFrame([single, parts]), "3x": pd.DataFrame([single, parts])}
+    side = budget_report.claims_by_scale(tables, {"1x": 900, "3x": 2700}, ["1x", "3x"])
+    rows = [[c.strip() for c in line.strip("|").split("|")]
+            for line in budget_report.summary_table(side).splitlines()[2:]]
+    assert rows[0][1:] == ["FL local > SL on average (test splits) (fedavg, loss dice_ce)",
+                           "not held -3.0 [-5.0, -1.0]", "not held -3.0 [-5.0, -1.0]", "stable"]
+    # a claim over several comparisons: its verdict only (each part's own interval is in the long table)
+    assert rows[1][1:] == ["SegViz > conventional FL at each node set", "held", "held", "stable"]
+
+
 def test_a_claim_not_held_may_change_only_when_every_part_not_held_moves_toward_held():
     held, not_held = claims.HELD, claims.NOT_HELD
     before = compound(not_held, ("a > b", -6, -9, -3, not_held), ("b > c", 20, 15, 25, held),

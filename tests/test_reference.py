@@ -170,3 +170,24 @@ def test_the_committed_results_name_no_machine_folders():
     for path in sorted(REFERENCE.rglob("*.json")):
         walk(json.loads(path.read_text()), str(path.relative_to(REFERENCE)))
     assert not found, "\n".join(found)
+
+
+def test_the_budget_studys_claims_are_what_its_committed_points_decide():
+    """The budget reference's claims at each point (claims_by_scale.csv) are recomputed from the points' committed
+    per-case scores, trend included, and the README's table along the budget is built from that file: no verdict in
+    either was typed."""
+    from fedseg import run_folder
+    from fedseg.experiments import budget
+    from fedseg.reporting import budget as budget_report
+
+    study = REFERENCE / "budget"
+    committed = pd.read_csv(study / "claims_by_scale.csv")
+    points = [p for p in budget.find_points(study) if run_folder.run_record(p["folder"]).exists()]
+    tables = {p["label"]: budget_report.point_claims(p, seed=0) for p in points}
+    again = budget_report.claims_by_scale(tables, {p["label"]: float(p["steps"]) for p in points},
+                                          [p["label"] for p in points if not p.get("spacing_mm")])
+    assert list(again.columns) == list(committed.columns)
+    for column in again.columns:
+        assert list(again[column]) == list(committed[column]), column
+    readme = (REFERENCE.parents[1] / "README.md").read_text()
+    assert budget_report.summary_table(committed) in readme

@@ -431,6 +431,24 @@ def target_gaps(dice: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def summary_table(side: pd.DataFrame) -> str:
+    """The claims at each budget as a short Markdown table (the one the project README shows, so a test can
+    rebuild it from `claims_by_scale.csv`): per claim (and federation) the verdict at each point, with the estimate
+    [95% CI] of a single comparison and the failing channels of a "fails on" claim (a claim over several
+    comparisons: its verdict only; each part's interval is in claims_by_scale.md), and the trend's word."""
+    points = [c for c in side.columns if c not in ("paper", "claim", "federation", "verdicts", "trend")]
+
+    def short(cell: Any) -> str:
+        text = str(cell)
+        return text.split(":", 1)[0] if re.match(rf"({claims.HELD}|{claims.NOT_HELD}): ", text) else text
+
+    rows = [{"paper": r["paper"],
+             "claim": r["claim"] + (f" ({r['federation']})" if r["federation"] != "-" else ""),
+             **{p: short(r[p]) for p in points}, "trend": str(r["trend"]).split(":", 1)[0]}
+            for r in side.to_dict("records")]
+    return pd.DataFrame(rows).to_markdown(index=False) if rows else ""
+
+
 def _method(model: str, federation: str) -> str:
     return model if federation == "-" else f"{model}: {federation}"
 
@@ -582,7 +600,8 @@ def write_report(study: str | Path, points: Sequence[Mapping[str, Any]], command
         lines += ["![Dice against training budget](budget.png)", ""]
     lines += ["## The claims at each budget", "",
               "Per claim: its verdict at each point, and the trend over the base voxel's budgets "
-              "(the table with estimates and intervals: [claims_by_scale.md](claims_by_scale.md)).", ""]
+              "(the table with every comparison's estimate and interval: [claims_by_scale.md](claims_by_scale.md)).",
+              "", summary_table(side), ""]
     for row in side.to_dict("records"):
         subject = f" ({row['federation']})" if row["federation"] != "-" else ""
         lines.append(f"- **{row['paper']}**: {row['claim']}{subject}: {row['verdicts']}. Trend: {row['trend']}.")

@@ -139,6 +139,10 @@ def point_dice(point: Mapping[str, Any]) -> pd.DataFrame:
     return out.assign(**meta)[[*meta, *out.columns]].assign(folder=folder.name)
 
 
+VALIDATION_COLUMNS = ["point", "scale", "spacing_mm", "sl_steps", "model", "channel", "val_dice", "step", "train_s",
+                      "val_s"]
+
+
 def point_validation(point: Mapping[str, Any]) -> pd.DataFrame:
     """The SL models' validation Dice (%) per channel at the end of their budget (the last row of each
     `checkpoints/sl-<dataset>/history.csv`), with the model's training and validation seconds: what a setting is
@@ -155,8 +159,7 @@ def point_validation(point: Mapping[str, Any]) -> pd.DataFrame:
                          "channel": column.removeprefix("dice_").replace("_", " "),
                          "val_dice": 100 * float(last[column]), "step": int(last["step"]),
                          "train_s": float(last["train_s"]), "val_s": float(last["val_s"])})
-    return pd.DataFrame(rows, columns=["point", "scale", "spacing_mm", "sl_steps", "model", "channel", "val_dice",
-                                       "step", "train_s", "val_s"])
+    return pd.DataFrame(rows, columns=VALIDATION_COLUMNS)
 
 
 def voxel_comparison(validation: pd.DataFrame, dice: pd.DataFrame,
@@ -528,8 +531,8 @@ def write_report(study: str | Path, points: Sequence[Mapping[str, Any]], command
         if rows.empty and not kept.empty:
             rows = kept[kept["point"] == p["label"]]
         found.append(rows)
-    validation = pd.concat([f for f in found if not f.empty], ignore_index=True) if any(
-        not f.empty for f in found) else point_validation({"folder": study, "label": "", "scale": 0, "steps": 0})
+    found = [f for f in found if not f.empty]
+    validation = pd.concat(found, ignore_index=True) if found else pd.DataFrame(columns=VALIDATION_COLUMNS)
     validation.to_csv(paths["validation_csv"], index=False)
     tables = {p["label"]: point_claims(p, n_flips, seed) for p in points}
     base = [p["label"] for p in points if not p.get("spacing_mm")]

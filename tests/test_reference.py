@@ -183,9 +183,7 @@ def test_the_budget_studys_claims_are_what_its_committed_points_decide():
     study = REFERENCE / "budget"
     committed = pd.read_csv(study / "claims_by_scale.csv")
     points = [p for p in budget.find_points(study) if run_folder.run_record(p["folder"]).exists()]
-    tables = {p["label"]: budget_report.point_claims(p, seed=0) for p in points}
-    again = budget_report.claims_by_scale(tables, {p["label"]: float(p["steps"]) for p in points},
-                                          [p["label"] for p in points if not p.get("spacing_mm")])
+    again = budget_report.points_side_by_side(points, seed=0)
     assert list(again.columns) == list(committed.columns)
     for column in again.columns:
         assert list(again[column]) == list(committed[column]), column

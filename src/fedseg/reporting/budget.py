@@ -168,32 +168,30 @@ def voxel_comparison(validation: pd.DataFrame, dice: pd.DataFrame,
     validation Dice (%) at both and the difference, then the mean over channels; the test Dice of SL beside it
     (reported, not chosen on); and each side's SL training and validation seconds (summed over the four models)."""
     by_scale = {p["scale"]: p["label"] for p in points if not p.get("spacing_mm")}
-    rows = []
-    for fine in (p for p in points if p.get("spacing_mm")):
-        base = by_scale.get(fine["scale"])
-        if base is None:
+    val = validation.pivot_table(index="channel", columns="point", values="val_dice", sort=False)
+    test = dice[(dice["split"] == "test") & (dice["model"] == SL)].pivot_table(
+        index="channel", columns="point", values="dice", sort=False)
+    per_model = validation.groupby(["point", "model"])[["train_s", "val_s"]].first()  # a row per channel
+    seconds = per_model.groupby(level="point").sum()
+    rows: list[dict[str, Any]] = []
+    for point in (p for p in points if p.get("spacing_mm")):
+        fine, base = point["label"], by_scale.get(point["scale"])
+        if base is None or not {base, fine} <= set(val.columns):
             continue
-        val = validation.pivot_table(index="channel", columns="point", values="val_dice", sort=False)
-        test = dice[(dice["split"] == "test") & (dice["model"] == SL)].pivot_table(
-            index="channel", columns="point", values="dice", sort=False)
-        if not {base, fine["label"]} <= set(val.columns):
-            continue
+        channels = []
         for channel in val.index:
-            b, f = val.loc[channel, base], val.loc[channel, fine["label"]]
+            b, f = val.loc[channel, base], val.loc[channel, fine]
             tb, tf = (test.loc[channel, c] if channel in test.index and c in test.columns else np.nan
-                      for c in (base, fine["label"]))
-            rows.append({"budget": base, "finer voxel": fine["label"], "channel": channel, "val (base)": b,
-                         "val (finer)": f, "val finer - base": f - b, "test (base)": tb, "test (finer)": tf})
-        part = pd.DataFrame(rows[-len(val.index):])
-        per_model = validation.groupby(["point", "model"])[["train_s", "val_s"]].first()  # a row per channel
-        seconds = per_model.groupby(level="point").sum()
-        rows.append({"budget": base, "finer voxel": fine["label"], "channel": "mean over channels",
-                     **part[["val (base)", "val (finer)", "val finer - base", "test (base)", "test (finer)"]]
-                     .mean().to_dict(),
-                     "SL train s (base, finer)": f"{seconds.loc[base, 'train_s']:.0f}, "
-                                                 f"{seconds.loc[fine['label'], 'train_s']:.0f}",
-                     "SL validation s (base, finer)": f"{seconds.loc[base, 'val_s']:.0f}, "
-                                                      f"{seconds.loc[fine['label'], 'val_s']:.0f}"})
+                      for c in (base, fine))
+            channels.append({"budget": base, "finer voxel": fine, "channel": channel, "val (base)": b,
+                             "val (finer)": f, "val finer - base": f - b, "test (base)": tb, "test (finer)": tf})
+        means = pd.DataFrame(channels)[["val (base)", "val (finer)", "val finer - base", "test (base)",
+                                        "test (finer)"]].mean().to_dict()
+        rows += [*channels, {"budget": base, "finer voxel": fine, "channel": "mean over channels", **means,
+                             "SL train s (base, finer)": f"{seconds.loc[base, 'train_s']:.0f}, "
+                                                         f"{seconds.loc[fine, 'train_s']:.0f}",
+                             "SL validation s (base, finer)": f"{seconds.loc[base, 'val_s']:.0f}, "
+                                                              f"{seconds.loc[fine, 'val_s']:.0f}"}]
     out = pd.DataFrame(rows)
     if out.empty:
         return out
@@ -452,6 +450,15 @@ def summary_table(side: pd.DataFrame) -> str:
     return pd.DataFrame(rows).to_markdown(index=False) if rows else ""
 
 
+def points_side_by_side(points: Sequence[Mapping[str, Any]], n_flips: int = claims.N_FLIPS,
+                        seed: int = 0) -> pd.DataFrame:
+    """`claims_by_scale` of budget points (`fedseg.experiments.budget.find_points`, those that ran): each point's
+    claims decided from its folder (`point_claims`), the trend over the base voxel's points at their SL steps."""
+    tables = {p["label"]: point_claims(p, n_flips, seed) for p in points}
+    budgets = {p["label"]: float(p["steps"]) for p in points}
+    return claims_by_scale(tables, budgets, [p["label"] for p in points if not p.get("spacing_mm")])
+
+
 def _method(model: str, federation: str) -> str:
     return model if federation == "-" else f"{model}: {federation}"
 
@@ -534,10 +541,7 @@ def write_report(study: str | Path, points: Sequence[Mapping[str, Any]], command
     found = [f for f in found if not f.empty]
     validation = pd.concat(found, ignore_index=True) if found else pd.DataFrame(columns=VALIDATION_COLUMNS)
     validation.to_csv(paths["validation_csv"], index=False)
-    tables = {p["label"]: point_claims(p, n_flips, seed) for p in points}
-    base = [p["label"] for p in points if not p.get("spacing_mm")]
-    budgets = {p["label"]: float(p["steps"]) for p in points}
-    side = claims_by_scale(tables, budgets, base)
+    side = points_side_by_side(points, n_flips, seed)
     side.to_csv(paths["claims_csv"], index=False)
     shown = side.drop(columns=["verdicts"])
     claims_md = ["# The papers' claims at each budget", "", command and f"`{command}`", "",
